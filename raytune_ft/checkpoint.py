@@ -1,0 +1,58 @@
+"""Trial checkpoints: one folder with the training state and the resolved config.
+
+`state.pt` holds only tensors and plain containers, so it loads with
+``torch.load(weights_only=True)``: a checkpoint can never run code when read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+STATE = "state.pt"
+CONFIG = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is missing, truncated or not ours."""
+
+
+def save_checkpoint(folder: str | Path, *, model: dict, optimizer: dict, scheduler: dict,
+                    epoch: int, best: float | None, config: dict[str, Any]) -> Path:
+    """Write `state.pt` and `config.json` into `folder` (created); returns the folder.
+
+    Each file is written under a temporary name and renamed, so a crash leaves the previous
+    file or the new one, never half of one.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": epoch,
+             "best": best}
+    tmp = folder / (STATE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, folder / STATE)
+    tmp = folder / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+    os.replace(tmp, folder / CONFIG)
+    return folder
+
+
+def load_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a checkpoint folder: (state, config). Raises :class:`CheckpointError`."""
+    folder = Path(folder)
+    try:
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+        config = json.loads((folder / CONFIG).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {folder} is incomplete: {e.filename} missing") from e
+    except Exception as e:  # truncated zip, refused pickle, bad JSON
+        raise CheckpointError(f"checkpoint {folder} cannot be read: {e}") from e
+    if not {"model", "optimizer", "epoch"} <= set(state):
+        raise CheckpointError(f"checkpoint {folder} is not an rtft checkpoint")
+    return state, config

@@ -1,0 +1,350 @@
+"""torchvision classifiers prepared for fine-tuning: weights, new head, stages, freezing.
+
+One small table per family says where the head is and what the stages from the input are,
+so the spec's knobs (`freeze_depth`, `reinit_blocks`, `activation_scope`) mean the same thing
+for every architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from raytune_ft.spec import Hyperparams, SpecError
+
+__all__ = [
+    "RECIPES",
+    "Built",
+    "Stage",
+    "build_model",
+    "freeze_stages",
+    "load_state_file",
+    "param_groups",
+    "recipe_path",
+    "resolve_weights",
+]
+
+# Backbones rtft pretrains itself, offline (`model.weights: rtft:<name>`): the recipe keys the
+# cache file, so changing it retrains instead of silently reusing an older backbone.
+RECIPES: dict[str, dict] = {
+    "mnist": {"source": "mnist", "epochs": 2, "lr": 1e-3, "batch_size": 64, "augment": "light",
+              "val_fraction": 0.1, "test_fraction": 0.1, "seed": 0},
+}
+
+
+def cache_dir() -> Path:
+    """Where pretrained backbones are cached: $RTFT_CACHE, else the user's cache dir."""
+    env = os.environ.get("RTFT_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "rtft"
+    return base.expanduser()
+
+
+def recipe_path(name: str, arch: str, image_size: int) -> Path:
+    """The cache file of recipe `name` for `arch` at `image_size`."""
+    if name not in RECIPES:
+        raise SpecError(f"unknown rtft backbone 'rtft:{name}'; allowed: "
+                        f"{', '.join('rtft:' + r for r in RECIPES)}", field="model.weights")
+    key = json.dumps({"arch": arch, "image_size": image_size, **RECIPES[name]}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return cache_dir() / "pretrained" / f"{arch}-{name}-{image_size}px-{digest}.pth"
+
+
+def resolve_weights(weights: str, arch: str, image_size: int) -> str:
+    """`rtft:<recipe>` → its cached file (which must exist: `rtft pretrain` makes it)."""
+    if not weights.startswith("rtft:"):
+        return weights
+    path = recipe_path(weights.removeprefix("rtft:"), arch, image_size)
+    if not path.exists():
+        raise SpecError(f"the backbone {weights} for {arch} at {image_size}px is not built yet "
+                        f"(expected {path}); run `rtft pretrain SPEC` (rtft search does it "
+                        f"automatically)", field="model.weights")
+    return str(path)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A group of modules (and loose parameters) counted as one step of `freeze_depth`."""
+
+    name: str
+    modules: tuple[nn.Module, ...]
+    params: tuple[nn.Parameter, ...] = ()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules for p in m.parameters()] + list(self.params)
+
+    def blocks(self) -> list[nn.Module]:
+        """Re-initialisable units: a container's children, or the modules themselves."""
+        out: list[nn.Module] = []
+        for m in self.modules:
+            kids = list(m.children()) if isinstance(m, (nn.Sequential, nn.ModuleList)) else []
+            out.extend(kids or [m])
+        return out
+
+
+@dataclass(frozen=True)
+class _Family:
+    head: Callable[[nn.Module], str]  # dotted path of the final Linear to replace
+    stages: Callable[[nn.Module], list[Stage]]
+
+
+def _seq_stages(container: nn.Module, prefix: str) -> list[Stage]:
+    return [Stage(f"{prefix}[{i}]", (m,)) for i, m in enumerate(container.children())]
+
+
+def _last_linear(seq: str) -> Callable[[nn.Module], str]:
+    def find(model: nn.Module) -> str:
+        sub = model.get_submodule(seq)
+        idx = [i for i, m in enumerate(sub.children()) if isinstance(m, nn.Linear)][-1]
+        return f"{seq}.{idx}"
+    return find
+
+
+_RESNET = _Family(
+    head=lambda m: "fc",
+    stages=lambda m: [Stage("stem", (m.conv1, m.bn1)), *[
+        Stage(f"layer{i}", (getattr(m, f"layer{i}"),)) for i in range(1, 5)]],
+)
+_FAMILIES: list[tuple[tuple[str, ...], _Family]] = [
+    (("resnet", "resnext", "wide_resnet"), _RESNET),
+    (("regnet",), _Family(
+        head=lambda m: "fc",
+        stages=lambda m: [Stage("stem", (m.stem,)), *_seq_stages(m.trunk_output, "trunk")])),
+    (("efficientnet", "mobilenet", "mnasnet"), _Family(
+        head=_last_linear("classifier"),
+        stages=lambda m: _seq_stages(m.features, "features") if hasattr(m, "features")
+        else _seq_stages(m.layers, "layers"))),
+    (("convnext",), _Family(head=_last_linear("classifier"),
+                            stages=lambda m: _seq_stages(m.features, "features"))),
+    (("vit",), _Family(
+        head=lambda m: "heads.head",
+        stages=lambda m: [Stage("patch_embed", (m.conv_proj,),
+                                (m.class_token, m.encoder.pos_embedding)),
+                          *_seq_stages(m.encoder.layers, "block")])),
+]
+
+
+def _family(arch: str) -> _Family:
+    for prefixes, fam in _FAMILIES:
+        if arch.startswith(prefixes):
+            return fam
+    known = ", ".join(p for ps, _ in _FAMILIES for p in ps)
+    raise SpecError(f"no head/stage table for architecture {arch!r}; supported families: "
+                    f"{known}", field="model.arch")
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "gelu": nn.GELU,
+    "silu": lambda: nn.SiLU(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
+    "elu": lambda: nn.ELU(inplace=True),
+    "mish": lambda: nn.Mish(inplace=True),
+    "tanh": nn.Tanh,
+}
+# Activation modules a backbone may hold; gates (Sigmoid in squeeze-excite) are not swapped.
+_SWAPPABLE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
+
+
+def _init_weight(w: torch.Tensor, scheme: str) -> None:
+    fn: dict[str, Callable[[torch.Tensor], object]] = {
+        "xavier_uniform": nn.init.xavier_uniform_,
+        "xavier_normal": nn.init.xavier_normal_,
+        "kaiming_uniform": lambda t: nn.init.kaiming_uniform_(t, nonlinearity="relu"),
+        "kaiming_normal": lambda t: nn.init.kaiming_normal_(t, nonlinearity="relu"),
+        "orthogonal": nn.init.orthogonal_,
+        "trunc_normal": lambda t: nn.init.trunc_normal_(t, std=0.02),
+    }
+    fn[scheme](w)
+
+
+def init_module(module: nn.Module, scheme: str) -> None:
+    """Re-initialise every layer under `module`: `default` is PyTorch's own init."""
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and not isinstance(m, (nn.Sequential,)):
+            m.reset_parameters()  # norms back to 1/0, running stats cleared
+        if scheme != "default" and isinstance(m, (nn.Linear, nn.Conv2d)):
+            _init_weight(m.weight, scheme)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _make_head(in_features: int, num_classes: int, hp: Hyperparams) -> nn.Module:
+    if hp.head_hidden > 0:
+        layers: list[nn.Module] = [nn.Dropout(hp.head_dropout),
+                                   nn.Linear(in_features, hp.head_hidden),
+                                   ACTIVATIONS[hp.activation](),
+                                   nn.Linear(hp.head_hidden, num_classes)]
+    else:
+        layers = [nn.Dropout(hp.head_dropout), nn.Linear(in_features, num_classes)]
+    head = nn.Sequential(*layers)
+    init_module(head, hp.init)
+    return head
+
+
+def _swap_activations(module: nn.Module, name: str) -> int:
+    n = 0
+    for parent in module.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, _SWAPPABLE):
+                setattr(parent, child_name, ACTIVATIONS[name]())
+                n += 1
+    return n
+
+
+@dataclass
+class Built:
+    """A model ready to fine-tune, with where its head and stages are."""
+
+    model: nn.Module
+    head_path: str
+    stages: list[Stage]
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_submodule(self.head_path)
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a `.pth`/`.pt` (torch.load, weights only), `.safetensors`, or a
+    promoted rtft model folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.exists():
+        raise SpecError(f"weights file {str(p)!r} not found", field="model.weights")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused (code in the file) or not a torch file at all
+        raise SpecError(f"weights file {str(p)!r} cannot be loaded as plain tensors "
+                        f"(torch.load weights_only=True): {str(e).splitlines()[0]}",
+                        field="model.weights") from None
+    for key in ("state_dict", "model"):  # common wrappers around a state dict
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise SpecError(f"weights file {str(p)!r} holds a {type(obj).__name__}, not a state "
+                        f"dict", field="model.weights")
+    return obj
+
+
+def _torchvision_state(arch: str, name: str) -> dict[str, torch.Tensor]:
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    try:
+        w = enum.DEFAULT if name == "DEFAULT" else enum[name]
+    except KeyError:
+        allowed = ", ".join(["DEFAULT", *enum.__members__])
+        raise SpecError(f"{arch} has no weights {name!r}; allowed: {allowed}, a file path, "
+                        f"rtft:mnist or none", field="model.weights") from None
+    try:
+        return w.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # no network: say where the file goes
+        where = Path(torch.hub.get_dir()) / "checkpoints" / w.url.rsplit("/", 1)[-1]
+        raise SpecError(f"cannot get {arch} weights {w.name} ({type(e).__name__}); without "
+                        f"network access, download {w.url} elsewhere and put it at {where}",
+                        field="model.weights") from None
+
+
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head_path: str) -> None:
+    # The head is always replaced, so its keys (any shape, any class count) are dropped.
+    def body(d: dict) -> dict:
+        return {k: v for k, v in d.items() if not k.startswith(head_path + ".")}
+
+    own, theirs = body(model.state_dict()), body(state)
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [f"{k} {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), first: {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s), first: "
+                         f"{', '.join(unexpected[:3])}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), first: {'; '.join(shapes[:3])}")
+        raise SpecError("the weights do not fit this architecture: " + "; ".join(parts),
+                        field="model.weights")
+    model.load_state_dict(theirs, strict=False)
+
+
+def build_model(arch: str, num_classes: int, hp: Hyperparams, weights: str = "none") -> Built:
+    """Build `arch`, load `weights` into its backbone, put on a new head, apply the knobs.
+
+    `weights`: `none`, a torchvision weights name (`DEFAULT`, `IMAGENET1K_V1`), or a file /
+    promoted model folder (the caller resolves `rtft:` recipes to their cached file first).
+    """
+    from torchvision.models import get_model
+
+    fam = _family(arch)
+    model = get_model(arch, weights=None)
+    head_path = fam.head(model)
+    if weights != "none":
+        is_file = any(c in weights for c in "/\\.") or Path(weights).exists()
+        state = load_state_file(weights) if is_file else _torchvision_state(arch, weights)
+        _load_backbone(model, state, head_path)
+
+    old = model.get_submodule(head_path)
+    parent_path, _, leaf = head_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if hp.activation_scope == "all":
+        _swap_activations(model, hp.activation)
+    setattr(parent, leaf, _make_head(old.in_features, num_classes, hp))
+
+    stages = fam.stages(model)
+    if hp.reinit_blocks:
+        blocks = [b for s in stages for b in s.blocks()]
+        for b in blocks[-hp.reinit_blocks:]:
+            init_module(b, hp.init)
+    return Built(model, head_path, stages)
+
+
+def freeze_stages(built: Built, depth: int) -> list[nn.Module]:
+    """Freeze the first `depth` stages; returns their norm layers, which the trainer keeps in
+    eval mode so their running statistics stay those of the pretrained backbone."""
+    norms: list[nn.Module] = []
+    for p in built.model.parameters():
+        p.requires_grad_(True)
+    for stage in built.stages[:depth]:
+        for p in stage.parameters():
+            p.requires_grad_(False)
+        norms += [m for mod in stage.modules for m in mod.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return norms
+
+
+def param_groups(built: Built, *, lr: float, weight_decay: float,
+                 backbone_lr_mult: float) -> list[dict]:
+    """Optimizer groups: head at `lr`, backbone at `lr * backbone_lr_mult`; no weight decay on
+    norms and biases (1-d parameters). Frozen parameters are included (they get no gradient
+    until unfrozen), so gradual unfreezing needs no new optimizer."""
+    head_ids = {id(p) for p in built.head.parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in built.model.parameters():
+        key = (id(p) in head_ids, p.ndim <= 1)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_head, no_decay), params in sorted(groups.items()):
+        out.append({"params": params,
+                    "lr": lr * (1.0 if is_head else backbone_lr_mult),
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "name": f"{'head' if is_head else 'backbone'}"
+                            f"{'_no_decay' if no_decay else ''}"})
+    return out
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

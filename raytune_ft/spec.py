@@ -1,0 +1,595 @@
+"""The search spec: one YAML file, validated by pydantic, rejected with file, field and line.
+
+This module imports nothing else of ours. Every other module takes a :class:`Spec` (or the
+:class:`Hyperparams` of one trial) and may trust it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import graphlib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ACTIVATIONS",
+    "INITS",
+    "Hyperparams",
+    "Spec",
+    "SpecError",
+    "apply_overrides",
+    "load_spec",
+    "parse_spec",
+    "spec_to_yaml",
+]
+
+ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh")
+INITS = (
+    "default",
+    "xavier_uniform",
+    "xavier_normal",
+    "kaiming_uniform",
+    "kaiming_normal",
+    "orthogonal",
+    "trunc_normal",
+)
+BUILTIN_SOURCES = ("digits", "mnist")
+# Metrics the trainer reports each epoch, and which way is better.
+METRICS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
+
+
+class SpecError(ValueError):
+    """A spec the tool refuses: one paragraph naming the file, the field and the YAML line."""
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None,
+                 line: int | None = None) -> None:
+        self.message = message
+        self.file = file
+        self.field = field
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.file or "<spec>"
+        if self.line is not None:
+            where += f", line {self.line}"
+        field = f" field '{self.field}':" if self.field else ""
+        return f"{where}:{field} {self.message}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The knobs one trial is trained with. `search:` may vary any of these; the rest keep defaults.
+# --------------------------------------------------------------------------------------------
+class Hyperparams(_Strict):
+    """Every fine-tuning choice the trainer implements, with the defaults of a plain fine-tune."""
+
+    lr: float = Field(1e-3, gt=0, le=10)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    batch_size: int = Field(64, ge=1, le=65536)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    head_dropout: float = Field(0.0, ge=0, lt=1)
+    head_hidden: int = Field(0, ge=0, le=65536)
+    activation: Literal["relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh"] = "relu"
+    activation_scope: Literal["head", "all"] = "head"
+    init: Literal[
+        "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
+        "orthogonal", "trunc_normal",
+    ] = "default"
+    reinit_blocks: int = Field(0, ge=0, le=64)
+    freeze_depth: int = Field(0, ge=0, le=64)
+    # Epoch (1-based) from which the whole backbone trains; 0 keeps frozen stages frozen.
+    unfreeze_at_epoch: int = Field(0, ge=0, le=10000)
+    backbone_lr_mult: float = Field(1.0, gt=0, le=100)
+    warmup_epochs: float = Field(0.0, ge=0, le=10000)
+    augment: Literal["none", "light", "strong"] = "light"
+    grad_clip: float = Field(0.0, ge=0)
+
+
+_INT_KNOBS = {n for n, f in Hyperparams.model_fields.items() if f.annotation is int}
+
+
+# --------------------------------------------------------------------------------------------
+# Search parameters, tagged by `space:` (Ludwig-style).
+# --------------------------------------------------------------------------------------------
+Scalar = Union[bool, int, float, str, None]
+
+
+class _Param(_Strict):
+    # `when: {optimizer: sgd}` or `when: {optimizer: [sgd, adam]}`: sampled only then.
+    when: dict[str, Union[Scalar, list[Scalar]]] | None = None
+
+    def candidates(self) -> dict[str, Any]:
+        """The values of this parameter that must be valid knob values, keyed by field."""
+        raise NotImplementedError
+
+
+class _FloatRange(_Param):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+    def candidates(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high}
+
+
+class LogUniform(_FloatRange):
+    space: Literal["loguniform"]
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+
+class Uniform(_FloatRange):
+    space: Literal["uniform"]
+
+
+class IntRange(_Param):
+    space: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if not self.low <= self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low < 1:
+            raise ValueError("log: true needs low >= 1")
+        return self
+
+    def candidates(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high}
+
+
+class Choice(_Param):
+    space: Literal["choice"]
+    values: list[Scalar] = Field(min_length=1)
+
+    def candidates(self) -> dict[str, Any]:
+        return {f"values.{i}": v for i, v in enumerate(self.values)}
+
+
+class Fixed(_Param):
+    space: Literal["fixed"]
+    value: Scalar
+
+    def candidates(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+
+SearchParam = Annotated[
+    Union[LogUniform, Uniform, IntRange, Choice, Fixed], Field(discriminator="space")
+]
+SPACES = ("loguniform", "uniform", "int", "choice", "fixed")
+_SPACE_MODELS = {"loguniform": LogUniform, "uniform": Uniform, "int": IntRange, "choice": Choice,
+                 "fixed": Fixed}
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+class ModelSpec(_Strict):
+    arch: str = "resnet18"
+    # torchvision weights name (DEFAULT, IMAGENET1K_V1), a local .pth/.safetensors file or
+    # promoted model folder, `rtft:mnist` (a backbone rtft pretrains itself, offline), or none.
+    weights: str = "none"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        import torchvision.models  # local import: only validation needs the registry
+
+        known = torchvision.models.list_models(module=torchvision.models)
+        if v not in known:
+            near = difflib.get_close_matches(v, known, n=3)
+            hint = f" Did you mean {', '.join(near)}?" if near else ""
+            raise ValueError(
+                f"unknown architecture {v!r}; allowed: a torchvision classification model "
+                f"name such as resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16.{hint}"
+            )
+        return v
+
+
+class DataSpec(_Strict):
+    source: Literal["digits", "mnist", "imagefolder"] = "digits"
+    root: str | None = None
+    image_size: int = Field(32, ge=8, le=1024)
+    val_fraction: float = Field(0.2, gt=0, lt=0.9)
+    test_fraction: float = Field(0.2, gt=0, lt=0.9)
+    split_seed: int = 0
+    # Use at most this many training examples (after the split): small-data fine-tuning.
+    train_limit: int | None = Field(None, ge=10)
+    hflip: bool = False
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataSpec:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        if self.source == "imagefolder" and not self.root:
+            raise ValueError("source: imagefolder needs data.root (a folder of class folders)")
+        return self
+
+
+class TrainSpec(_Strict):
+    max_epochs: int = Field(4, ge=1, le=100000)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class SearcherSpec(_Strict):
+    sampler: Literal["tpe", "random", "cmaes", "gp", "qmc"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(5, ge=0)
+
+
+class SchedulerSpec(_Strict):
+    type: Literal["asha", "none"] = "asha"
+    max_t: int | None = Field(None, ge=1)  # default: train.max_epochs
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2, ge=2)
+
+
+class Resources(_Strict):
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _fraction_or_whole(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("gpu above 1 must be a whole number (fractions pack trials on one GPU)")
+        return v
+
+
+class RunSpec(_Strict):
+    num_samples: int = Field(16, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    resources: Resources = Resources()
+    storage_path: str = "./rtft_runs"
+    checkpoints_to_keep: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=0)
+
+
+class PromoteSpec(_Strict):
+    top_k: int = Field(1, ge=1)
+    dir: str = "./models"
+
+
+class Spec(_Strict):
+    """A whole search spec. Build it with :func:`load_spec` or :func:`parse_spec`."""
+
+    name: str
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    search: dict[str, SearchParam] = Field(default_factory=dict)
+    searcher: SearcherSpec = SearcherSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    run: RunSpec = RunSpec()
+    promote: PromoteSpec = PromoteSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # The name becomes a folder under the storage path: it must not escape it.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v) or ".." in v:
+            raise ValueError(f"{v!r} is not a valid run name; allowed: 1-100 letters, digits, "
+                             f"'.', '_' or '-', starting with a letter or digit, no '..' or '/'")
+        return v
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        # `batch_size: 64` is short for `batch_size: {space: fixed, value: 64}`.
+        if isinstance(v, dict):
+            return {k: p if isinstance(p, dict) else {"space": "fixed", "value": p}
+                    for k, p in v.items()}
+        return v
+
+    @property
+    def mode(self) -> str:
+        return METRICS[self.metric]
+
+    @property
+    def max_t(self) -> int:
+        return self.scheduler.max_t or self.train.max_epochs
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Spec:
+        _check_params(self.search)
+        if self.scheduler.max_t is not None and self.scheduler.max_t > self.train.max_epochs:
+            raise _FieldError(("scheduler", "max_t"),
+                              f"max_t ({self.scheduler.max_t}) exceeds train.max_epochs "
+                              f"({self.train.max_epochs}); allowed: 1..{self.train.max_epochs}")
+        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.max_t:
+            raise _FieldError(("scheduler", "grace_period"),
+                              f"grace_period ({self.scheduler.grace_period}) exceeds max_t "
+                              f"({self.max_t}); allowed: 1..{self.max_t}")
+        return self
+
+
+class _FieldError(ValueError):
+    """Raised inside validators to point at a field other than the one being validated."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        self.loc = loc
+        self.message = message
+        super().__init__(message)
+
+
+def _check_params(search: dict[str, Any]) -> None:
+    knobs = list(Hyperparams.model_fields)
+    for name, param in search.items():
+        if name not in knobs:
+            near = difflib.get_close_matches(name, knobs, n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise _FieldError(("search", name),
+                              f"unknown parameter; allowed: {', '.join(knobs)}.{hint}")
+        if name in _INT_KNOBS and param.space in ("uniform", "loguniform"):
+            raise _FieldError(("search", name, "space"),
+                              f"'{name}' is a whole number; use space: int, choice or fixed")
+        for key, value in param.candidates().items():
+            try:
+                Hyperparams.model_validate({name: value})
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise _FieldError(("search", name, *key.split(".")),
+                                  f"{value!r} is not a valid {name}: {_allowed(err)}") from None
+    deps: dict[str, set[str]] = {}
+    for name, param in search.items():
+        deps[name] = set()
+        for parent, wanted in (param.when or {}).items():
+            loc = ("search", name, "when", parent)
+            if parent not in search:
+                raise _FieldError(loc, f"condition names '{parent}', which is not a search "
+                                       f"parameter; allowed: {', '.join(sorted(search))}")
+            pp = search[parent]
+            options = pp.values if pp.space == "choice" else [pp.value] if pp.space == "fixed" \
+                else None
+            if options is None:
+                raise _FieldError(loc, f"conditions need a choice or fixed parameter, and "
+                                       f"'{parent}' is {pp.space}")
+            for w in wanted if isinstance(wanted, list) else [wanted]:
+                if w not in options:
+                    raise _FieldError(loc, f"{w!r} is never a value of '{parent}'; allowed: "
+                                           f"{', '.join(map(repr, options))}")
+            deps[name].add(parent)
+    try:
+        tuple(graphlib.TopologicalSorter(deps).static_order())
+    except graphlib.CycleError as e:
+        raise _FieldError(("search", e.args[1][0], "when"),
+                          f"conditions form a cycle: {' -> '.join(e.args[1])}") from None
+
+
+def param_order(search: dict[str, Any]) -> list[str]:
+    """Parameter names with every condition's parent before the parameters it gates."""
+    deps = {n: set((p.when or {}).keys()) for n, p in search.items()}
+    order = list(graphlib.TopologicalSorter(deps).static_order())
+    # Keep the spec's order where conditions allow: stable for humans and for seeds.
+    return sorted(order, key=lambda n: (order.index(n) if deps[n] else -1, list(search).index(n)))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML → lines map → overrides → pydantic → SpecError with file/field/line.
+# --------------------------------------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line_map(node: yaml.Node | None, path: tuple = (), out: dict | None = None) -> dict:
+    out = {} if out is None else out
+    if node is None:
+        return out
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            out[(*path, key)] = k.start_mark.line + 1
+            _line_map(v, (*path, key), out)
+            out[(*path, key)] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _line_map(v, (*path, i), out)
+    return out
+
+
+def _read_yaml(text: str, file: str) -> tuple[dict, dict]:
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = e.problem or e.context or "invalid YAML"
+        if "\\t" in problem or "\t" in problem:
+            problem += " (YAML indents with spaces, never tabs)"
+        if "could not determine a constructor" in problem:
+            problem = (f"{problem.split(' for the tag')[0]} for the tag in this spec: only "
+                       f"plain YAML is read (no !!python or other tags)")
+        raise SpecError(f"YAML error: {problem}", file=file,
+                        line=mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"YAML error: {e}", file=file) from None
+    if data is None:
+        raise SpecError("the spec is empty; it needs at least 'name:' (see "
+                        "search_spaces/resnet.yaml)", file=file)
+    if not isinstance(data, dict):
+        raise SpecError(f"the spec must be a mapping of sections, not a "
+                        f"{type(data).__name__}", file=file, line=1)
+    return data, lines
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> set[tuple]:
+    """Apply `key.sub=value` overrides in place (values parsed as YAML scalars/lists).
+
+    Returns the set of paths overridden, so errors on them can say `--set` not a line.
+    """
+    done = set()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected key=value, e.g. run.num_samples=4",
+                            file="--set")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                section = ".".join(parts[: i + 1])
+                raise SpecError(f"--set {item!r}: '{section}' is not a section",
+                                file="--set", field=key)
+            node = nxt
+        node[parts[-1]] = value
+        done.add(tuple(parts))
+    return done
+
+
+def _allowed(err: dict) -> str:
+    t, ctx, msg = err["type"], err.get("ctx") or {}, err["msg"]
+    if t == "literal_error":
+        return f"allowed: {ctx.get('expected')}"
+    if t == "union_tag_invalid":
+        return f"unknown space; allowed: {', '.join(SPACES)}"
+    if t == "union_tag_not_found":
+        return f"missing 'space:'; allowed: {', '.join(SPACES)}"
+    if t == "missing":
+        return "this field is required"
+    if t.startswith("greater_than") or t.startswith("less_than"):
+        return msg.lower()
+    return msg[0].lower() + msg[1:] if msg else t
+
+
+def _error_from_validation(e: ValidationError, file: str, lines: dict, overridden: set,
+                           data: dict) -> SpecError:
+    errs = e.errors()
+    err = errs[0]
+    exc = (err.get("ctx") or {}).get("error")
+    if isinstance(exc, _FieldError):
+        loc, message = exc.loc, exc.message
+    else:
+        loc = tuple(err["loc"])
+        # Drop the discriminator tag pydantic puts into the location of tagged unions.
+        if loc[:1] == ("search",) and len(loc) > 2 and loc[2] in SPACES:
+            loc = loc[:2] + loc[3:]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*loc, "space")
+        message = _message(err, loc, data)
+    loc = tuple(loc)
+    field = ".".join(str(p) for p in loc) or None
+    line = None
+    if any(loc[: len(o)] == o for o in overridden):
+        file = f"{file} (with --set)"
+    else:
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+    more = f" ({len(errs) - 1} more problem(s) after this one.)" if len(errs) > 1 else ""
+    return SpecError(message + more, file=file, field=field, line=line)
+
+
+def _message(err: dict, loc: tuple, data: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        parent = _SECTION_MODELS.get(loc[:-1])
+        if loc[:1] == ("search",) and len(loc) == 3:
+            parent = _SPACE_MODELS.get(_get(data, (*loc[:2], "space")))
+        allowed = list(parent.model_fields) if parent else []
+        near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        return f"unknown key; allowed: {', '.join(allowed)}.{hint}"
+    if err["type"] == "value_error":
+        msg = err["msg"].removeprefix("Value error, ")
+        return msg
+    value = _get(data, loc)
+    got = f"got {value!r}; " if value is not _MISSING else ""
+    return got + _allowed(err)
+
+
+_MISSING = object()
+
+
+def _get(data: Any, loc: tuple) -> Any:
+    for p in loc:
+        if isinstance(data, dict) and p in data:
+            data = data[p]
+        elif isinstance(data, list) and isinstance(p, int) and p < len(data):
+            data = data[p]
+        else:
+            return _MISSING
+    return data
+
+
+_SECTION_MODELS: dict[tuple, type[BaseModel]] = {
+    (): Spec, ("model",): ModelSpec, ("data",): DataSpec, ("train",): TrainSpec,
+    ("searcher",): SearcherSpec, ("scheduler",): SchedulerSpec, ("run",): RunSpec,
+    ("run", "resources"): Resources, ("promote",): PromoteSpec,
+}
+
+
+def parse_spec(text: str, *, file: str = "<spec>", overrides: list[str] | tuple = ()) -> Spec:
+    """Validate spec text (plus `--set` overrides); raise :class:`SpecError` when it is bad."""
+    data, lines = _read_yaml(text, file)
+    overridden = apply_overrides(data, overrides)
+    for path in overridden:  # an overridden field has no YAML line to blame
+        lines.pop(path, None)
+    # Unknown search-parameter keys: name the allowed keys for that space.
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise _error_from_validation(e, file, lines, overridden, data) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple = ()) -> Spec:
+    """Read and validate a spec file; errors are :class:`SpecError` naming file/field/line."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError("file not found", file=str(path)) from None
+    except OSError as e:
+        raise SpecError(f"cannot read the file: {e.strerror}", file=str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SpecError(f"the file is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                        f"{e.start}); save it as UTF-8", file=str(path), line=line) from None
+    return parse_spec(text, file=str(path), overrides=overrides)
+
+
+def spec_to_yaml(spec: Spec) -> str:
+    """The resolved spec as YAML: every default spelled out, loadable by :func:`parse_spec`."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+

@@ -1,0 +1,231 @@
+"""The trainer: one plain function that fine-tunes one configuration. No Ray in here.
+
+It reads top to bottom: devices and seeds, data on the device, model, optimizer and schedule,
+resume, then the epoch loop (train, evaluate, checkpoint, report). The search wraps
+``report`` to forward metrics and checkpoints to Ray Tune; tests and benchmarks pass a list's
+``append``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytune_ft.checkpoint import load_checkpoint, save_checkpoint
+from raytune_ft.data import Splits, augment_batch, normalize
+from raytune_ft.models import build_model, freeze_stages, param_groups, resolve_weights
+from raytune_ft.spec import METRICS, Hyperparams, Spec
+
+__all__ = ["DIVERGED", "TrainResult", "evaluate", "pick_device", "train", "trial_config"]
+
+# A report's checkpoint folder is only valid during the call: copy it if you keep it.
+Report = Callable[[dict[str, Any], "Path | None"], None]
+# What a diverged trial reports: the worst value of each metric, so the sampler learns.
+DIVERGED = {"val_acc": 0.0, "val_loss": 1e9, "train_loss": 1e9}
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    diverged: bool = False
+
+
+def pick_device(setting: str) -> torch.device:
+    """`auto` → CUDA when there is one, else CPU."""
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _amp(device: torch.device, precision: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a GradScaler is needed)."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None, False
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    return torch.float16, device.type == "cuda"
+
+
+def trial_config(spec: Spec, hp: Hyperparams, classes: list[str]) -> dict[str, Any]:
+    """Everything needed to rebuild and reuse a trained model, as plain JSON."""
+    import torchvision
+
+    return {"spec": spec.model_dump(mode="json"), "hparams": hp.model_dump(mode="json"),
+            "classes": classes, "versions": {"torch": torch.__version__,
+                                             "torchvision": torchvision.__version__}}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512,
+             amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` on uint8 images `x` and labels `y`."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        xb = normalize(x[i:i + batch_size].to(device, non_blocking=True))
+        yb = y[i:i + batch_size].to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    n = max(len(x), 1)
+    return loss_sum / n, correct / n
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN202
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to zero at the last step."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _optimizer(hp: Hyperparams, groups: list[dict]) -> torch.optim.Optimizer:
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+    cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=hp.lr)
+
+
+def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
+          weights: str | None = None, resume_from: str | Path | None = None,
+          num_threads: int | None = None, checkpoints: bool = True) -> TrainResult:
+    """Fine-tune one configuration for `spec.train.max_epochs` epochs.
+
+    Each epoch ends with ``report(metrics, checkpoint_folder)``: metrics are `epoch`,
+    `train_loss`, `val_loss`, `val_acc`, `best_<metric>`, `lr`, `images_per_s`, `diverged`.
+    `weights` overrides `spec.model.weights` (a resolved file path for `rtft:` recipes).
+    A loss that turns NaN/inf ends training at once with :data:`DIVERGED` metrics.
+    """
+    # -- devices, threads, seeds ---------------------------------------------------------------
+    device = pick_device(spec.train.device)
+    if num_threads and device.type == "cpu":
+        torch.set_num_threads(num_threads)
+    amp_dtype, use_scaler = _amp(device, spec.train.precision)
+    torch.manual_seed(spec.train.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # -- data: small sets live on the device as uint8, batches are index slices ------------------
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    val_x, val_y = data.val_x.to(device), data.val_y.to(device)
+    n = len(train_x)
+    bs = min(hp.batch_size, n)
+    steps_per_epoch = n // bs  # drop the ragged last batch: BatchNorm dislikes tiny batches
+    epochs = spec.train.max_epochs
+
+    # -- model, optimizer, schedule --------------------------------------------------------------
+    weights = resolve_weights(weights or spec.model.weights, spec.model.arch,
+                              spec.data.image_size)
+    built = build_model(spec.model.arch, data.num_classes, hp, weights)
+    model = built.model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    frozen_norms = freeze_stages(built, min(hp.freeze_depth, len(built.stages)))
+    optimizer = _optimizer(hp, param_groups(built, lr=hp.lr, weight_decay=hp.weight_decay,
+                                            backbone_lr_mult=hp.backbone_lr_mult))
+    total = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(round(hp.warmup_epochs * steps_per_epoch), total))
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    metric, mode = spec.metric, METRICS[spec.metric]
+    config = trial_config(spec, hp, data.classes)
+
+    # -- resume ----------------------------------------------------------------------------------
+    start, best = 0, None
+    if resume_from is not None:
+        state, _ = load_checkpoint(resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, best = int(state["epoch"]), state.get("best")
+
+    result = TrainResult(model)
+    for epoch in range(start + 1, epochs + 1):
+        if hp.unfreeze_at_epoch and epoch >= hp.unfreeze_at_epoch and frozen_norms:
+            frozen_norms = freeze_stages(built, 0)
+        # A generator per epoch, seeded by epoch: a resumed run sees the same batches.
+        gen = torch.Generator().manual_seed(spec.train.seed * 100_003 + epoch)
+        model.train()
+        for m in frozen_norms:  # keep pretrained BN statistics in frozen stages
+            m.eval()
+
+        # -- train one epoch ---------------------------------------------------------------------
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for step in range(steps_per_epoch):
+            idx = perm[step * bs:(step + 1) * bs]
+            xb = augment_batch(normalize(train_x[idx]), hp.augment, hflip=spec.data.hflip,
+                               generator=gen)
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, amp_dtype):
+                loss = loss_fn(model(xb), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if hp.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach()
+        train_loss = loss_sum.item() / max(steps_per_epoch, 1)  # one sync per epoch
+        seconds = time.perf_counter() - t0
+
+        # -- a diverged trial stops at once and reports the worst values ------------------------
+        if not math.isfinite(train_loss):
+            metrics = {"epoch": epoch, **DIVERGED, "lr": optimizer.param_groups[0]["lr"],
+                       "images_per_s": 0.0, "diverged": True,
+                       f"best_{metric}": DIVERGED[metric] if best is None else best}
+            result.diverged = True
+            result.history.append(metrics)
+            report(metrics, None)
+            return result
+
+        # -- evaluate, checkpoint, report ------------------------------------------------------
+        val_loss, val_acc = evaluate(model, val_x, val_y, amp_dtype=amp_dtype)
+        value = {"val_acc": val_acc, "val_loss": val_loss}[metric]
+        if best is None or (value > best if mode == "max" else value < best):
+            best = value
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                   "val_acc": val_acc, f"best_{metric}": best,
+                   "lr": optimizer.param_groups[-1]["lr"],
+                   "images_per_s": steps_per_epoch * bs / seconds, "diverged": False}
+        result.history.append(metrics)
+        if not checkpoints:
+            report(metrics, None)
+            continue
+        with tempfile.TemporaryDirectory(prefix="rtft-ckpt-") as tmp:
+            save_checkpoint(tmp, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), epoch=epoch, best=best,
+                            config=config)
+            report(metrics, Path(tmp))
+    return result
