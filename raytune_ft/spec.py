@@ -53,6 +53,18 @@ class SpecError(ValueError):
         self.line = line
         super().__init__(str(self))
 
+    def located(self, file: str | Path) -> SpecError:
+        """This error attributed to spec `file`, with the YAML line of its field if known."""
+        if self.file is None:
+            self.file = str(file)
+            if self.field and self.line is None:
+                try:
+                    lines = _line_map(yaml.compose(Path(file).read_text(), Loader=yaml.SafeLoader))
+                    self.line = lines.get(tuple(self.field.split(".")))
+                except (OSError, yaml.YAMLError, UnicodeDecodeError):
+                    pass
+        return self
+
     def __str__(self) -> str:
         where = self.file or "<spec>"
         if self.line is not None:

@@ -1,0 +1,190 @@
+"""`rtft`: the command line. The only module that imports Click.
+
+Bad input (a spec, a path, weights) ends with one paragraph on stderr and exit code 2; add
+`--debug` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from raytune_ft.spec import Spec, SpecError, load_spec, spec_to_yaml
+
+EXIT_BAD_INPUT = 2
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our input errors into one paragraph and exit code 2 (traceback with --debug)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as e:
+            if kwargs.get("spec_file") is not None:
+                e.located(kwargs["spec_file"])
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+    return wrapper
+
+
+def _spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a spec field (dotted key), e.g. --set run.num_samples=4. "
+                           "Repeatable.")(fn)
+    fn = click.option("--debug", is_flag=True, help="Show tracebacks.")(fn)
+    return click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="raytune-ft")
+def main() -> None:
+    """rtft — hyperparameter search for fine-tuning pretrained image models on Ray Tune.
+
+    \b
+    Quick start (offline, ~6 minutes on 2 CPU cores):
+      rtft validate search_spaces/resnet.yaml
+      rtft search   search_spaces/resnet.yaml
+    """
+
+
+@main.command()
+@_spec_options
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="Ray cluster to join (ray://host:10001, auto); default: start a local Ray.")
+@click.option("--quiet", is_flag=True, help="Only one line per finished trial.")
+@_guard
+def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: str | None,
+           quiet: bool) -> None:
+    """Run the search in SPEC_FILE and promote the best trial.
+
+    \b
+    Examples:
+      rtft search search_spaces/resnet.yaml
+      rtft search search_spaces/resnet.yaml --set run.num_samples=4 --set train.max_epochs=2
+      rtft search my.yaml --address auto          # on an existing Ray cluster
+    """
+    from raytune_ft.search import run_search
+
+    spec = load_spec(spec_file, overrides)
+    outcome = run_search(spec, address=address, echo=click.echo, quiet=quiet)
+    click.echo(f"done in {outcome.wall_s:.0f}s; results in {outcome.run_dir}")
+    for p in outcome.promoted:
+        click.echo(f"promoted model: {p}")
+
+
+@main.command()
+@_spec_options
+@_guard
+def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
+    """Check SPEC_FILE; print the resolved spec, the search space and the ASHA rung plan.
+
+    \b
+    Example:
+      rtft validate search_spaces/resnet.yaml --set scheduler.reduction_factor=3
+    """
+    from raytune_ft.space import rung_plan
+
+    spec = load_spec(spec_file, overrides)
+    click.echo(f"# {spec_file}: valid\n")
+    click.echo(spec_to_yaml(spec))
+    click.echo(_space_table(spec))
+    click.echo("\nASHA rung plan (epoch: trials expected to reach it):"
+               if spec.scheduler.type == "asha" else "\nNo early stopping:")
+    for epoch, n in rung_plan(spec):
+        click.echo(f"  epoch {epoch:>4}: {n:>4} trial(s)")
+    click.echo("\n" + _stages_table(spec))
+
+
+def _space_table(spec: Spec) -> str:
+    lines = ["search space:"]
+    for name, p in spec.search.items():
+        if p.space == "choice":
+            dom = "{" + ", ".join(map(str, p.values)) + "}"
+        elif p.space == "fixed":
+            dom = f"= {p.value}"
+        else:
+            dom = f"[{p.low}, {p.high}]"
+        cond = ("  when " + ", ".join(f"{k}={v}" for k, v in p.when.items())) if p.when else ""
+        lines.append(f"  {name:<18} {p.space:<10} {dom}{cond}")
+    return "\n".join(lines)
+
+
+def _stages_table(spec: Spec) -> str:
+    from raytune_ft.models import build_model, count_params
+    from raytune_ft.spec import Hyperparams
+
+    built = build_model(spec.model.arch, 10, Hyperparams(), "none")
+    lines = [f"{spec.model.arch} stages (freeze_depth=k freezes the first k):"]
+    for i, s in enumerate(built.stages, 1):
+        lines.append(f"  {i:>2}. {s.name:<14} {sum(p.numel() for p in s.parameters()):>12,} "
+                     f"params")
+    lines.append(f"      head ({built.head_path}) replaced; total "
+                 f"{count_params(built.model):,} params")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_guard
+def promote(run_dir: Path, debug: bool) -> None:
+    """Promote the best trial(s) of a finished run in RUN_DIR (again).
+
+    \b
+    Example:
+      rtft promote rtft_runs/resnet18-digits
+    """
+    from raytune_ft.data import prepare
+    from raytune_ft.promote import promote as do_promote
+    from raytune_ft.search import load_records
+
+    spec = load_spec(run_dir / "spec.yaml")
+    splits = prepare(spec.data)
+    paths = do_promote(spec, load_records(run_dir, spec), splits, echo=click.echo)
+    if not paths:
+        sys.exit(1)
+
+
+@main.command()
+@_spec_options
+@_guard
+def pretrain(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
+    """Build (once) the `rtft:` backbone that SPEC_FILE's model.weights names.
+
+    The backbone is cached under $RTFT_CACHE (default ~/.cache/rtft), keyed by its recipe;
+    `rtft search` does this automatically on first use.
+    """
+    from raytune_ft.pretrain import ensure_backbone
+
+    spec = load_spec(spec_file, overrides)
+    path = ensure_backbone(spec, echo=click.echo)
+    click.echo(f"backbone: {path}" if path else "model.weights is not an rtft: backbone; "
+                                                 "nothing to do")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--limit", default=20, show_default=True, help="Rows to show.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_guard
+def results(run_dir: Path, limit: int, debug: bool) -> None:
+    """The trials of RUN_DIR sorted by best-so-far metric, with their state."""
+    from raytune_ft.search import load_records, rung_summary, summary_table
+
+    spec = load_spec(run_dir / "spec.yaml")
+    records = load_records(run_dir, spec)
+    click.echo(f"{len(records)} trials: {rung_summary(records, spec)}")
+    click.echo(summary_table(records, spec, limit=limit))
+
+
+if __name__ == "__main__":
+    main()

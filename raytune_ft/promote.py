@@ -1,0 +1,233 @@
+"""Promotion: choose the best trial honestly, score it once on the held-out test split, and
+write a versioned model folder atomically (temp folder, then rename).
+
+How the best trial is chosen: only trials that trained as far as any trial got (the highest
+rung reached) are eligible, ranked by their best-so-far value of the metric — never by their
+last value, and never letting a trial stopped after one epoch beat full-length runs on a lucky
+early score. Diverged and failed trials are never promoted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from torch import nn
+
+from raytune_ft.checkpoint import load_checkpoint
+from raytune_ft.data import IMAGENET_MEAN, IMAGENET_STD, Splits
+from raytune_ft.models import build_model
+from raytune_ft.spec import METRICS, Hyperparams, Spec
+from raytune_ft.train import evaluate
+
+__all__ = ["PromotedModel", "TrialRecord", "choose", "load_promoted", "promote", "trial_state"]
+
+
+@dataclass
+class TrialRecord:
+    """What the search knows of one trial, free of Ray types."""
+
+    trial_id: str
+    params: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_checkpoint: str | None = None
+    error: str | None = None
+
+    @property
+    def epochs(self) -> int:
+        return max((int(h.get("epoch", 0)) for h in self.history), default=0)
+
+    @property
+    def diverged(self) -> bool:
+        return any(h.get("diverged") for h in self.history)
+
+    def best(self, metric: str) -> float | None:
+        """Best-so-far value of `metric` over the trial's epochs (not its last value)."""
+        vals = [h[metric] for h in self.history
+                if metric in h and not h.get("diverged") and _finite(h[metric])]
+        if not vals:
+            return None
+        return max(vals) if METRICS[metric] == "max" else min(vals)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def trial_state(r: TrialRecord, max_t: int) -> str:
+    """completed / stopped@<epoch> (early-stopped by ASHA) / diverged / failed / pending."""
+    if r.diverged:
+        return "diverged"
+    if r.error:
+        return "failed"
+    if r.epochs >= max_t:
+        return "completed"
+    return f"stopped@{r.epochs}" if r.epochs else "pending"
+
+
+def choose(records: list[TrialRecord], metric: str, top_k: int = 1) -> list[TrialRecord]:
+    """The trials to promote, best first: among trials with a checkpoint that reached the
+    highest epoch any such trial reached, ranked by best-so-far metric."""
+    ok = [r for r in records if r.best_checkpoint and not r.diverged
+          and r.best(metric) is not None]
+    if not ok:
+        return []
+    top = max(r.epochs for r in ok)
+    eligible = [r for r in ok if r.epochs == top]
+    sign = -1.0 if METRICS[metric] == "max" else 1.0
+    return sorted(eligible, key=lambda r: (sign * r.best(metric), r.trial_id))[:top_k]
+
+
+def _rebuild(config: dict[str, Any]) -> nn.Module:
+    hp = Hyperparams(**config["hparams"])
+    return build_model(config["spec"]["model"]["arch"], len(config["classes"]), hp, "none").model
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _next_version(root: Path) -> int:
+    nums = [int(m.group(1)) for p in root.glob("v*") if (m := re.fullmatch(r"v(\d+)", p.name))]
+    return max(nums, default=0) + 1
+
+
+def _card(spec: Spec, rec: TrialRecord, metrics: dict, params: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
+    return f"""# {spec.name} — {spec.model.arch}, promoted from trial {rec.trial_id}
+
+Fine-tuned from `{spec.model.weights}` on `{spec.data.source}` by an rtft search
+({spec.run.num_samples} trials, {spec.searcher.sampler} sampler, {spec.scheduler.type} scheduler).
+
+| split | accuracy | loss | examples |
+|---|---|---|---|
+| validation (best epoch, chosen on it) | {metrics['val']['val_acc']:.4f} | {metrics['val']['val_loss']:.4f} | {metrics['data']['val']} |
+| **test (held out, scored once here)** | **{metrics['test']['acc']:.4f}** | {metrics['test']['loss']:.4f} | {metrics['test']['n']} |
+
+Trained {rec.epochs} epoch(s); checkpoint of epoch {metrics['val']['epoch']}.
+Data fingerprint: `{metrics['data']['sha256']}`. Weights sha256: `{metrics['sha256']}`.
+
+## Parameters
+| parameter | value |
+|---|---|
+{rows}
+
+## Use
+```python
+from raytune_ft import load_promoted
+m = load_promoted("{metrics.get('path', '.')}")   # checks the weights' sha256
+logits = m.model(images)   # float (N, 3, {spec.data.image_size}, {spec.data.image_size}), ImageNet-normalised
+```
+Re-train this exact configuration alone: `rtft search spec.yaml` (every parameter is fixed).
+"""
+
+
+def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
+            echo: Callable[[str], None] = print) -> list[Path]:
+    """Promote the `spec.promote.top_k` best trials; returns the new model folders."""
+    chosen = choose(records, spec.metric, spec.promote.top_k)
+    if not chosen:
+        echo("nothing to promote: no trial finished an epoch with a checkpoint")
+        return []
+    root = Path(spec.promote.dir).expanduser().resolve() / spec.name
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for rank, rec in enumerate(chosen, 1):
+        state, config = load_checkpoint(rec.best_checkpoint)
+        model = _rebuild(config)
+        model.load_state_dict(state["model"])
+        test_loss, test_acc = evaluate(model, splits.test_x, splits.test_y)
+        best_epoch = next((h for h in rec.history if h.get("epoch") == state["epoch"]), {})
+        params = {**rec.params}
+        tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      str(tmp / "model.safetensors"))
+            # The promoted spec fixes every parameter to the chosen value: rerunnable alone.
+            fixed = spec.model_dump(mode="json")
+            fixed["search"] = {k: {"space": "fixed", "value": v} for k, v in params.items()}
+            fixed["run"]["num_samples"] = 1
+            (tmp / "spec.yaml").write_text(yaml.safe_dump(fixed, sort_keys=False))
+            (tmp / "config.json").write_text(json.dumps(
+                {**config, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}, indent=1))
+            metrics = {
+                "trial_id": rec.trial_id, "rank": rank, "epochs": rec.epochs,
+                "metric": spec.metric, "params": params,
+                "val": {"epoch": state["epoch"], "val_acc": best_epoch.get("val_acc"),
+                        "val_loss": best_epoch.get("val_loss"),
+                        f"best_{spec.metric}": rec.best(spec.metric)},
+                "test": {"acc": test_acc, "loss": test_loss, "n": len(splits.test_y)},
+                "data": splits.fingerprint,
+                "sha256": _sha256(tmp / "model.safetensors"),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            while True:  # another promotion may have taken the number: take the next one
+                dest = root / f"v{_next_version(root)}"
+                metrics["path"] = str(dest)
+                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                (tmp / "MODEL_CARD.md").write_text(_card(spec, rec, metrics, params))
+                try:
+                    os.rename(tmp, dest)  # atomic: the folder appears whole or not at all
+                    break
+                except OSError:
+                    if not dest.exists():
+                        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        echo(f"promoted trial {rec.trial_id} (rank {rank}): val {spec.metric} "
+             f"{rec.best(spec.metric):.4f}, held-out test acc {test_acc:.4f} → {dest}")
+        out.append(dest)
+    return out
+
+
+@dataclass
+class PromotedModel:
+    model: nn.Module
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config["classes"]
+
+
+class PromotedModelError(ValueError):
+    """A promoted model folder that is incomplete or whose weights do not match their hash."""
+
+
+def load_promoted(path: str | Path, *, verify: bool = True) -> PromotedModel:
+    """Load a promoted model folder (eval mode, CPU); checks the weights' sha256."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    try:
+        config = json.loads((p / "config.json").read_text())
+        metrics = json.loads((p / "metrics.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PromotedModelError(f"{p} is not a promoted rtft model: {e}") from None
+    weights = p / "model.safetensors"
+    if verify and _sha256(weights) != metrics.get("sha256"):
+        raise PromotedModelError(f"{weights}: sha256 does not match metrics.json; the file is "
+                                 f"corrupted or was replaced")
+    model = _rebuild(config)
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    return PromotedModel(model, config, metrics)

@@ -1,0 +1,321 @@
+"""The search: Ray Tune runs our trainer, Optuna samples, ASHA stops weak trials early.
+
+This is the only module (with job submission) that imports Ray. It prepares what every trial
+shares (the data, put once into Ray's object store; the pretrained backbone), starts or joins
+Ray, runs the Tuner, turns Ray's ResultGrid into plain :class:`TrialRecord` s, and promotes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from raytune_ft.data import Splits, prepare
+from raytune_ft.pretrain import ensure_backbone
+from raytune_ft.promote import TrialRecord, promote, trial_state
+from raytune_ft.space import define_by_run, hparams_for, make_sampler
+from raytune_ft.models import build_model, resolve_weights
+from raytune_ft.spec import Hyperparams, Spec, SpecError, spec_to_yaml
+from raytune_ft.train import train
+
+__all__ = ["SearchOutcome", "load_records", "preflight", "rung_summary", "run_search",
+           "summary_table"]
+
+Echo = Callable[[str], None]
+# Per-epoch metrics kept in TrialRecord.history (Ray adds many bookkeeping columns).
+_HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "best_val_acc", "best_val_loss",
+                 "lr", "images_per_s", "diverged", "time_total_s")
+
+
+@dataclass
+class SearchOutcome:
+    run_dir: Path
+    records: list[TrialRecord]
+    promoted: list[Path] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# The trainable: runs in a Ray worker, calls our plain trainer.
+# --------------------------------------------------------------------------------------------
+def _trainable(config: dict[str, Any], spec_json: dict, data: Splits) -> None:
+    for name in ("ray.train", "ray.tune"):  # one "checkpoint created" line per epoch is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    spec = Spec.model_validate(spec_json)
+    hp = hparams_for(spec, config)
+    threads = max(1, int(spec.run.resources.cpu))
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        ckpt = tune.Checkpoint.from_directory(str(folder)) if folder else None
+        tune.report(metrics, checkpoint=ckpt)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        train(hp, spec=spec, data=data, report=report, num_threads=threads)
+        return
+    with checkpoint.as_directory() as folder:  # a retried trial resumes where it stopped
+        train(hp, spec=spec, data=data, report=report, num_threads=threads, resume_from=folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks: compact progress lines, and TensorBoard with an honest HParams table.
+# --------------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+class _Progress(tune.Callback):
+    """One line per trial start, epoch and end; `quiet` keeps only the ends."""
+
+    def __init__(self, spec: Spec, echo: Echo, quiet: bool) -> None:
+        self.spec, self.echo, self.quiet, self.t0 = spec, echo, quiet, time.monotonic()
+        self.done = 0
+
+    def _line(self, text: str) -> None:
+        self.echo(f"[{time.monotonic() - self.t0:5.0f}s] {text}")
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not self.quiet:
+            params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+            self._line(f"{trial.trial_id} start  {params}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        if self.quiet:
+            return
+        m = self.spec.metric
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        self._line(f"{trial.trial_id} epoch {result.get('epoch')}/{self.spec.max_t}  "
+                   f"{m} {result.get(m, float('nan')):.4f}  best "
+                   f"{result.get('best_' + m, float('nan')):.4f}  "
+                   f"{result.get('images_per_s', 0):.0f} img/s  ({running} running, "
+                   f"{self.done}/{self.spec.run.num_samples} done)")
+
+    def _end(self, trial: Any, how: str) -> None:
+        self.done += 1
+        r = trial.last_result or {}
+        m = self.spec.metric
+        self._line(f"{trial.trial_id} {how} after epoch {r.get('epoch', 0)}: best {m} "
+                   f"{r.get('best_' + m, float('nan')):.4f}  [{self.done}/"
+                   f"{self.spec.run.num_samples}]")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        r = trial.last_result or {}
+        if r.get("diverged"):
+            how = "DIVERGED (NaN/inf loss)"
+        elif r.get("epoch", 0) < self.spec.max_t:
+            how = "stopped by ASHA"
+        else:
+            how = "completed"
+        self._end(trial, how)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "FAILED")
+
+
+class _TensorBoard(TBXLoggerCallback):
+    """Ray's TensorBoard logger (scalars under ray/tune/ per trial), with HParams that list
+    every searched parameter for every trial: a parameter inactive in a trial (`momentum`
+    with adamw) is logged as "n/a" instead of silently missing (ray#40053)."""
+
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        self._spec = spec
+
+    def _try_log_hparams(self, trial: Any, result: dict) -> None:
+        from tensorboardX.summary import hparams
+
+        params: dict[str, Any] = {}
+        for name in self._spec.search:
+            params[name] = trial.config.get(name, "n/a")
+        keep = ("val_acc", "val_loss", "train_loss", f"best_{self._spec.metric}")
+        metrics = {k: v for k, v in result.items() if k.split("/")[-1] in keep}
+        try:
+            for summary in hparams(hparam_dict=params, metric_dict=metrics):
+                self._trial_writer[trial].file_writer.add_summary(summary)
+        except Exception:  # never let logging kill a search
+            logging.getLogger(__name__).exception("could not write TensorBoard hparams")
+
+
+# --------------------------------------------------------------------------------------------
+# Ray and the Tuner
+# --------------------------------------------------------------------------------------------
+# Our own progress lines replace Ray's tables; Ray's warning about checkpoint-driven state
+# snapshots fires on every epoch of small trials and says nothing actionable.
+_RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+def _ensure_ray(address: str | None, echo: Echo) -> bool:
+    """Join `address` (or $RAY_ADDRESS), or start a local Ray; True when we started it."""
+    for k, v in _RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        echo(f"connected to Ray at {address}")
+        return True
+    ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
+                   logging_level=logging.WARNING, configure_logging=True)
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        echo(f"Ray dashboard: http://{url}  (bound to 127.0.0.1)")
+    return True
+
+
+def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -> tune.Tuner:
+    searcher = ConcurrencyLimiter(
+        OptunaSearch(space=define_by_run(spec), sampler=make_sampler(spec),
+                     metric=spec.metric, mode=spec.mode),
+        max_concurrent=spec.run.max_concurrent_trials)
+    sch = spec.scheduler
+    # metric/mode go to the searcher and scheduler themselves: Ray does not pass TuneConfig's
+    # through a ConcurrencyLimiter.
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_t,
+                               metric=spec.metric, mode=spec.mode,
+                               grace_period=sch.grace_period,
+                               reduction_factor=sch.reduction_factor)
+                 if sch.type == "asha" else FIFOScheduler(metric=spec.metric, mode=spec.mode))
+    res = spec.run.resources
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, spec_json=spec.model_dump(mode="json"),
+                             data=splits.without_test()),
+        {"cpu": res.cpu, "gpu": res.gpu})
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler,
+            num_samples=spec.run.num_samples,
+            trial_name_creator=lambda t: t.trial_id,
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(run_dir.parent),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=spec.run.checkpoints_to_keep,
+                checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
+            failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
+            verbose=0,
+            callbacks=[_Progress(spec, echo, quiet), _TensorBoard(spec)]),
+    )
+
+
+def _records(results: Any, metric: str, mode: str) -> list[TrialRecord]:
+    out = []
+    for r in results:
+        df = r.metrics_dataframe
+        history = []
+        if df is not None and len(df):
+            cols = [c for c in _HISTORY_KEYS if c in df.columns]
+            history = [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                        for k, v in row.items()} for row in df[cols].to_dict("records")]
+        best = None
+        if r.best_checkpoints:
+            ckpt = r.get_best_checkpoint(metric, mode)
+            best = ckpt.path if ckpt else None
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name.removeprefix("trial_")
+        out.append(TrialRecord(trial_id=trial_id, params=dict(r.config or {}), history=history,
+                               best_checkpoint=best,
+                               error=str(r.error).strip().splitlines()[-1] if r.error else None))
+    return sorted(out, key=lambda t: t.trial_id)
+
+
+def load_records(run_dir: str | Path, spec: Spec) -> list[TrialRecord]:
+    """The trials of a finished (or interrupted) run, read back through Ray's ResultGrid."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    analysis = ExperimentAnalysis(str(Path(run_dir).resolve()), default_metric=spec.metric,
+                                  default_mode=spec.mode)
+    return _records(ResultGrid(analysis), spec.metric, spec.mode)
+
+
+def summary_table(records: list[TrialRecord], spec: Spec, limit: int = 10) -> str:
+    """The trials sorted by best-so-far metric, as a fixed-width text table."""
+    m = spec.metric
+    sign = -1 if spec.mode == "max" else 1
+    ranked = sorted(records, key=lambda r: (r.best(m) is None,
+                                            sign * (r.best(m) or 0.0), r.trial_id))
+    names = list(spec.search)
+    head = ["trial", "state", "epochs", f"best {m}", *names]
+    rows = [[r.trial_id, trial_state(r, spec.max_t), str(r.epochs),
+             "-" if r.best(m) is None else f"{r.best(m):.4f}",
+             *[_fmt(r.params[n]) if n in r.params else "-" for n in names]]
+            for r in ranked[:limit]]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def rung_summary(records: list[TrialRecord], spec: Spec) -> str:
+    """How many trials ended at each epoch, and why."""
+    counts: dict[str, int] = {}
+    for r in records:
+        s = trial_state(r, spec.max_t)
+        counts[s] = counts.get(s, 0) + 1
+    order = sorted(counts, key=lambda s: (s != "completed", s))
+    return ", ".join(f"{counts[s]} {s}" for s in order)
+
+
+def preflight(spec: Spec, num_classes: int) -> None:
+    """Build the model with the spec's weights once in the driver: a missing weights file or
+    one that does not fit the architecture is refused before any trial starts."""
+    weights = resolve_weights(spec.model.weights, spec.model.arch, spec.data.image_size)
+    built = build_model(spec.model.arch, num_classes, Hyperparams(), weights)
+    depth = spec.search.get("freeze_depth")
+    top = max(depth.candidates().values(), default=0) if depth is not None else 0
+    if isinstance(top, int) and top > len(built.stages):
+        raise SpecError(f"{spec.model.arch} has {len(built.stages)} stages "
+                        f"({', '.join(s.name for s in built.stages)}); allowed: 0.."
+                        f"{len(built.stages)}", field="search.freeze_depth")
+
+
+def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
+               quiet: bool = False) -> SearchOutcome:
+    """Run the whole search for `spec` and promote the best trial(s)."""
+    t0 = time.monotonic()
+    run_dir = Path(spec.run.storage_path).expanduser().resolve() / spec.name
+    # Everything that can be wrong with the input fails here, before Ray or any file.
+    ensure_backbone(spec, echo=echo)
+    splits = prepare(spec.data)
+    preflight(spec, splits.num_classes)
+    echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
+         f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
+    started = _ensure_ray(address, echo)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
+        (run_dir / "data.json").write_text(json.dumps(splits.fingerprint, indent=1))
+        echo(f"results: {run_dir}")
+        echo(f"watch:   tensorboard --logdir {run_dir} --host 127.0.0.1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate TPE
+            results = _tuner(spec, run_dir, splits, echo, quiet).fit()
+        records = _records(results, spec.metric, spec.mode)
+    finally:
+        if started:
+            ray.shutdown()
+    (run_dir / "trials.json").write_text(json.dumps([r.__dict__ for r in records], indent=1,
+                                                    default=str))
+    echo("")
+    echo(f"{len(records)} trials: {rung_summary(records, spec)}")
+    echo(summary_table(records, spec))
+    promoted = promote(spec, records, splits, echo=echo)
+    return SearchOutcome(run_dir, records, promoted, time.monotonic() - t0)
+

@@ -1,0 +1,105 @@
+"""From the spec's `search:` block to Optuna: the define-by-run space, the sampler, the rungs.
+
+An explicit table maps each `space:` name to the Optuna call that samples it; conditional
+parameters are sampled only when their condition holds, so Optuna's TPE sees a true
+conditional space (and ASHA/Ray never see a parameter that does not apply).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import optuna
+
+from raytune_ft.spec import Hyperparams, Spec, param_order
+
+__all__ = ["SUGGEST", "define_by_run", "hparams_for", "make_sampler", "rung_plan"]
+
+# space name → how Optuna samples it. `fixed` is returned as a constant, not sampled.
+SUGGEST: dict[str, Callable[[optuna.Trial, str, Any], Any]] = {
+    "loguniform": lambda t, n, p: t.suggest_float(n, p.low, p.high, log=True),
+    "uniform": lambda t, n, p: t.suggest_float(n, p.low, p.high),
+    "int": lambda t, n, p: t.suggest_int(n, p.low, p.high, log=p.log),
+    "choice": lambda t, n, p: t.suggest_categorical(n, p.values),
+}
+
+
+def _active(param: Any, values: dict[str, Any]) -> bool:
+    for parent, wanted in (param.when or {}).items():
+        options = wanted if isinstance(wanted, list) else [wanted]
+        if parent not in values or values[parent] not in options:
+            return False
+    return True
+
+
+class _DefineByRun:
+    """A picklable define-by-run function (Ray pickles the searcher into its run state)."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.search = dict(spec.search)
+        self.order = param_order(spec.search)
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
+        for name in self.order:
+            p = self.search[name]
+            if not _active(p, values):
+                continue
+            if p.space == "fixed":
+                values[name] = constants[name] = p.value
+            else:
+                values[name] = SUGGEST[p.space](trial, name, p)
+        return constants
+
+
+def define_by_run(spec: Spec) -> Callable[[optuna.Trial], dict[str, Any]]:
+    """The function Ray's OptunaSearch calls per trial: samples the active parameters and
+    returns the fixed ones (Optuna records only what it sampled)."""
+    return _DefineByRun(spec)
+
+
+def sample_params(spec: Spec, trial: optuna.Trial) -> dict[str, Any]:
+    """All active parameter values of one trial (sampled and fixed) — for tests and replays."""
+    constants = define_by_run(spec)(trial)
+    return {**trial.params, **constants}
+
+
+def hparams_for(spec: Spec, params: dict[str, Any]) -> Hyperparams:
+    """A trial's full knob set: the defaults, overridden by the trial's parameters."""
+    return Hyperparams(**{k: v for k, v in params.items() if k in Hyperparams.model_fields})
+
+
+def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named by `searcher.sampler`, seeded."""
+    s = spec.searcher
+    samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        "tpe": lambda: optuna.samplers.TPESampler(
+            seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True, group=True,
+            constant_liar=True),
+        "random": lambda: optuna.samplers.RandomSampler(seed=s.seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(
+            seed=s.seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False),
+        "gp": lambda: optuna.samplers.GPSampler(seed=s.seed,
+                                                n_startup_trials=s.n_startup_trials),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=s.seed, warn_independent_sampling=False),
+    }
+    return samplers[s.sampler]()
+
+
+def rung_plan(spec: Spec) -> list[tuple[int, int]]:
+    """ASHA's rungs as (epoch, trials expected to reach it), from the first to max_t.
+
+    With reduction factor η, a 1/η fraction of the trials at a rung goes on to the next.
+    """
+    sch = spec.scheduler
+    n = spec.run.num_samples
+    if sch.type == "none":
+        return [(spec.max_t, n)]
+    plan, t, k = [], sch.grace_period, 0
+    while t < spec.max_t:
+        plan.append((t, max(1, math.floor(n / sch.reduction_factor ** k))))
+        t, k = int(t * sch.reduction_factor), k + 1
+    plan.append((spec.max_t, max(1, math.floor(n / sch.reduction_factor ** k))))
+    return plan
