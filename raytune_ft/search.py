@@ -251,7 +251,7 @@ def summary_table(records: list[TrialRecord], spec: Spec, limit: int = 10) -> st
     sign = -1 if spec.mode == "max" else 1
     ranked = sorted(records, key=lambda r: (r.best(m) is None,
                                             sign * (r.best(m) or 0.0), r.trial_id))
-    names = list(spec.search)
+    names = [n for n, p in spec.search.items() if p.space != "fixed"]  # fixed: same for all
     head = ["trial", "state", "epochs", f"best {m}", *names]
     rows = [[r.trial_id, trial_state(r, spec.max_t), str(r.epochs),
              "-" if r.best(m) is None else f"{r.best(m):.4f}",

@@ -505,7 +505,8 @@ def _allowed(err: dict) -> str:
 
 def _error_from_validation(e: ValidationError, file: str, lines: dict, overridden: set,
                            data: dict) -> SpecError:
-    errs = e.errors()
+    # A misspelt key also makes its real name "missing": name the misspelling first.
+    errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
     err = errs[0]
     exc = (err.get("ctx") or {}).get("error")
     if isinstance(exc, _FieldError):
