@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from raytune_ft.spec import DataSpec, SpecError
 
-__all__ = ["Dataset", "Splits", "augment_batch", "load_dataset", "make_splits", "normalize", "prepare"]
+__all__ = ["Dataset", "Splits", "augment_batch", "load_dataset", "make_splits", "normalize",
+           "prepare"]
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -159,7 +159,7 @@ def _init_weight(w: torch.Tensor, scheme: str) -> None:
         "kaiming_uniform": lambda t: nn.init.kaiming_uniform_(t, nonlinearity="relu"),
         "kaiming_normal": lambda t: nn.init.kaiming_normal_(t, nonlinearity="relu"),
         "orthogonal": nn.init.orthogonal_,
-        "trunc_normal": lambda t: nn.init.trunc_normal_(t, std=0.02),
+        "trunc_normal": lambda t: nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04),
     }
     fn[scheme](w)
 

@@ -17,9 +17,10 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from torch import nn
@@ -108,6 +109,9 @@ def _next_version(root: Path) -> int:
 
 def _card(spec: Spec, rec: TrialRecord, metrics: dict, params: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
+    val, test, size = metrics["val"], metrics["test"], spec.data.image_size
+    val_row = f"{val['val_acc']:.4f} | {val['val_loss']:.4f} | {metrics['data']['val']}"
+    test_row = f"**{test['acc']:.4f}** | {test['loss']:.4f} | {test['n']}"
     return f"""# {spec.name} — {spec.model.arch}, promoted from trial {rec.trial_id}
 
 Fine-tuned from `{spec.model.weights}` on `{spec.data.source}` by an rtft search
@@ -115,8 +119,8 @@ Fine-tuned from `{spec.model.weights}` on `{spec.data.source}` by an rtft search
 
 | split | accuracy | loss | examples |
 |---|---|---|---|
-| validation (best epoch, chosen on it) | {metrics['val']['val_acc']:.4f} | {metrics['val']['val_loss']:.4f} | {metrics['data']['val']} |
-| **test (held out, scored once here)** | **{metrics['test']['acc']:.4f}** | {metrics['test']['loss']:.4f} | {metrics['test']['n']} |
+| validation (best epoch, chosen on it) | {val_row} |
+| **test (held out, scored once here)** | {test_row} |
 
 Trained {rec.epochs} epoch(s); checkpoint of epoch {metrics['val']['epoch']}.
 Data fingerprint: `{metrics['data']['sha256']}`. Weights sha256: `{metrics['sha256']}`.
@@ -130,7 +134,7 @@ Data fingerprint: `{metrics['data']['sha256']}`. Weights sha256: `{metrics['sha2
 ```python
 from raytune_ft import load_promoted
 m = load_promoted("{metrics.get('path', '.')}")   # checks the weights' sha256
-logits = m.model(images)   # float (N, 3, {spec.data.image_size}, {spec.data.image_size}), ImageNet-normalised
+logits = m.model(images)   # float (N, 3, {size}, {size}), ImageNet-normalised
 ```
 Re-train this exact configuration alone: `rtft search spec.yaml` (every parameter is fixed).
 """

@@ -13,9 +13,10 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray import tune
@@ -25,10 +26,10 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from raytune_ft.data import Splits, prepare
+from raytune_ft.models import build_model, resolve_weights
 from raytune_ft.pretrain import ensure_backbone
 from raytune_ft.promote import TrialRecord, promote, trial_state
 from raytune_ft.space import define_by_run, hparams_for, make_sampler
-from raytune_ft.models import build_model, resolve_weights
 from raytune_ft.spec import Hyperparams, Spec, SpecError, spec_to_yaml
 from raytune_ft.train import train
 
@@ -158,7 +159,8 @@ class _TensorBoard(TBXLoggerCallback):
 # --------------------------------------------------------------------------------------------
 # Our own progress lines replace Ray's tables; Ray's warning about checkpoint-driven state
 # snapshots fires on every epoch of small trials and says nothing actionable.
-_RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+_RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0",
+            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 def _ensure_ray(address: str | None, echo: Echo) -> bool:
@@ -257,8 +259,9 @@ def summary_table(records: list[TrialRecord], spec: Spec, limit: int = 10) -> st
              "-" if r.best(m) is None else f"{r.best(m):.4f}",
              *[_fmt(r.params[n]) if n in r.params else "-" for n in names]]
             for r in ranked[:limit]]
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [head, *rows]]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+             for row in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

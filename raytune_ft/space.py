@@ -8,7 +8,8 @@ conditional space (and ASHA/Ray never see a parameter that does not apply).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 

@@ -264,7 +264,8 @@ class Resources(_Strict):
     @classmethod
     def _fraction_or_whole(cls, v: float) -> float:
         if v > 1 and v != int(v):
-            raise ValueError("gpu above 1 must be a whole number (fractions pack trials on one GPU)")
+            raise ValueError("gpu above 1 must be a whole number (fractions pack trials on one "
+                             "GPU)")
         return v
 
 
@@ -555,9 +556,9 @@ _MISSING = object()
 
 def _get(data: Any, loc: tuple) -> Any:
     for p in loc:
-        if isinstance(data, dict) and p in data:
-            data = data[p]
-        elif isinstance(data, list) and isinstance(p, int) and p < len(data):
+        in_dict = isinstance(data, dict) and p in data
+        in_list = isinstance(data, list) and isinstance(p, int) and p < len(data)
+        if in_dict or in_list:
             data = data[p]
         else:
             return _MISSING

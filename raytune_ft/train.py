@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -200,9 +201,10 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
         train_loss = loss_sum.item() / max(steps_per_epoch, 1)  # one sync per epoch
         seconds = time.perf_counter() - t0
 
-        # -- a diverged trial stops at once and reports the worst values ------------------------
-        if not math.isfinite(train_loss):
-            metrics = {"epoch": epoch, **DIVERGED, "lr": optimizer.param_groups[0]["lr"],
+        # -- evaluate; a diverged trial (NaN/inf loss) stops at once with the worst values --
+        val_loss, val_acc = evaluate(model, val_x, val_y, amp_dtype=amp_dtype)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            metrics = {"epoch": epoch, **DIVERGED, "lr": optimizer.param_groups[-1]["lr"],
                        "images_per_s": 0.0, "diverged": True,
                        f"best_{metric}": DIVERGED[metric] if best is None else best}
             result.diverged = True
@@ -210,8 +212,7 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
             report(metrics, None)
             return result
 
-        # -- evaluate, checkpoint, report ------------------------------------------------------
-        val_loss, val_acc = evaluate(model, val_x, val_y, amp_dtype=amp_dtype)
+        # -- checkpoint, report ----------------------------------------------------------------
         value = {"val_acc": val_acc, "val_loss": val_loss}[metric]
         if best is None or (value > best if mode == "max" else value < best):
             best = value

@@ -19,7 +19,7 @@ def test_splits_are_stratified_disjoint_and_seeded() -> None:
     assert torch.bincount(labels[va]).tolist() == [10] * 10
     assert torch.bincount(labels[te]).tolist() == [5] * 10
     again = make_splits(labels, 0.2, 0.1, seed=3)
-    assert all(torch.equal(a, b) for a, b in zip((tr, va, te), again))
+    assert all(torch.equal(a, b) for a, b in zip((tr, va, te), again, strict=True))
     other = make_splits(labels, 0.2, 0.1, seed=4)
     assert not torch.equal(te, other[2])
 

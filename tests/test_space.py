@@ -5,7 +5,14 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from raytune_ft.space import SUGGEST, define_by_run, hparams_for, make_sampler, rung_plan, sample_params
+from raytune_ft.space import (
+    SUGGEST,
+    define_by_run,
+    hparams_for,
+    make_sampler,
+    rung_plan,
+    sample_params,
+)
 from raytune_ft.spec import SPACES, parse_spec
 
 SPEC = """\

@@ -62,8 +62,8 @@ def test_resume_continues_exactly(setup, tmp_path: Path, hp: Hyperparams) -> Non
 def test_divergence_stops_at_once_with_worst_metric(setup) -> None:  # noqa: ANN001
     spec, data = setup
     got: list = []
-    result = train(Hyperparams(lr=10.0, optimizer="sgd", momentum=0.0, batch_size=32,
-                               augment="none", weight_decay=0.0, backbone_lr_mult=100),
+    result = train(Hyperparams(lr=10.0, optimizer="sgd", momentum=0.99, batch_size=32,
+                               augment="none", backbone_lr_mult=100),
                    spec=spec, data=data, report=lambda m, c: got.append((m, c)))
     assert result.diverged and len(got) == 1
     m, ckpt = got[0]
@@ -75,16 +75,15 @@ def test_frozen_backbone_trains_only_the_head_until_unfrozen(setup) -> None:  # 
     hp = Hyperparams(freeze_depth=5, unfreeze_at_epoch=2, batch_size=32, augment="none")
     from raytune_ft.models import build_model
 
+    torch.manual_seed(spec.train.seed)  # the trainer's first act: same init as `start`
     start = build_model("resnet18", 10, hp).model.state_dict()
     snapshots: list = []
 
     def report(m: dict, folder: Path | None) -> None:
         snapshots.append(load_checkpoint(folder)[0]["model"])
 
-    torch.manual_seed(spec.train.seed)
     train(hp, spec=spec, data=data, report=report)
     after1, after2 = snapshots
-    # torch.manual_seed(seed) is also the trainer's first act, so init matches `start`.
     assert torch.equal(after1["conv1.weight"], start["conv1.weight"])
     assert torch.equal(after1["layer1.0.bn1.running_mean"], start["layer1.0.bn1.running_mean"])
     assert not torch.equal(after1["fc.1.weight"], start["fc.1.weight"])
