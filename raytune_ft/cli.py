@@ -6,7 +6,10 @@ Bad input (a spec, a path, weights) ends with one paragraph on stderr and exit c
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
+import json
 import sys
 import traceback
 from collections.abc import Callable
@@ -62,9 +65,11 @@ def main() -> None:
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
               help="Ray cluster to join (ray://host:10001, auto); default: start a local Ray.")
 @click.option("--quiet", is_flag=True, help="Only one line per finished trial.")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run of this spec (same name and storage).")
 @_guard
 def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: str | None,
-           quiet: bool) -> None:
+           quiet: bool, resume: bool) -> None:
     """Run the search in SPEC_FILE and promote the best trial.
 
     \b
@@ -72,11 +77,12 @@ def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: st
       rtft search search_spaces/resnet.yaml
       rtft search search_spaces/resnet.yaml --set run.num_samples=4 --set train.max_epochs=2
       rtft search my.yaml --address auto          # on an existing Ray cluster
+      rtft search my.yaml --resume                # continue after Ctrl-C, kill -9, reboot
     """
     from raytune_ft.search import run_search
 
     spec = load_spec(spec_file, overrides)
-    outcome = run_search(spec, address=address, echo=click.echo, quiet=quiet)
+    outcome = run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=resume)
     click.echo(f"done in {outcome.wall_s:.0f}s; results in {outcome.run_dir}")
     for p in outcome.promoted:
         click.echo(f"promoted model: {p}")
@@ -174,17 +180,35 @@ def pretrain(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--limit", default=20, show_default=True, help="Rows to show.")
+@click.option("--limit", default=20, show_default=True, help="Rows to show in the table.")
+@click.option("--csv", "fmt", flag_value="csv", help="All trials as CSV on stdout.")
+@click.option("--json", "fmt", flag_value="json", help="All trials as JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guard
-def results(run_dir: Path, limit: int, debug: bool) -> None:
-    """The trials of RUN_DIR sorted by best-so-far metric, with their state."""
-    from raytune_ft.search import load_records, rung_summary, summary_table
+def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
+    """The trials of RUN_DIR sorted by best-so-far metric, with their state.
+
+    \b
+    Examples:
+      rtft results rtft_runs/resnet18-digits
+      rtft results rtft_runs/resnet18-digits --csv > trials.csv
+    """
+    from raytune_ft.search import load_records, rung_summary, summary_rows, summary_table
 
     spec = load_spec(run_dir / "spec.yaml")
     records = load_records(run_dir, spec)
-    click.echo(f"{len(records)} trials: {rung_summary(records, spec)}")
-    click.echo(summary_table(records, spec, limit=limit))
+    if fmt == "json":
+        click.echo(json.dumps(summary_rows(records, spec), indent=1))
+    elif fmt == "csv":
+        rows = summary_rows(records, spec)
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(out.getvalue(), nl=False)
+    else:
+        click.echo(f"{len(records)} trials: {rung_summary(records, spec)}")
+        click.echo(summary_table(records, spec, limit=limit))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ Ray, runs the Tuner, turns Ray's ResultGrid into plain :class:`TrialRecord` s, a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from raytune_ft.spec import Hyperparams, Spec, SpecError, spec_to_yaml
 from raytune_ft.train import train
 
 __all__ = ["SearchOutcome", "load_records", "preflight", "rung_summary", "run_search",
-           "summary_table"]
+           "summary_rows", "summary_table"]
 
 Echo = Callable[[str], None]
 # Per-epoch metrics kept in TrialRecord.history (Ray adds many bookkeeping columns).
@@ -154,6 +156,64 @@ class _TensorBoard(TBXLoggerCallback):
             logging.getLogger(__name__).exception("could not write TensorBoard hparams")
 
 
+class _PersistentASHA(ASHAScheduler):
+    """ASHA whose rung records survive a driver crash.
+
+    Ray's `Tuner.restore` brings back the scheduler as it was pickled at the start, with empty
+    rungs (ray#30838): after a resume, trials would be judged against nothing. This one writes
+    its rungs to the run folder after every decision (atomically) and reads them back on its
+    first call after a restore. Every decision is also appended to `asha_decisions.jsonl`.
+    """
+
+    def __init__(self, run_dir: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._run_dir = str(run_dir)
+        self._loaded = False
+
+    def _bracket(self) -> Any:
+        return self._brackets[0]
+
+    def _load_once(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        path = Path(self._run_dir) / "asha_rungs.json"
+        if path.exists():
+            saved = {float(m): rec for m, rec in json.loads(path.read_text()).items()}
+            for milestone, recorded in self._bracket()._rungs:
+                recorded.update(saved.get(float(milestone), {}))
+
+    def _save(self, trial: Any, result: dict, action: str) -> None:
+        rungs = {str(m): rec for m, rec in self._bracket()._rungs}
+        path = Path(self._run_dir) / "asha_rungs.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rungs))
+        os.replace(tmp, path)
+        with open(Path(self._run_dir) / "asha_decisions.jsonl", "a") as f:
+            f.write(json.dumps({"trial": trial.trial_id, "epoch": result.get(self._time_attr),
+                                "value": result.get(self._metric), "action": action}) + "\n")
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._load_once()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._load_once()
+        # A trial restored after a crash may not have been re-added to a bracket.
+        self._trial_info.setdefault(trial.trial_id, self._bracket())
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save(trial, result, action)
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._load_once()
+        self._trial_info.setdefault(trial.trial_id, self._bracket())
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._trial_info.pop(trial.trial_id, None)
+
+
 # --------------------------------------------------------------------------------------------
 # Ray and the Tuner
 # --------------------------------------------------------------------------------------------
@@ -182,26 +242,36 @@ def _ensure_ray(address: str | None, echo: Echo) -> bool:
     return True
 
 
+def _trainable_for(spec: Spec, splits: Splits) -> Any:
+    res = spec.run.resources
+    return tune.with_resources(
+        tune.with_parameters(_trainable, spec_json=spec.model_dump(mode="json"),
+                             data=splits.without_test()),
+        {"cpu": res.cpu, "gpu": res.gpu})
+
+
 def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -> tune.Tuner:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    # The Optuna study lives in the run folder as an append-only journal: every ask and tell is
+    # on disk at once, whatever happens to the driver.
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
     searcher = ConcurrencyLimiter(
         OptunaSearch(space=define_by_run(spec), sampler=make_sampler(spec),
-                     metric=spec.metric, mode=spec.mode),
+                     metric=spec.metric, mode=spec.mode, storage=storage,
+                     study_name=spec.name),
         max_concurrent=spec.run.max_concurrent_trials)
     sch = spec.scheduler
     # metric/mode go to the searcher and scheduler themselves: Ray does not pass TuneConfig's
     # through a ConcurrencyLimiter.
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_t,
-                               metric=spec.metric, mode=spec.mode,
-                               grace_period=sch.grace_period,
-                               reduction_factor=sch.reduction_factor)
-                 if sch.type == "asha" else FIFOScheduler(metric=spec.metric, mode=spec.mode))
-    res = spec.run.resources
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, spec_json=spec.model_dump(mode="json"),
-                             data=splits.without_test()),
-        {"cpu": res.cpu, "gpu": res.gpu})
+    scheduler = (_PersistentASHA(run_dir, time_attr="training_iteration", max_t=spec.max_t,
+                                 metric=spec.metric, mode=spec.mode,
+                                 grace_period=sch.grace_period,
+                                 reduction_factor=sch.reduction_factor)
+                 if sch.type == "asha" else FIFOScheduler())
     return tune.Tuner(
-        trainable,
+        _trainable_for(spec, splits),
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler,
             num_samples=spec.run.num_samples,
@@ -247,18 +317,29 @@ def load_records(run_dir: str | Path, spec: Spec) -> list[TrialRecord]:
     return _records(ResultGrid(analysis), spec.metric, spec.mode)
 
 
+def _ranked(records: list[TrialRecord], spec: Spec) -> list[TrialRecord]:
+    m, sign = spec.metric, (-1 if spec.mode == "max" else 1)
+    return sorted(records, key=lambda r: (r.best(m) is None, sign * (r.best(m) or 0.0),
+                                          r.trial_id))
+
+
+def summary_rows(records: list[TrialRecord], spec: Spec) -> list[dict[str, Any]]:
+    """One flat dict per trial, best first: id, state, epochs, best metric, every parameter."""
+    m = spec.metric
+    return [{"trial": r.trial_id, "state": trial_state(r, spec.max_t), "epochs": r.epochs,
+             f"best_{m}": r.best(m), **{n: r.params.get(n) for n in spec.search},
+             "error": r.error} for r in _ranked(records, spec)]
+
+
 def summary_table(records: list[TrialRecord], spec: Spec, limit: int = 10) -> str:
     """The trials sorted by best-so-far metric, as a fixed-width text table."""
     m = spec.metric
-    sign = -1 if spec.mode == "max" else 1
-    ranked = sorted(records, key=lambda r: (r.best(m) is None,
-                                            sign * (r.best(m) or 0.0), r.trial_id))
     names = [n for n, p in spec.search.items() if p.space != "fixed"]  # fixed: same for all
     head = ["trial", "state", "epochs", f"best {m}", *names]
     rows = [[r.trial_id, trial_state(r, spec.max_t), str(r.epochs),
              "-" if r.best(m) is None else f"{r.best(m):.4f}",
              *[_fmt(r.params[n]) if n in r.params else "-" for n in names]]
-            for r in ranked[:limit]]
+            for r in _ranked(records, spec)[:limit]]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
              for row in [head, *rows]]
@@ -289,9 +370,36 @@ def preflight(spec: Spec, num_classes: int) -> None:
                         f"{len(built.stages)}", field="search.freeze_depth")
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """One search per run folder at a time: a second one is refused, never interleaved."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".rtft.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SpecError(f"the run {run_dir} is in use by another rtft search ({holder}); "
+                            f"wait for it, or choose another name with --set name=...",
+                            field="name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
-               quiet: bool = False) -> SearchOutcome:
-    """Run the whole search for `spec` and promote the best trial(s)."""
+               quiet: bool = False, resume: bool = False) -> SearchOutcome:
+    """Run the whole search for `spec` and promote the best trial(s).
+
+    `resume`: continue the interrupted run of the same name (finished trials are kept, running
+    ones restart from their last checkpoint, the searcher and ASHA's rungs are restored).
+    """
     t0 = time.monotonic()
     run_dir = Path(spec.run.storage_path).expanduser().resolve() / spec.name
     # Everything that can be wrong with the input fails here, before Ray or any file.
@@ -300,20 +408,38 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     preflight(spec, splits.num_classes)
     echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
          f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
-    started = _ensure_ray(address, echo)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
-        (run_dir / "data.json").write_text(json.dumps(splits.fingerprint, indent=1))
-        echo(f"results: {run_dir}")
-        echo(f"watch:   tensorboard --logdir {run_dir} --host 127.0.0.1")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate TPE
-            results = _tuner(spec, run_dir, splits, echo, quiet).fit()
-        records = _records(results, spec.metric, spec.mode)
-    finally:
-        if started:
-            ray.shutdown()
+    exists = (run_dir / "tuner.pkl").exists()
+    if exists and not resume:
+        raise SpecError(f"a run named {spec.name!r} already exists in {run_dir.parent}; pass "
+                        f"--resume to continue it, or --set name=... for a new run", field="name")
+    if resume and not exists:
+        echo(f"nothing to resume in {run_dir}: starting a new run")
+    if exists and resume and (run_dir / "spec.yaml").exists():
+        before = (run_dir / "spec.yaml").read_text()
+        if before != spec_to_yaml(spec):
+            raise SpecError(f"--resume with a spec that differs from the run's own "
+                            f"{run_dir / 'spec.yaml'}; resume with that file", field="name")
+    with _run_lock(run_dir):
+        started = _ensure_ray(address, echo)
+        try:
+            (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
+            (run_dir / "data.json").write_text(json.dumps(splits.fingerprint, indent=1))
+            echo(f"results: {run_dir}")
+            echo(f"watch:   tensorboard --logdir {run_dir} --host 127.0.0.1")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning (TPE options)
+                if exists and resume:
+                    echo("resuming: finished trials are kept, running ones restart from their "
+                         "last checkpoint")
+                    tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable_for(spec, splits),
+                                               resume_unfinished=True, resume_errored=True)
+                else:
+                    tuner = _tuner(spec, run_dir, splits, echo, quiet)
+                results = tuner.fit()
+            records = _records(results, spec.metric, spec.mode)
+        finally:
+            if started:
+                ray.shutdown()
     (run_dir / "trials.json").write_text(json.dumps([r.__dict__ for r in records], indent=1,
                                                     default=str))
     echo("")

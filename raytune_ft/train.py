@@ -117,6 +117,11 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
     `weights` overrides `spec.model.weights` (a resolved file path for `rtft:` recipes).
     A loss that turns NaN/inf ends training at once with :data:`DIVERGED` metrics.
     """
+    # A combination the spec cannot rule out alone (both may be searched): this trial fails,
+    # is recorded with this message, and the search goes on.
+    if hp.warmup_epochs >= spec.train.max_epochs:
+        raise ValueError(f"warmup_epochs ({hp.warmup_epochs}) must be below train.max_epochs "
+                         f"({spec.train.max_epochs}): the schedule would never leave warmup")
     # -- devices, threads, seeds ---------------------------------------------------------------
     device = pick_device(spec.train.device)
     if num_threads and device.type == "cpu":

@@ -77,6 +77,12 @@ def test_results_and_promote_commands_read_the_run_back(finished_run) -> None:  
     assert len(rows) == 4
     best = [float(r.split()[3]) for r in rows]
     assert best == sorted(best, reverse=True)  # sorted by best-so-far metric
+    res = CliRunner().invoke(main, ["results", str(run_dir), "--json"], catch_exceptions=False)
+    rows = json.loads(res.output)
+    assert [round(r["best_val_acc"], 4) for r in rows] == best and {"lr", "state"} <= set(rows[0])
+    res = CliRunner().invoke(main, ["results", str(run_dir), "--csv"], catch_exceptions=False)
+    assert res.output.splitlines()[0].startswith("trial,state,epochs,best_val_acc,lr")
+    assert len(res.output.splitlines()) == 5
     res = CliRunner().invoke(main, ["promote", str(run_dir)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert (root / "models" / "tiny" / "v2" / "metrics.json").exists()

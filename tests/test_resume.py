@@ -1,0 +1,112 @@
+"""Operating a search: SIGKILL of the driver then --resume, failures, the run lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_tiny_spec
+
+from raytune_ft.cli import main
+
+pytestmark = pytest.mark.slow
+
+SETS = ["--set", "train.max_epochs=4", "--set", "run.num_samples=6",
+        "--set", "searcher.sampler=random"]
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_sigkill_mid_search_then_resume(ray_session, tmp_path: Path, backbone_file: Path) -> None:  # noqa: ANN001
+    spec_file = write_tiny_spec(tmp_path, weights=str(backbone_file))
+    run_dir = tmp_path / "runs" / "tiny"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "search", str(spec_file),
+                             *SETS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    ended: list[str] = []
+    try:
+        # Synchronise on the driver's own progress lines: kill once two trials have ended.
+        for line in proc.stdout:
+            if " after epoch " in line:
+                ended.append(line.split("] ", 1)[1].split()[0])
+                if len(ended) == 2:
+                    break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, no goodbye
+        proc.wait()
+    assert len(ended) == 2, "the search ended before two trials finished"
+    before = {d.name.removeprefix("trial_"): _lines(d / "result.json")
+              for d in run_dir.glob("trial_*")}
+    decisions_before = _lines(run_dir / "asha_decisions.jsonl")
+    assert set(ended) <= set(before)
+
+    res = CliRunner().invoke(main, ["search", str(spec_file), *SETS, "--resume"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.output and "promoted model:" in res.output
+
+    trials = json.loads((run_dir / "trials.json").read_text())
+    assert len(trials) == 6  # (b) the search still ends with num_samples trials
+    for tid in ended:  # (a) no completed trial is re-run
+        assert _lines(run_dir / f"trial_{tid}" / "result.json") == before[tid]
+    # (c) rungs survived the crash: no trial is judged twice at a rung, so none is stopped at a
+    # rung it had already passed before the crash.
+    decisions = [json.loads(x) for x in (run_dir / "asha_decisions.jsonl").read_text().splitlines()]
+    assert len(decisions) > decisions_before
+    milestones = {1, 2}
+    passed: set[tuple[str, int]] = set()
+    for d in decisions:
+        key = (d["trial"], d["epoch"])
+        if d["epoch"] in milestones:
+            assert not (d["action"] == "STOP" and key in passed), d
+            if d["action"] == "CONTINUE":
+                passed.add(key)
+    rungs = json.loads((run_dir / "asha_rungs.json").read_text())
+    assert len(rungs["1.0"]) == 6  # every trial recorded at the first rung exactly once
+
+
+def test_second_search_on_the_same_run_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    spec_file = write_tiny_spec(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".rtft.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("pid 12345")
+        f.flush()
+        res = CliRunner().invoke(main, ["search", str(spec_file)])
+    assert res.exit_code == 2
+    assert "in use by another rtft search (pid 12345)" in res.output
+
+
+def test_failing_and_diverging_trials_never_kill_the_search(ray_session, tmp_path: Path,  # noqa: ANN001
+                                                            backbone_file: Path) -> None:
+    spec_file = write_tiny_spec(tmp_path, weights=str(backbone_file))
+    sets = ["--set", "search.optimizer=sgd", "--set", "search.momentum=0.99",
+            "--set", "search.lr={space: choice, values: [0.003, 10.0]}",
+            "--set", "search.warmup_epochs={space: choice, values: [0.0, 5.0]}",
+            "--set", "searcher.sampler=random", "--set", "searcher.seed=4",
+            "--set", "run.num_samples=6", "--set", "scheduler.type=none"]
+    res = CliRunner().invoke(main, ["search", str(spec_file), *sets], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "FAILED" in res.output and "DIVERGED" in res.output
+    trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
+    failed = [t for t in trials if t["error"]]
+    assert failed and all("warmup_epochs (5.0) must be below" in t["error"] for t in failed)
+    assert all(t["params"]["warmup_epochs"] == 5.0 for t in failed)
+    diverged = [t for t in trials if any(h.get("diverged") for h in t["history"])]
+    assert diverged and all(t["params"]["lr"] == 10.0 for t in diverged)
+    metrics = json.loads(next((tmp_path / "models" / "tiny").glob("v1/metrics.json")).read_text())
+    assert metrics["params"]["lr"] == 0.003 and metrics["params"]["warmup_epochs"] == 0.0
+    res = CliRunner().invoke(main, ["results", str(tmp_path / "runs" / "tiny")])
+    assert "failed" in res.output and "diverged" in res.output
