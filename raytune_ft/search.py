@@ -39,6 +39,10 @@ __all__ = ["SearchOutcome", "load_records", "preflight", "rung_summary", "run_se
            "summary_rows", "summary_table"]
 
 Echo = Callable[[str], None]
+# Ray's experiment folder inside our run folder. Ray re-uploads its own folder from a staging
+# copy at every snapshot, which would roll back files we keep there (the Optuna journal, ASHA's
+# rungs) to their state at restore: ours live beside it, never inside.
+TUNE_DIR = "tune"
 # Per-epoch metrics kept in TrialRecord.history (Ray adds many bookkeeping columns).
 _HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "best_val_acc", "best_val_loss",
                  "lr", "images_per_s", "diverged", "time_total_s")
@@ -219,8 +223,12 @@ class _PersistentASHA(ASHAScheduler):
 # --------------------------------------------------------------------------------------------
 # Our own progress lines replace Ray's tables; Ray's warning about checkpoint-driven state
 # snapshots fires on every epoch of small trials and says nothing actionable.
+# Ray snapshots its trial table every >= 10 s by default: a driver killed in between forgets
+# trials that ended since, and a resume runs them again. A snapshot per controller step costs
+# little next to a training epoch.
 _RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0",
-            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+            "TUNE_GLOBAL_CHECKPOINT_S": "0"}
 
 
 def _ensure_ray(address: str | None, echo: Echo) -> bool:
@@ -278,7 +286,7 @@ def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -
             trial_name_creator=lambda t: t.trial_id,
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=str(run_dir.parent),
+            name=TUNE_DIR, storage_path=str(run_dir),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=spec.run.checkpoints_to_keep,
                 checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
@@ -312,7 +320,8 @@ def load_records(run_dir: str | Path, spec: Spec) -> list[TrialRecord]:
     """The trials of a finished (or interrupted) run, read back through Ray's ResultGrid."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    analysis = ExperimentAnalysis(str(Path(run_dir).resolve()), default_metric=spec.metric,
+    analysis = ExperimentAnalysis(str(Path(run_dir).resolve() / TUNE_DIR),
+                                  default_metric=spec.metric,
                                   default_mode=spec.mode)
     return _records(ResultGrid(analysis), spec.metric, spec.mode)
 
@@ -408,7 +417,7 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     preflight(spec, splits.num_classes)
     echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
          f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
-    exists = (run_dir / "tuner.pkl").exists()
+    exists = (run_dir / TUNE_DIR / "tuner.pkl").exists()
     if exists and not resume:
         raise SpecError(f"a run named {spec.name!r} already exists in {run_dir.parent}; pass "
                         f"--resume to continue it, or --set name=... for a new run", field="name")
@@ -431,7 +440,8 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
                 if exists and resume:
                     echo("resuming: finished trials are kept, running ones restart from their "
                          "last checkpoint")
-                    tuner = tune.Tuner.restore(str(run_dir), trainable=_trainable_for(spec, splits),
+                    tuner = tune.Tuner.restore(str(run_dir / TUNE_DIR),
+                                               trainable=_trainable_for(spec, splits),
                                                resume_unfinished=True, resume_errored=True)
                 else:
                     tuner = _tuner(spec, run_dir, splits, echo, quiet)

@@ -45,7 +45,7 @@ def test_tensorboard_event_files_per_trial_with_hparams(finished_run) -> None:  
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root, _, _ = finished_run
-    trial_dirs = sorted((root / "runs" / "tiny").glob("trial_*"))
+    trial_dirs = sorted((root / "runs" / "tiny" / "tune").glob("trial_*"))
     assert len(trial_dirs) == 4
     for d in trial_dirs:
         ea = EventAccumulator(str(d))
