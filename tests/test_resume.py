@@ -96,6 +96,7 @@ def test_failing_and_diverging_trials_never_kill_the_search(ray_session, tmp_pat
                                                             backbone_file: Path) -> None:
     spec_file = write_tiny_spec(tmp_path, weights=str(backbone_file))
     sets = ["--set", "search.optimizer=sgd", "--set", "search.momentum=0.99",
+            "--set", "search.freeze_depth=0", "--set", "search.backbone_lr_mult=10",
             "--set", "search.lr={space: choice, values: [0.003, 10.0]}",
             "--set", "search.warmup_epochs={space: choice, values: [0.0, 5.0]}",
             "--set", "searcher.sampler=random", "--set", "searcher.seed=4",
