@@ -86,6 +86,8 @@ def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: st
     click.echo(f"done in {outcome.wall_s:.0f}s; results in {outcome.run_dir}")
     for p in outcome.promoted:
         click.echo(f"promoted model: {p}")
+    if not outcome.promoted:
+        sys.exit(1)  # the search ran, but produced no model: say so to scripts and CI
 
 
 @main.command()
@@ -176,6 +178,25 @@ def pretrain(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
     path = ensure_backbone(spec, echo=click.echo)
     click.echo(f"backbone: {path}" if path else "model.weights is not an rtft: backbone; "
                                                  "nothing to do")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--promoted", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              default=None, help="Promoted model folder to show (default: the latest).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_guard
+def report(run_dir: Path, promoted: Path | None, debug: bool) -> None:
+    """Write RUN_DIR/report/report.html: learning curves with the ASHA rungs, best so far vs
+    wall time, parameter importances, the top trials, and every trial.
+
+    \b
+    Example:
+      rtft report rtft_runs/resnet18-digits && xdg-open rtft_runs/resnet18-digits/report/report.html
+    """
+    from raytune_ft.report import write_report
+
+    click.echo(f"report: {write_report(run_dir, promoted)}")
 
 
 @main.command()

@@ -31,7 +31,8 @@ from raytune_ft.models import build_model
 from raytune_ft.spec import METRICS, Hyperparams, Spec
 from raytune_ft.train import evaluate
 
-__all__ = ["PromotedModel", "TrialRecord", "choose", "load_promoted", "promote", "trial_state"]
+__all__ = ["PromotedModel", "TrialRecord", "choose", "load_promoted", "promote", "ranked",
+           "trial_state"]
 
 
 @dataclass
@@ -66,14 +67,22 @@ def _finite(x: Any) -> bool:
 
 
 def trial_state(r: TrialRecord, max_t: int) -> str:
-    """completed / stopped@<epoch> (early-stopped by ASHA) / diverged / failed / pending."""
+    """completed / stopped@<epoch> (early-stopped by ASHA) / diverged / failed / oom /
+    pending."""
     if r.diverged:
         return "diverged"
     if r.error:
-        return "failed"
+        return "oom" if "TrialOOMError" in r.error else "failed"
     if r.epochs >= max_t:
         return "completed"
     return f"stopped@{r.epochs}" if r.epochs else "pending"
+
+
+def ranked(records: list[TrialRecord], metric: str) -> list[TrialRecord]:
+    """All trials, best-so-far metric first; trials without a value last."""
+    sign = -1.0 if METRICS[metric] == "max" else 1.0
+    return sorted(records, key=lambda r: (r.best(metric) is None,
+                                          sign * (r.best(metric) or 0.0), r.trial_id))
 
 
 def choose(records: list[TrialRecord], metric: str, top_k: int = 1) -> list[TrialRecord]:
@@ -85,8 +94,7 @@ def choose(records: list[TrialRecord], metric: str, top_k: int = 1) -> list[Tria
         return []
     top = max(r.epochs for r in ok)
     eligible = [r for r in ok if r.epochs == top]
-    sign = -1.0 if METRICS[metric] == "max" else 1.0
-    return sorted(eligible, key=lambda r: (sign * r.best(metric), r.trial_id))[:top_k]
+    return ranked(eligible, metric)[:top_k]
 
 
 def _rebuild(config: dict[str, Any]) -> nn.Module:
@@ -196,6 +204,7 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        (root / "LATEST").write_text(dest.name + "\n")
         echo(f"promoted trial {rec.trial_id} (rank {rank}): val {spec.metric} "
              f"{rec.best(spec.metric):.4f}, held-out test acc {test_acc:.4f} → {dest}")
         out.append(dest)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -30,7 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 from raytune_ft.data import Splits, prepare
 from raytune_ft.models import build_model, resolve_weights
 from raytune_ft.pretrain import ensure_backbone
-from raytune_ft.promote import TrialRecord, promote, trial_state
+from raytune_ft.promote import TrialRecord, promote, ranked, trial_state
 from raytune_ft.space import define_by_run, hparams_for, make_sampler
 from raytune_ft.spec import Hyperparams, Spec, SpecError, spec_to_yaml
 from raytune_ft.train import train
@@ -45,7 +48,7 @@ Echo = Callable[[str], None]
 TUNE_DIR = "tune"
 # Per-epoch metrics kept in TrialRecord.history (Ray adds many bookkeeping columns).
 _HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "best_val_acc", "best_val_loss",
-                 "lr", "images_per_s", "diverged", "time_total_s")
+                 "lr", "images_per_s", "diverged", "time_total_s", "timestamp")
 
 
 @dataclass
@@ -59,6 +62,10 @@ class SearchOutcome:
 # --------------------------------------------------------------------------------------------
 # The trainable: runs in a Ray worker, calls our plain trainer.
 # --------------------------------------------------------------------------------------------
+class TrialOOMError(RuntimeError):
+    """CUDA ran out of memory in a trial; the message names the batch size."""
+
+
 def _trainable(config: dict[str, Any], spec_json: dict, data: Splits) -> None:
     for name in ("ray.train", "ray.tune"):  # one "checkpoint created" line per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -71,11 +78,23 @@ def _trainable(config: dict[str, Any], spec_json: dict, data: Splits) -> None:
         tune.report(metrics, checkpoint=ckpt)
 
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        train(hp, spec=spec, data=data, report=report, num_threads=threads)
+    try:
+        if checkpoint is None:
+            train(hp, spec=spec, data=data, report=report, num_threads=threads)
+            return
+        with checkpoint.as_directory() as folder:  # a retried trial resumes where it stopped
+            train(hp, spec=spec, data=data, report=report, num_threads=threads,
+                  resume_from=folder)
+    except torch.cuda.OutOfMemoryError:
+        pass  # handled below: out here the traceback no longer pins the trial's tensors
+    else:
         return
-    with checkpoint.as_directory() as folder:  # a retried trial resumes where it stopped
-        train(hp, spec=spec, data=data, report=report, num_threads=threads, resume_from=folder)
+    # Free this trial's GPU memory before the error reaches Ray, so the next trial on this
+    # GPU (possibly in this same worker) starts clean (ray#23971).
+    gc.collect()
+    torch.cuda.empty_cache()
+    raise TrialOOMError(f"CUDA out of memory with batch_size {hp.batch_size}; try a smaller "
+                        f"batch or fewer trials per GPU (run.resources.gpu)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,39 +107,87 @@ def _fmt(v: Any) -> str:
 
 
 class _Progress(tune.Callback):
-    """One line per trial start, epoch and end; `quiet` keeps only the ends."""
+    """Progress as people and logs want it.
 
-    def __init__(self, spec: Spec, echo: Echo, quiet: bool) -> None:
+    On a terminal: a compact table of the running trials (params, epoch, metric) redrawn in
+    place, with one permanent line per finished trial above it. Elsewhere (CI, batch logs):
+    one line per trial start, epoch and end. `quiet` keeps only the finished-trial lines.
+    """
+
+    def __init__(self, spec: Spec, echo: Echo, quiet: bool, live: bool | None = None) -> None:
         self.spec, self.echo, self.quiet, self.t0 = spec, echo, quiet, time.monotonic()
+        self.live = (not quiet) and (sys.stdout.isatty() if live is None else live)
         self.done = 0
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.drawn = 0  # lines of the live table currently on screen
 
-    def _line(self, text: str) -> None:
-        self.echo(f"[{time.monotonic() - self.t0:5.0f}s] {text}")
+    def _stamp(self) -> str:
+        return f"[{time.monotonic() - self.t0:5.0f}s]"
+
+    def _clear(self) -> None:
+        if self.drawn:
+            sys.stdout.write(f"\x1b[{self.drawn}F\x1b[J")  # cursor up, clear to the end
+            self.drawn = 0
+
+    def _redraw(self) -> None:
+        if not self.live:
+            return
+        self._clear()
+        m, names = self.spec.metric, [n for n, p in self.spec.search.items()
+                                      if p.space != "fixed"]
+        head = ["trial", "epoch", m, "best", *names]
+        body = [[tid, f"{r['epoch']}/{self.spec.max_t}", r["value"], r["best"],
+                 *[_fmt(r["params"].get(n, "-")) for n in names]]
+                for tid, r in self.rows.items()]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+        lines = [f"{self._stamp()} {len(self.rows)} running, {self.done}/"
+                 f"{self.spec.run.num_samples} done"]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+                  for row in [head, *body]]
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+        self.drawn = len(lines)
+
+    def _line(self, text: str, *, always: bool = False) -> None:
+        if self.quiet and not always:
+            return
+        self._clear()
+        self.echo(f"{self._stamp()} {text}")
+        self._redraw()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if not self.quiet:
-            params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
-            self._line(f"{trial.trial_id} start  {params}")
+        self.rows[trial.trial_id] = {"epoch": 0, "value": "-", "best": "-",
+                                     "params": dict(trial.config)}
+        if self.live:
+            self._redraw()
+            return
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        self._line(f"{trial.trial_id} start  {params}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        if self.quiet:
-            return
         m = self.spec.metric
+        value, best = result.get(m, float("nan")), result.get("best_" + m, float("nan"))
+        if trial.trial_id in self.rows:
+            self.rows[trial.trial_id].update(epoch=result.get("epoch"), value=f"{value:.4f}",
+                                             best=f"{best:.4f}")
+        if self.live:
+            self._redraw()
+            return
         running = sum(1 for t in trials if t.status == "RUNNING")
         self._line(f"{trial.trial_id} epoch {result.get('epoch')}/{self.spec.max_t}  "
-                   f"{m} {result.get(m, float('nan')):.4f}  best "
-                   f"{result.get('best_' + m, float('nan')):.4f}  "
+                   f"{m} {value:.4f}  best {best:.4f}  "
                    f"{result.get('images_per_s', 0):.0f} img/s  ({running} running, "
                    f"{self.done}/{self.spec.run.num_samples} done)")
 
     def _end(self, trial: Any, how: str) -> None:
         self.done += 1
+        self.rows.pop(trial.trial_id, None)
         r = trial.last_result or {}
         m = self.spec.metric
         self._line(f"{trial.trial_id} {how} after epoch {r.get('epoch', 0)}: best {m} "
                    f"{r.get('best_' + m, float('nan')):.4f}  [{self.done}/"
-                   f"{self.spec.run.num_samples}]")
+                   f"{self.spec.run.num_samples}]", always=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
@@ -134,6 +201,28 @@ class _Progress(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._clear()
+
+
+class _FailureBudget(tune.Callback, tune.Stopper):
+    """Ends the whole search once `run.max_failed_trials` trials have failed."""
+
+    def __init__(self, limit: int | None, echo: Echo) -> None:
+        self.limit, self.echo, self.failed = limit, echo, 0
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed += 1
+        if self.limit is not None and self.failed == self.limit:
+            self.echo(f"{self.failed} trials failed (run.max_failed_trials = {self.limit}): "
+                      f"ending the search; see `rtft results` for their errors")
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.limit is not None and self.failed >= self.limit
 
 
 class _TensorBoard(TBXLoggerCallback):
@@ -259,8 +348,11 @@ def _trainable_for(spec: Spec, splits: Splits) -> Any:
 
 
 def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -> tune.Tuner:
+    import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress lines say enough
 
     # The Optuna study lives in the run folder as an append-only journal: every ask and tell is
     # on disk at once, whatever happens to the driver.
@@ -278,6 +370,7 @@ def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -
                                  grace_period=sch.grace_period,
                                  reduction_factor=sch.reduction_factor)
                  if sch.type == "asha" else FIFOScheduler())
+    budget = _FailureBudget(spec.run.max_failed_trials, echo)
     return tune.Tuner(
         _trainable_for(spec, splits),
         tune_config=tune.TuneConfig(
@@ -291,8 +384,8 @@ def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -
                 num_to_keep=spec.run.checkpoints_to_keep,
                 checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
-            verbose=0,
-            callbacks=[_Progress(spec, echo, quiet), _TensorBoard(spec)]),
+            verbose=0, stop=budget,
+            callbacks=[_Progress(spec, echo, quiet), _TensorBoard(spec), budget]),
     )
 
 
@@ -326,18 +419,12 @@ def load_records(run_dir: str | Path, spec: Spec) -> list[TrialRecord]:
     return _records(ResultGrid(analysis), spec.metric, spec.mode)
 
 
-def _ranked(records: list[TrialRecord], spec: Spec) -> list[TrialRecord]:
-    m, sign = spec.metric, (-1 if spec.mode == "max" else 1)
-    return sorted(records, key=lambda r: (r.best(m) is None, sign * (r.best(m) or 0.0),
-                                          r.trial_id))
-
-
 def summary_rows(records: list[TrialRecord], spec: Spec) -> list[dict[str, Any]]:
     """One flat dict per trial, best first: id, state, epochs, best metric, every parameter."""
     m = spec.metric
     return [{"trial": r.trial_id, "state": trial_state(r, spec.max_t), "epochs": r.epochs,
              f"best_{m}": r.best(m), **{n: r.params.get(n) for n in spec.search},
-             "error": r.error} for r in _ranked(records, spec)]
+             "error": r.error} for r in ranked(records, m)]
 
 
 def summary_table(records: list[TrialRecord], spec: Spec, limit: int = 10) -> str:
@@ -348,7 +435,7 @@ def summary_table(records: list[TrialRecord], spec: Spec, limit: int = 10) -> st
     rows = [[r.trial_id, trial_state(r, spec.max_t), str(r.epochs),
              "-" if r.best(m) is None else f"{r.best(m):.4f}",
              *[_fmt(r.params[n]) if n in r.params else "-" for n in names]]
-            for r in _ranked(records, spec)[:limit]]
+            for r in ranked(records, m)[:limit]]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
              for row in [head, *rows]]

@@ -275,7 +275,8 @@ class RunSpec(_Strict):
     resources: Resources = Resources()
     storage_path: str = "./rtft_runs"
     checkpoints_to_keep: int = Field(1, ge=1)
-    max_failures: int = Field(0, ge=0)
+    max_failures: int = Field(0, ge=0)  # retries of one trial, from its last checkpoint
+    max_failed_trials: int | None = Field(None, ge=1)  # end the search after this many
 
 
 class PromoteSpec(_Strict):

@@ -53,6 +53,7 @@ def test_choose_val_loss_is_minimised() -> None:
     (rec("s", [0.1, 0.2]), "stopped@2"),
     (rec("d", [0.1], diverged=True), "diverged"),
     (rec("f", [0.1], error="ValueError: boom"), "failed"),
+    (rec("o", [], error="TrialOOMError: CUDA out of memory with batch_size 512"), "oom"),
 ])
 def test_trial_state(r: TrialRecord, state: str) -> None:
     assert trial_state(r, max_t=4) == state

@@ -114,3 +114,16 @@ def test_failing_and_diverging_trials_never_kill_the_search(ray_session, tmp_pat
     assert metrics["params"]["lr"] == 0.003 and metrics["params"]["warmup_epochs"] == 0.0
     res = CliRunner().invoke(main, ["results", str(tmp_path / "runs" / "tiny")])
     assert "failed" in res.output and "diverged" in res.output
+
+
+def test_too_many_failed_trials_end_the_search(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
+    spec_file = write_tiny_spec(tmp_path)
+    sets = ["--set", "search.warmup_epochs=5.0", "--set", "run.num_samples=8",
+            "--set", "run.max_failed_trials=2", "--set", "run.max_concurrent_trials=1"]
+    res = CliRunner().invoke(main, ["search", str(spec_file), *sets], catch_exceptions=False)
+    assert res.exit_code == 1, res.output  # no model came out of it
+    assert "2 trials failed (run.max_failed_trials = 2): ending the search" in res.output
+    assert "nothing to promote" in res.output
+    trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
+    assert sum(1 for t in trials if t["error"]) == 2
+    assert len([t for t in trials if t["history"] or t["error"]]) == 2  # no third trial ran

@@ -86,3 +86,20 @@ def test_results_and_promote_commands_read_the_run_back(finished_run) -> None:  
     res = CliRunner().invoke(main, ["promote", str(run_dir)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert (root / "models" / "tiny" / "v2" / "metrics.json").exists()
+
+
+def test_report_writes_html_with_real_plots(finished_run) -> None:  # noqa: ANN001
+    import re
+
+    root, _, _ = finished_run
+    run_dir = root / "runs" / "tiny"
+    res = CliRunner().invoke(main, ["report", str(run_dir)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    page = (run_dir / "report" / "report.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert set(images) == {"curves.png", "best_vs_time.png", "importance.png", "parallel.png"}
+    for name in images:
+        data = (run_dir / "report" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "held-out test accuracy" in page  # the promoted model is shown
+    assert page.count("<tr>") == 5  # header + 4 trials
