@@ -34,7 +34,7 @@ from raytune_ft.data import Splits, prepare
 from raytune_ft.models import build_model, resolve_weights
 from raytune_ft.pretrain import ensure_backbone
 from raytune_ft.promote import TrialRecord, promote, ranked, trial_state
-from raytune_ft.space import define_by_run, hparams_for, make_sampler
+from raytune_ft.space import baseline_params, define_by_run, hparams_for, make_sampler
 from raytune_ft.spec import Hyperparams, Spec, SpecError, spec_to_yaml
 from raytune_ft.train import train
 
@@ -356,7 +356,15 @@ def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -
 
     # The Optuna study lives in the run folder as an append-only journal: every ask and tell is
     # on disk at once, whatever happens to the driver.
-    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    journal = run_dir / "optuna.journal"
+    fresh = not journal.exists()
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    if fresh and spec.searcher.baseline_first:
+        # Ray ignores points_to_evaluate with a define-by-run space (ray#35319): enqueue the
+        # baseline in the study itself, which OptunaSearch then loads.
+        study = optuna.create_study(study_name=spec.name, storage=storage,
+                                    direction="maximize" if spec.mode == "max" else "minimize")
+        study.enqueue_trial(baseline_params(spec), skip_if_exists=True)
     searcher = ConcurrencyLimiter(
         OptunaSearch(space=define_by_run(spec), sampler=make_sampler(spec),
                      metric=spec.metric, mode=spec.mode, storage=storage,

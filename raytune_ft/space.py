@@ -15,7 +15,8 @@ import optuna
 
 from raytune_ft.spec import Hyperparams, Spec, param_order
 
-__all__ = ["SUGGEST", "define_by_run", "hparams_for", "make_sampler", "rung_plan"]
+__all__ = ["SUGGEST", "baseline_params", "define_by_run", "hparams_for", "make_sampler",
+           "rung_plan"]
 
 # space name → how Optuna samples it. `fixed` is returned as a constant, not sampled.
 SUGGEST: dict[str, Callable[[optuna.Trial, str, Any], Any]] = {
@@ -65,6 +66,29 @@ def sample_params(spec: Spec, trial: optuna.Trial) -> dict[str, Any]:
     """All active parameter values of one trial (sampled and fixed) — for tests and replays."""
     constants = define_by_run(spec)(trial)
     return {**trial.params, **constants}
+
+
+def baseline_params(spec: Spec) -> dict[str, Any]:
+    """The default knob values that lie inside the searched space, for Optuna to try first.
+
+    Parameters whose default is outside their range/choices, or that are inactive under the
+    other defaults (a `when` not met), are left for the sampler.
+    """
+    defaults = Hyperparams().model_dump()
+    values: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for name in param_order(spec.search):
+        p = spec.search[name]
+        if not _active(p, values):
+            continue
+        v = defaults[name]
+        if p.space == "fixed":
+            values[name] = p.value
+            continue
+        inside = v in p.values if p.space == "choice" else p.low <= v <= p.high
+        if inside:
+            values[name] = out[name] = v
+    return out
 
 
 def hparams_for(spec: Spec, params: dict[str, Any]) -> Hyperparams:

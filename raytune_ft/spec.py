@@ -247,6 +247,9 @@ class SearcherSpec(_Strict):
     sampler: Literal["tpe", "random", "cmaes", "gp", "qmc"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(5, ge=0)
+    # Try the plain defaults first (where the space allows them): the search then never ends
+    # below a default fine-tune on the validation metric.
+    baseline_first: bool = True
 
 
 class SchedulerSpec(_Strict):

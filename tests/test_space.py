@@ -7,6 +7,7 @@ import pytest
 
 from raytune_ft.space import (
     SUGGEST,
+    baseline_params,
     define_by_run,
     hparams_for,
     make_sampler,
@@ -86,3 +87,14 @@ def test_seeded_sampler_repeats() -> None:
 def test_rung_plan(sched: str, n: int, plan: list) -> None:
     spec = parse_spec(f"name: r\ntrain: {{max_epochs: 9}}\nscheduler: {sched}\nrun: {{num_samples: {n}}}\n")
     assert rung_plan(spec) == plan
+
+
+def test_baseline_params_are_the_defaults_inside_the_space() -> None:
+    spec = parse_spec(SPEC + "  weight_decay: {space: loguniform, low: 1.0e-3, high: 1.0e-1}\n")
+    # lr 1e-3 and adamw are inside; momentum is inactive under adamw; the default weight decay
+    # (1e-4) is outside its range; freeze_depth 0 is inside; batch_size is fixed.
+    assert baseline_params(spec) == {"lr": 1e-3, "optimizer": "adamw", "freeze_depth": 0}
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(baseline_params(spec))
+    first = sample_params(spec, study.ask())
+    assert first["lr"] == 1e-3 and first["optimizer"] == "adamw" and "momentum" not in first
