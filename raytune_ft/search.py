@@ -258,10 +258,15 @@ class _PersistentASHA(ASHAScheduler):
     first call after a restore. Every decision is also appended to `asha_decisions.jsonl`.
     """
 
-    def __init__(self, run_dir: Path, **kwargs: Any) -> None:
+    def __init__(self, run_dir: Path, protect_first: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._run_dir = str(run_dir)
         self._loaded = False
+        # The first trial is the enqueued default fine-tune: a reference that runs to max_t.
+        # A full fine-tune starts slowly (warmup, low LR), so a rung at epoch 1 would judge it
+        # on the part of its curve that says least.
+        self._protect_first = protect_first
+        self._protected: str | None = None
 
     def _bracket(self) -> Any:
         return self._brackets[0]
@@ -272,12 +277,15 @@ class _PersistentASHA(ASHAScheduler):
         self._loaded = True
         path = Path(self._run_dir) / "asha_rungs.json"
         if path.exists():
-            saved = {float(m): rec for m, rec in json.loads(path.read_text()).items()}
+            saved = json.loads(path.read_text())
+            self._protected = saved.pop("protected", None)
+            saved = {float(m): rec for m, rec in saved.items()}
             for milestone, recorded in self._bracket()._rungs:
                 recorded.update(saved.get(float(milestone), {}))
 
     def _save(self, trial: Any, result: dict, action: str) -> None:
-        rungs = {str(m): rec for m, rec in self._bracket()._rungs}
+        rungs: dict[str, Any] = {str(m): rec for m, rec in self._bracket()._rungs}
+        rungs["protected"] = self._protected
         path = Path(self._run_dir) / "asha_rungs.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rungs))
@@ -288,6 +296,8 @@ class _PersistentASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._load_once()
+        if self._protect_first and self._protected is None:
+            self._protected = trial.trial_id
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
@@ -295,6 +305,8 @@ class _PersistentASHA(ASHAScheduler):
         # A trial restored after a crash may not have been re-added to a bracket.
         self._trial_info.setdefault(trial.trial_id, self._bracket())
         action = super().on_trial_result(tune_controller, trial, result)
+        if trial.trial_id == self._protected and result.get(self._time_attr, 0) < self._max_t:
+            action = "CONTINUE"  # recorded at the rung like any trial, but never stopped
         self._save(trial, result, action)
         return action
 
@@ -373,7 +385,8 @@ def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -
     sch = spec.scheduler
     # metric/mode go to the searcher and scheduler themselves: Ray does not pass TuneConfig's
     # through a ConcurrencyLimiter.
-    scheduler = (_PersistentASHA(run_dir, time_attr="training_iteration", max_t=spec.max_t,
+    scheduler = (_PersistentASHA(run_dir, protect_first=fresh and spec.searcher.baseline_first,
+                                 time_attr="training_iteration", max_t=spec.max_t,
                                  metric=spec.metric, mode=spec.mode,
                                  grace_period=sch.grace_period,
                                  reduction_factor=sch.reduction_factor)

@@ -75,6 +75,10 @@ def test_sigkill_mid_search_then_resume(ray_session, tmp_path: Path, backbone_fi
                 passed.add(key)
     rungs = json.loads((run_dir / "asha_rungs.json").read_text())
     assert len(rungs["1.0"]) == 6  # every trial recorded at the first rung exactly once
+    # The first trial is the enqueued default fine-tune, never stopped early.
+    first = rungs["protected"]
+    assert first and all(not (d["trial"] == first and d["action"] == "STOP"
+                              and d["epoch"] < 4) for d in decisions)
 
 
 def test_second_search_on_the_same_run_is_refused(tmp_path: Path) -> None:
