@@ -104,7 +104,8 @@ def test_failing_and_diverging_trials_never_kill_the_search(ray_session, tmp_pat
             "--set", "search.lr={space: choice, values: [0.003, 10.0]}",
             "--set", "search.warmup_epochs={space: choice, values: [0.0, 5.0]}",
             "--set", "searcher.sampler=random", "--set", "searcher.seed=4",
-            "--set", "run.num_samples=6", "--set", "scheduler.type=none"]
+            "--set", "run.num_samples=6", "--set", "scheduler.type=none",
+            "--set", "searcher.baseline_first=false"]
     res = CliRunner().invoke(main, ["search", str(spec_file), *sets], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "FAILED" in res.output and "DIVERGED" in res.output
