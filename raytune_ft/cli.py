@@ -54,7 +54,7 @@ def main() -> None:
     """rtft — hyperparameter search for fine-tuning pretrained image models on Ray Tune.
 
     \b
-    Quick start (offline, ~6 minutes on 2 CPU cores):
+    Quick start (offline, ~5 minutes on 2 CPU cores):
       rtft validate search_spaces/resnet.yaml
       rtft search   search_spaces/resnet.yaml
     """
