@@ -91,6 +91,34 @@ def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: st
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster to join.")
+@click.option("--quiet", is_flag=True, help="Only one line per finished trial.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_guard
+def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None:
+    """Continue the interrupted search in RUN_DIR with the spec saved there.
+
+    \b
+    Example:
+      rtft resume rtft_runs/resnet18-digits
+    """
+    from raytune_ft.search import run_search
+
+    spec = load_spec(run_dir / "spec.yaml")
+    if Path(spec.run.storage_path).expanduser().resolve() / spec.name != run_dir.resolve():
+        # The run folder was moved or opened from elsewhere: resume it where it is.
+        spec = spec.model_copy(update={"run": spec.run.model_copy(
+            update={"storage_path": str(run_dir.resolve().parent)})})
+    outcome = run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=True)
+    click.echo(f"done in {outcome.wall_s:.0f}s; results in {outcome.run_dir}")
+    for p in outcome.promoted:
+        click.echo(f"promoted model: {p}")
+    if not outcome.promoted:
+        sys.exit(1)
+
+
+@main.command()
 @_spec_options
 @_guard
 def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:

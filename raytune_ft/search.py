@@ -35,7 +35,7 @@ from raytune_ft.models import build_model, resolve_weights
 from raytune_ft.pretrain import ensure_backbone
 from raytune_ft.promote import TrialRecord, promote, ranked, trial_state
 from raytune_ft.space import baseline_params, define_by_run, hparams_for, make_sampler
-from raytune_ft.spec import Hyperparams, Spec, SpecError, spec_to_yaml
+from raytune_ft.spec import Hyperparams, Spec, SpecError, load_spec, spec_to_yaml
 from raytune_ft.train import train
 
 __all__ = ["SearchOutcome", "load_records", "preflight", "rung_summary", "run_search",
@@ -532,8 +532,12 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     if resume and not exists:
         echo(f"nothing to resume in {run_dir}: starting a new run")
     if exists and resume and (run_dir / "spec.yaml").exists():
-        before = (run_dir / "spec.yaml").read_text()
-        if before != spec_to_yaml(spec):
+        def comparable(s: Spec) -> dict:  # the same search, wherever the folder now lives
+            d = s.model_dump(mode="json")
+            d["run"].pop("storage_path")
+            return d
+
+        if comparable(load_spec(run_dir / "spec.yaml")) != comparable(spec):
             raise SpecError(f"--resume with a spec that differs from the run's own "
                             f"{run_dir / 'spec.yaml'}; resume with that file", field="name")
     with _run_lock(run_dir):

@@ -63,3 +63,8 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 def test_help_has_examples() -> None:
     res = CliRunner().invoke(main, ["search", "--help"])
     assert res.exit_code == 0 and "rtft search search_spaces/resnet.yaml" in res.output
+
+
+def test_resume_needs_a_run_folder_with_its_spec(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["resume", str(tmp_path)])
+    assert res.exit_code == 2 and "spec.yaml" in res.output and "file not found" in res.output

@@ -88,6 +88,17 @@ def test_promote_writes_a_versioned_folder_that_reloads(tmp_path: Path) -> None:
 
     again = load_spec(first / "spec.yaml")
     assert again.search["head_hidden"].value == 8 and again.run.num_samples == 1
+    # A promoted model is a backbone to fine-tune again (its head is replaced).
+    import torch
+
+    from raytune_ft.models import build_model
+
+    again_built = build_model("resnet18", 3, Hyperparams(), str(first))
+    theirs = loaded.model.state_dict()
+    for k, v in again_built.model.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(v, theirs[k]), k
+    assert again_built.head[-1].out_features == 3
     # A corrupted weights file is refused.
     blob = (first / "model.safetensors").read_bytes()
     (first / "model.safetensors").write_bytes(blob[:-8] + b"\0" * 8)
