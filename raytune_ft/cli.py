@@ -60,6 +60,14 @@ def main() -> None:
     """
 
 
+def _finish(outcome: Any) -> None:
+    click.echo(f"done in {outcome.wall_s:.0f}s; results in {outcome.run_dir}")
+    for p in outcome.promoted:
+        click.echo(f"promoted model: {p}")
+    if not outcome.promoted:
+        sys.exit(1)  # the search ran, but produced no model: say so to scripts and CI
+
+
 @main.command()
 @_spec_options
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
@@ -82,12 +90,7 @@ def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: st
     from raytune_ft.search import run_search
 
     spec = load_spec(spec_file, overrides)
-    outcome = run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=resume)
-    click.echo(f"done in {outcome.wall_s:.0f}s; results in {outcome.run_dir}")
-    for p in outcome.promoted:
-        click.echo(f"promoted model: {p}")
-    if not outcome.promoted:
-        sys.exit(1)  # the search ran, but produced no model: say so to scripts and CI
+    _finish(run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=resume))
 
 
 @main.command()
@@ -110,12 +113,7 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
         # The run folder was moved or opened from elsewhere: resume it where it is.
         spec = spec.model_copy(update={"run": spec.run.model_copy(
             update={"storage_path": str(run_dir.resolve().parent)})})
-    outcome = run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=True)
-    click.echo(f"done in {outcome.wall_s:.0f}s; results in {outcome.run_dir}")
-    for p in outcome.promoted:
-        click.echo(f"promoted model: {p}")
-    if not outcome.promoted:
-        sys.exit(1)
+    _finish(run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=True))
 
 
 @main.command()

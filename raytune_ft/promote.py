@@ -31,8 +31,8 @@ from raytune_ft.models import build_model
 from raytune_ft.spec import METRICS, Hyperparams, Spec
 from raytune_ft.train import evaluate
 
-__all__ = ["PromotedModel", "TrialRecord", "choose", "load_promoted", "promote", "ranked",
-           "trial_state"]
+__all__ = ["PromotedModel", "TrialRecord", "choose", "fmt", "load_promoted", "promote",
+           "ranked", "text_table", "trial_state", "trial_table"]
 
 
 @dataclass
@@ -83,6 +83,37 @@ def ranked(records: list[TrialRecord], metric: str) -> list[TrialRecord]:
     sign = -1.0 if METRICS[metric] == "max" else 1.0
     return sorted(records, key=lambda r: (r.best(metric) is None,
                                           sign * (r.best(metric) or 0.0), r.trial_id))
+
+
+def fmt(v: Any) -> str:
+    """A parameter value for tables: 3 significant digits for floats, '-' when absent."""
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def trial_table(records: list[TrialRecord], spec: Spec,
+                limit: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the trials, best first: id, state, epochs, best metric and each
+    searched (non-fixed) parameter. Text and HTML renderers share it."""
+    m = spec.metric
+    names = [n for n, p in spec.search.items() if p.space != "fixed"]  # fixed: same for all
+    head = ["trial", "state", "epochs", f"best {m}", *names]
+    rows = [[r.trial_id, trial_state(r, spec.max_t), str(r.epochs),
+             "-" if r.best(m) is None else f"{r.best(m):.4f}",
+             *[fmt(r.params.get(n)) for n in names]]
+            for r in ranked(records, m)[:limit]]
+    return head, rows
+
+
+def text_table(head: list[str], rows: list[list[str]], *, rule: bool = True) -> list[str]:
+    """Fixed-width lines of a table (header, optional rule, rows)."""
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+             for row in [head, *rows]]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def choose(records: list[TrialRecord], metric: str, top_k: int = 1) -> list[TrialRecord]:

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from raytune_ft.promote import TrialRecord, ranked, trial_state  # noqa: E402
+from raytune_ft.promote import TrialRecord, ranked, trial_state, trial_table  # noqa: E402
 from raytune_ft.spec import METRICS, Spec, load_spec  # noqa: E402
 
 __all__ = ["write_report"]
@@ -144,23 +144,12 @@ def _parallel(records: list[TrialRecord], spec: Spec, out: Path, top: int = 10) 
 
 
 def _table(records: list[TrialRecord], spec: Spec) -> str:
-    m = spec.metric
-    names = [n for n, p in spec.search.items() if p.space != "fixed"]
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in
-                   ["trial", "state", "epochs", f"best {m}", *names])
-    rows = []
-    for r in ranked(records, m):
-        best = "-" if r.best(m) is None else f"{r.best(m):.4f}"
-        cells = [r.trial_id, trial_state(r, spec.max_t), str(r.epochs), best,
-                 *[_fmt(r.params.get(n)) for n in names]]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    head, rows = trial_table(records, spec)
 
+    def tr(cells: list[str], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return f"<table>{tr(head, 'th')}{''.join(tr(r, 'td') for r in rows)}</table>"
 
 
 def write_report(run_dir: str | Path, promoted: str | Path | None = None) -> Path:

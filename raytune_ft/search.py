@@ -33,7 +33,15 @@ from ray.tune.search.optuna import OptunaSearch
 from raytune_ft.data import Splits, prepare
 from raytune_ft.models import build_model, resolve_weights
 from raytune_ft.pretrain import ensure_backbone
-from raytune_ft.promote import TrialRecord, promote, ranked, trial_state
+from raytune_ft.promote import (
+    TrialRecord,
+    fmt,
+    promote,
+    ranked,
+    text_table,
+    trial_state,
+    trial_table,
+)
 from raytune_ft.space import baseline_params, define_by_run, hparams_for, make_sampler
 from raytune_ft.spec import Hyperparams, Spec, SpecError, load_spec, spec_to_yaml
 from raytune_ft.train import train
@@ -100,12 +108,6 @@ def _trainable(config: dict[str, Any], spec_json: dict, data: Splits) -> None:
 # --------------------------------------------------------------------------------------------
 # Callbacks: compact progress lines, and TensorBoard with an honest HParams table.
 # --------------------------------------------------------------------------------------------
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
 class _Progress(tune.Callback):
     """Progress as people and logs want it.
 
@@ -137,13 +139,10 @@ class _Progress(tune.Callback):
                                       if p.space != "fixed"]
         head = ["trial", "epoch", m, "best", *names]
         body = [[tid, f"{r['epoch']}/{self.spec.max_t}", r["value"], r["best"],
-                 *[_fmt(r["params"].get(n, "-")) for n in names]]
+                 *[fmt(r["params"].get(n)) for n in names]]
                 for tid, r in self.rows.items()]
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
         lines = [f"{self._stamp()} {len(self.rows)} running, {self.done}/"
-                 f"{self.spec.run.num_samples} done"]
-        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
-                  for row in [head, *body]]
+                 f"{self.spec.run.num_samples} done", *text_table(head, body, rule=False)]
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
         self.drawn = len(lines)
@@ -161,7 +160,7 @@ class _Progress(tune.Callback):
         if self.live:
             self._redraw()
             return
-        params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        params = " ".join(f"{k}={fmt(v)}" for k, v in trial.config.items())
         self._line(f"{trial.trial_id} start  {params}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
@@ -450,18 +449,7 @@ def summary_rows(records: list[TrialRecord], spec: Spec) -> list[dict[str, Any]]
 
 def summary_table(records: list[TrialRecord], spec: Spec, limit: int = 10) -> str:
     """The trials sorted by best-so-far metric, as a fixed-width text table."""
-    m = spec.metric
-    names = [n for n, p in spec.search.items() if p.space != "fixed"]  # fixed: same for all
-    head = ["trial", "state", "epochs", f"best {m}", *names]
-    rows = [[r.trial_id, trial_state(r, spec.max_t), str(r.epochs),
-             "-" if r.best(m) is None else f"{r.best(m):.4f}",
-             *[_fmt(r.params[n]) if n in r.params else "-" for n in names]]
-            for r in ranked(records, m)[:limit]]
-    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
-             for row in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(text_table(*trial_table(records, spec, limit)))
 
 
 def rung_summary(records: list[TrialRecord], spec: Spec) -> str:
