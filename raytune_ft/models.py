@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raytune_ft.spec import Hyperparams, SpecError
+from raytune_ft.spec import Hyperparams, ModelSpec, SpecError, weights_meta
 
 __all__ = [
     "RECIPES",
@@ -25,6 +25,7 @@ __all__ = [
     "Stage",
     "build_model",
     "freeze_stages",
+    "input_stats",
     "load_state_file",
     "param_groups",
     "recipe_path",
@@ -136,7 +137,47 @@ def _family(arch: str) -> _Family:
             return fam
     known = ", ".join(p for ps, _ in _FAMILIES for p in ps)
     raise SpecError(f"no head/stage table for architecture {arch!r}; supported families: "
-                    f"{known}", field="model.arch")
+                    f"{known}, or model.factory for any other network", field="model.arch")
+
+
+# --------------------------------------------------------------------------------------------
+# Factory protocol (`model.factory: "package.module:function"`), for networks from outside
+# torchvision (timm, in-house code):
+#   - the function is called with the spec's `model:` section as a plain dict (arch, weights,
+#     options, ...) and returns an `nn.Module` that produces logits;
+#   - the module's attribute `rtft_head` (optional) is the dotted path of its final
+#     `nn.Linear`, which rtft replaces; default: the last `nn.Linear` in the module;
+#   - `rtft_stages` (optional) lists dotted paths of its stages from the input, which
+#     `freeze_depth`, `reinit_blocks` and `layer_decay` count; default: its top-level children
+#     other than the one holding the head.
+# --------------------------------------------------------------------------------------------
+def _factory_model(model: ModelSpec) -> tuple[nn.Module, str, Callable[[nn.Module], list[Stage]]]:
+    import importlib
+
+    mod_name, _, fn_name = (model.factory or "").partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"cannot import {model.factory!r}: {e}; allowed: an importable "
+                        f"'package.module:function'", field="model.factory") from None
+    net = fn(model.model_dump(mode="json"))
+    if not isinstance(net, nn.Module):
+        raise SpecError(f"{model.factory} returned a {type(net).__name__}, not an nn.Module",
+                        field="model.factory")
+    head = getattr(net, "rtft_head", None) or next(
+        (n for n, m in reversed(list(net.named_modules())) if isinstance(m, nn.Linear)), None)
+    if head is None or not isinstance(net.get_submodule(head), nn.Linear):
+        raise SpecError(f"{model.factory}: no nn.Linear head found (set `rtft_head` on the "
+                        f"module to the dotted path of its final nn.Linear)",
+                        field="model.factory")
+    paths = getattr(net, "rtft_stages", None)
+    if paths is None:
+        top = head.split(".")[0]
+        paths = [n for n, _ in net.named_children() if n != top]
+
+    def stages(m: nn.Module) -> list[Stage]:
+        return [Stage(p, (m.get_submodule(p),)) for p in paths]
+    return net, head, stages
 
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -281,35 +322,55 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head_path: 
     model.load_state_dict(theirs, strict=False)
 
 
-def build_model(arch: str, num_classes: int, hp: Hyperparams, weights: str = "none") -> Built:
-    """Build `arch`, load `weights` into its backbone, put on a new head, apply the knobs.
+def input_stats(model: ModelSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the network expects: from the torchvision weights' metadata when the spec
+    names such weights, else ImageNet's (what torchvision, timm and rtft:mnist use)."""
+    meta = None if model.factory else weights_meta(model.arch, model.weights)
+    if meta:
+        return meta["mean"], meta["std"]
+    return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def build_model(model: ModelSpec | str, num_classes: int, hp: Hyperparams,
+                weights: str = "none") -> Built:
+    """Build the spec's network, load `weights` into its backbone, put on a new head, apply
+    the knobs. `model`: the spec's model section (or a torchvision arch name).
 
     `weights`: `none`, a torchvision weights name (`DEFAULT`, `IMAGENET1K_V1`), or a file /
     promoted model folder (the caller resolves `rtft:` recipes to their cached file first).
     """
     from torchvision.models import get_model
 
-    fam = _family(arch)
-    model = get_model(arch, weights=None)
-    head_path = fam.head(model)
+    if isinstance(model, str):
+        model = ModelSpec(arch=model)
+    if model.factory:
+        net, head_path, stage_fn = _factory_model(model)
+    else:
+        fam = _family(model.arch)
+        net = get_model(model.arch, weights=None)
+        head_path, stage_fn = fam.head(net), fam.stages
     if weights != "none":
         is_file = any(c in weights for c in "/\\.") or Path(weights).exists()
-        state = load_state_file(weights) if is_file else _torchvision_state(arch, weights)
-        _load_backbone(model, state, head_path)
+        if not is_file and model.factory:
+            raise SpecError(f"{weights!r}: a model.factory network takes weights from a file "
+                            f"(.pth, .safetensors, promoted folder) or none",
+                            field="model.weights")
+        state = load_state_file(weights) if is_file else _torchvision_state(model.arch, weights)
+        _load_backbone(net, state, head_path)
 
-    old = model.get_submodule(head_path)
+    old = net.get_submodule(head_path)
     parent_path, _, leaf = head_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent = net.get_submodule(parent_path) if parent_path else net
     if hp.activation_scope == "all":
-        _swap_activations(model, hp.activation)
+        _swap_activations(net, hp.activation)
     setattr(parent, leaf, _make_head(old.in_features, num_classes, hp))
 
-    stages = fam.stages(model)
+    stages = stage_fn(net)
     if hp.reinit_blocks:
         blocks = [b for s in stages for b in s.blocks()]
         for b in blocks[-hp.reinit_blocks:]:
             init_module(b, hp.init)
-    return Built(model, head_path, stages)
+    return Built(net, head_path, stages)
 
 
 def freeze_stages(built: Built, depth: int) -> list[nn.Module]:
@@ -327,23 +388,37 @@ def freeze_stages(built: Built, depth: int) -> list[nn.Module]:
 
 
 def param_groups(built: Built, *, lr: float, weight_decay: float,
-                 backbone_lr_mult: float) -> list[dict]:
-    """Optimizer groups: head at `lr`, backbone at `lr * backbone_lr_mult`; no weight decay on
+                 backbone_lr_mult: float = 1.0, layer_decay: float = 1.0) -> list[dict]:
+    """Optimizer groups: head at `lr`; backbone stage i of S (from the input) at
+    `lr * backbone_lr_mult * layer_decay ** (S - i)` (timm's layer decay; backbone parameters
+    outside the stages, such as a final norm, count as the last stage); no weight decay on
     norms and biases (1-d parameters). Frozen parameters are included (they get no gradient
     until unfrozen), so gradual unfreezing needs no new optimizer."""
     head_ids = {id(p) for p in built.head.parameters()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    n_stages = len(built.stages)
+    depth_of: dict[int, int] = {}
+    if layer_decay != 1.0:
+        for i, stage in enumerate(built.stages):
+            for p in stage.parameters():
+                depth_of.setdefault(id(p), i)
+
+    def name_scale(p: nn.Parameter) -> tuple[str, float]:
+        if id(p) in head_ids:
+            return "head", 1.0
+        if layer_decay == 1.0:
+            return "backbone", backbone_lr_mult
+        i = depth_of.get(id(p), n_stages)
+        label = built.stages[i].name if i < n_stages else "rest"
+        return f"{i:02d}.{label}", backbone_lr_mult * layer_decay ** (n_stages - i)
+
+    groups: dict[tuple[str, bool], tuple[float, list[nn.Parameter]]] = {}
     for p in built.model.parameters():
-        key = (id(p) in head_ids, p.ndim <= 1)
-        groups.setdefault(key, []).append(p)
-    out = []
-    for (is_head, no_decay), params in sorted(groups.items()):
-        out.append({"params": params,
-                    "lr": lr * (1.0 if is_head else backbone_lr_mult),
-                    "weight_decay": 0.0 if no_decay else weight_decay,
-                    "name": f"{'head' if is_head else 'backbone'}"
-                            f"{'_no_decay' if no_decay else ''}"})
-    return out
+        name, scale = name_scale(p)
+        groups.setdefault((name, p.ndim <= 1), (scale, []))[1].append(p)
+    return [{"params": params, "lr": lr * scale,
+             "weight_decay": 0.0 if no_decay else weight_decay,
+             "name": f"{name}{'_no_decay' if no_decay else ''}"}
+            for (name, no_decay), (scale, params) in sorted(groups.items())]
 
 
 def count_params(module: nn.Module) -> int:

@@ -26,9 +26,9 @@ import yaml
 from torch import nn
 
 from raytune_ft.checkpoint import load_checkpoint
-from raytune_ft.data import IMAGENET_MEAN, IMAGENET_STD, Splits
-from raytune_ft.models import build_model
-from raytune_ft.spec import METRICS, Hyperparams, Spec
+from raytune_ft.data import Splits
+from raytune_ft.models import build_model, input_stats
+from raytune_ft.spec import METRICS, Hyperparams, ModelSpec, Spec
 from raytune_ft.train import evaluate
 
 __all__ = ["PromotedModel", "TrialRecord", "choose", "fmt", "load_promoted", "promote",
@@ -130,7 +130,8 @@ def choose(records: list[TrialRecord], metric: str, top_k: int = 1) -> list[Tria
 
 def _rebuild(config: dict[str, Any]) -> nn.Module:
     hp = Hyperparams(**config["hparams"])
-    return build_model(config["spec"]["model"]["arch"], len(config["classes"]), hp, "none").model
+    model = ModelSpec.model_validate(config["spec"]["model"])
+    return build_model(model, len(config["classes"]), hp, "none").model
 
 
 def _sha256(path: Path) -> str:
@@ -173,7 +174,7 @@ Data fingerprint: `{metrics['data']['sha256']}`. Weights sha256: `{metrics['sha2
 ```python
 from raytune_ft import load_promoted
 m = load_promoted("{metrics.get('path', '.')}")   # checks the weights' sha256
-logits = m.model(images)   # float (N, 3, {size}, {size}), ImageNet-normalised
+logits = m.model(images)   # float (N, 3, {size}, {size}), normalised with config.json's mean/std
 ```
 Re-train this exact configuration alone: `rtft search spec.yaml` (every parameter is fixed).
 """
@@ -193,7 +194,8 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
         state, config = load_checkpoint(rec.best_checkpoint)
         model = _rebuild(config)
         model.load_state_dict(state["model"])
-        test_loss, test_acc = evaluate(model, splits.test_x, splits.test_y)
+        mean, std = input_stats(spec.model)
+        test_loss, test_acc = evaluate(model, splits.test_x, splits.test_y, mean=mean, std=std)
         best_epoch = next((h for h in rec.history if h.get("epoch") == state["epoch"]), {})
         params = {**rec.params}
         tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
@@ -209,7 +211,7 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
             fixed["run"]["num_samples"] = 1
             (tmp / "spec.yaml").write_text(yaml.safe_dump(fixed, sort_keys=False))
             (tmp / "config.json").write_text(json.dumps(
-                {**config, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}, indent=1))
+                {**config, "mean": mean, "std": std}, indent=1))
             metrics = {
                 "trial_id": rec.trial_id, "rank": rank, "epochs": rec.epochs,
                 "metric": spec.metric, "params": params,

@@ -9,11 +9,12 @@ resume, then the epoch loop (train, evaluate, checkpoint, report). The search wr
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytune_ft.checkpoint import load_checkpoint, save_checkpoint
-from raytune_ft.data import Splits, augment_batch, normalize
-from raytune_ft.models import build_model, freeze_stages, param_groups, resolve_weights
+from raytune_ft.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Images,
+    Pixels,
+    Splits,
+    augment_batch,
+    iter_batches,
+    normalize,
+)
+from raytune_ft.models import build_model, freeze_stages, input_stats, param_groups, resolve_weights
 from raytune_ft.spec import METRICS, Hyperparams, Spec
 
 __all__ = ["DIVERGED", "TrainResult", "evaluate", "pick_device", "train", "trial_config"]
@@ -67,23 +77,34 @@ def trial_config(spec: Spec, hp: Hyperparams, classes: list[str]) -> dict[str, A
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512,
-             amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: Pixels, y: torch.Tensor, *, batch_size: int = 512,
+             amp_dtype: torch.dtype | None = None, mean: tuple = IMAGENET_MEAN,
+             std: tuple = IMAGENET_STD, workers: int = 0) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` on uint8 images `x` and labels `y`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_sum, correct = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        xb = normalize(x[i:i + batch_size].to(device, non_blocking=True))
-        yb = y[i:i + batch_size].to(device, non_blocking=True)
+    for xb, yb in iter_batches(x, y, torch.arange(len(y)), batch_size, device=device,
+                               workers=workers):
         with _autocast(device, amp_dtype):
-            logits = model(xb)
+            logits = model(normalize(xb, mean, std))
         loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
     model.train(was_training)
-    n = max(len(x), 1)
+    n = max(len(y), 1)
     return loss_sum / n, correct / n
+
+
+def _mixer(hp: Hyperparams, num_classes: int) -> Callable | None:
+    """torchvision's MixUp / CutMix on a batch (one of the two per batch when both are on)."""
+    from torchvision.transforms import v2
+
+    ops = [op for alpha, op in ((hp.mixup_alpha, v2.MixUp), (hp.cutmix_alpha, v2.CutMix))
+           if alpha > 0 for op in [op(alpha=alpha, num_classes=num_classes)]]
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN202
@@ -107,6 +128,15 @@ def _optimizer(hp: Hyperparams, groups: list[dict]) -> torch.optim.Optimizer:
     return cls(groups, lr=hp.lr)
 
 
+def _trace(event: str) -> None:
+    """With RTFT_TRACE=<file>, append when a trial starts, is ready to take its first step and
+    ends (bench/overhead.py measures trial start-up with it); unset, nothing is done."""
+    path = os.environ.get("RTFT_TRACE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f'{{"event": "{event}", "t": {time.time()}, "pid": {os.getpid()}}}\n')
+
+
 def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
           weights: str | None = None, resume_from: str | Path | None = None,
           num_threads: int | None = None, checkpoints: bool = True) -> TrainResult:
@@ -117,6 +147,7 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
     `weights` overrides `spec.model.weights` (a resolved file path for `rtft:` recipes).
     A loss that turns NaN/inf ends training at once with :data:`DIVERGED` metrics.
     """
+    _trace("start")
     # A combination the spec cannot rule out alone (both may be searched): this trial fails,
     # is recorded with this message, and the search goes on.
     if hp.warmup_epochs >= spec.train.max_epochs:
@@ -131,10 +162,19 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    # -- data: small sets live on the device as uint8, batches are index slices ------------------
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    val_x, val_y = data.val_x.to(device), data.val_y.to(device)
-    n = len(train_x)
+    # -- data: small sets live on the device as uint8, batches are index slices; larger ones
+    # -- stream from disk through DataLoader workers (random resized crops when augmenting) --
+    def on_device(x: Pixels) -> Pixels:
+        return x.to(device) if isinstance(x, torch.Tensor) else x
+
+    train_x, train_y = on_device(data.train_x), data.train_y.to(device)
+    val_x, val_y = on_device(data.val_x), data.val_y.to(device)
+    if isinstance(train_x, Images) and hp.augment != "none":
+        train_x = replace(train_x, train_crop=True)
+    workers = spec.data.workers if spec.data.workers is not None else max(1, num_threads or 1)
+    mean, std = input_stats(spec.model)
+    mix = _mixer(hp, data.num_classes)
+    n = len(train_y)
     bs = min(hp.batch_size, n)
     steps_per_epoch = n // bs  # drop the ragged last batch: BatchNorm dislikes tiny batches
     epochs = spec.train.max_epochs
@@ -142,13 +182,14 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
     # -- model, optimizer, schedule --------------------------------------------------------------
     weights = resolve_weights(weights or spec.model.weights, spec.model.arch,
                               spec.data.image_size)
-    built = build_model(spec.model.arch, data.num_classes, hp, weights)
+    built = build_model(spec.model, data.num_classes, hp, weights)
     model = built.model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     frozen_norms = freeze_stages(built, min(hp.freeze_depth, len(built.stages)))
     optimizer = _optimizer(hp, param_groups(built, lr=hp.lr, weight_decay=hp.weight_decay,
-                                            backbone_lr_mult=hp.backbone_lr_mult))
+                                            backbone_lr_mult=hp.backbone_lr_mult,
+                                            layer_decay=hp.layer_decay))
     total = epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(round(hp.warmup_epochs * steps_per_epoch), total))
@@ -166,28 +207,35 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
         scheduler.load_state_dict(state["scheduler"])
         start, best = int(state["epoch"]), state.get("best")
 
+    _trace("ready")
     result = TrainResult(model)
     for epoch in range(start + 1, epochs + 1):
         if hp.unfreeze_at_epoch and epoch >= hp.unfreeze_at_epoch and frozen_norms:
             frozen_norms = freeze_stages(built, 0)
-        # A generator per epoch, seeded by epoch: a resumed run sees the same batches.
-        gen = torch.Generator().manual_seed(spec.train.seed * 100_003 + epoch)
+        # A generator per epoch, seeded by epoch: a resumed run sees the same batches; the
+        # global RNG too (dropout, mixup/cutmix draws).
+        epoch_seed = spec.train.seed * 100_003 + epoch
+        gen = torch.Generator().manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
         model.train()
         for m in frozen_norms:  # keep pretrained BN statistics in frozen stages
             m.eval()
 
         # -- train one epoch ---------------------------------------------------------------------
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=gen)
         loss_sum = torch.zeros((), device=device)
-        for step in range(steps_per_epoch):
-            idx = perm[step * bs:(step + 1) * bs]
-            xb = augment_batch(normalize(train_x[idx]), hp.augment, hflip=spec.data.hflip,
+        batches = iter_batches(train_x, train_y, perm, bs, device=device, workers=workers,
+                               drop_last=True, generator=gen)
+        for xb, yb in batches:
+            xb = augment_batch(normalize(xb, mean, std), hp.augment, hflip=spec.data.flip,
                                generator=gen)
+            if mix is not None:
+                xb, yb = mix(xb, yb)  # soft labels: CrossEntropyLoss takes probabilities
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(device, amp_dtype):
-                loss = loss_fn(model(xb), train_y[idx])
+                loss = loss_fn(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -207,7 +255,8 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
         seconds = time.perf_counter() - t0
 
         # -- evaluate; a diverged trial (NaN/inf loss) stops at once with the worst values --
-        val_loss, val_acc = evaluate(model, val_x, val_y, amp_dtype=amp_dtype)
+        val_loss, val_acc = evaluate(model, val_x, val_y, amp_dtype=amp_dtype, mean=mean,
+                                     std=std, workers=workers)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             metrics = {"epoch": epoch, **DIVERGED, "lr": optimizer.param_groups[-1]["lr"],
                        "images_per_s": 0.0, "diverged": True,
@@ -234,4 +283,5 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
                             scheduler=scheduler.state_dict(), epoch=epoch, best=best,
                             config=config)
             report(metrics, Path(tmp))
+    _trace("end")
     return result

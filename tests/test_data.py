@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytune_ft.data import augment_batch, load_dataset, make_splits, normalize, prepare
+from raytune_ft.data import (
+    augment_batch,
+    iter_batches,
+    load_dataset,
+    make_splits,
+    normalize,
+    prepare,
+)
 from raytune_ft.spec import DataSpec, SpecError
 
 
@@ -41,18 +48,88 @@ def _png(path: Path, colour: tuple[int, int, int]) -> None:
     Image.new("RGB", (20, 14), colour).save(path)
 
 
-def test_imagefolder_reads_pngs_and_skips_a_corrupt_file(tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    for cls, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
-        (tmp_path / cls).mkdir()
-        for i in range(6):
-            _png(tmp_path / cls / f"{i}.png", colour)
+def _tree(root: Path, n: int = 6, classes: tuple = (("cat", (255, 0, 0)), ("dog", (0, 0, 255)))
+          ) -> Path:
+    for cls, colour in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            _png(root / cls / f"{i}.png", colour)
+    return root
+
+
+@pytest.mark.parametrize("preload", ["always", "never"])
+def test_imagefolder_reads_pngs_and_skips_a_corrupt_file(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, preload: str) -> None:
+    _tree(tmp_path)
     (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    ds = load_dataset(DataSpec(source="imagefolder", root=str(tmp_path), image_size=8))
-    assert ds.classes == ["cat", "dog"]
-    assert ds.images.shape == (12, 3, 8, 8)
-    assert ds.images[0, 0].float().mean() > 200 and ds.images[-1, 2].float().mean() > 200
+    s = prepare(DataSpec(source="imagefolder", root=str(tmp_path), image_size=8,
+                         preload=preload, val_fraction=0.25, test_fraction=0.25), workers=0)
+    assert s.classes == ["cat", "dog"] and s.fingerprint["files"] == 12
     assert "broken.png" in caplog.text
+    assert s.fingerprint["train_per_class"] == [2, 2] and s.fingerprint["test"] == 4
+    assert s.fingerprint["preloaded"] == (preload == "always")
+    assert isinstance(s.train_x, torch.Tensor) == (preload == "always")
+    # Either way the trainer's batches are the same pixels: red cats, blue dogs.
+    xb, yb = next(iter_batches(s.train_x, s.train_y, torch.arange(4), 4,
+                               device=torch.device("cpu")))
+    assert xb.shape == (4, 3, 8, 8) and xb.dtype == torch.uint8
+    red = xb[:, 0].float().mean((1, 2)) > 200
+    assert torch.equal(red, yb == 0)
+
+
+def test_imagefolder_with_separate_val_and_test_folders(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    _tree(tmp_path / "train")
+    # val lists classes in another order on disk (only dog): labels must map by name.
+    _tree(tmp_path / "val", n=2, classes=(("dog", (0, 0, 255)),))
+    _tree(tmp_path / "test", n=3)
+    s = prepare(DataSpec(source="imagefolder", root=str(tmp_path / "train"),
+                         val_root=str(tmp_path / "val"), test_root=str(tmp_path / "test"),
+                         image_size=8), workers=0)
+    assert len(s.train_y) == 12  # nothing carved off train: val and test come from their folders
+    assert s.val_y.tolist() == [1, 1] and sorted(s.test_y.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert "no images of class(es) cat" in caplog.text
+    _tree(tmp_path / "bad", n=1, classes=(("cow", (0, 255, 0)),))
+    with pytest.raises(SpecError, match="cow.*allowed: the training classes"):
+        prepare(DataSpec(source="imagefolder", root=str(tmp_path / "train"),
+                         val_root=str(tmp_path / "bad"), image_size=8), workers=0)
+
+
+def _idx(path: Path, arr: np.ndarray) -> None:  # noqa: F821
+    """Write an array in the IDX format torchvision's MNIST readers parse."""
+    import struct
+
+    code = 0x08  # unsigned byte
+    header = struct.pack(">BBBB", 0, 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I",
+                                                                      *arr.shape)
+    path.write_bytes(header + arr.astype("uint8").tobytes())
+
+
+def test_torchvision_dataset_from_a_local_root(tmp_path: Path) -> None:
+    import numpy as np
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 60), ("t10k", 20)):
+        labels = np.arange(n) % 10
+        images = (labels[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype("uint8")
+        _idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    s = prepare(DataSpec(source="FashionMNIST", root=str(tmp_path), image_size=16,
+                         val_fraction=0.2))
+    # The source's own test split is the held-out test; val is carved from train, stratified.
+    assert (len(s.train_y), len(s.val_y), len(s.test_y)) == (50, 10, 20)
+    assert s.classes[0] == "T-shirt/top" and s.train_x.shape[1:] == (3, 16, 16)
+    assert torch.bincount(s.val_y).tolist() == [1] * 10
+    # Pixel brightness follows the label, as written.
+    means = s.test_x[:, 0].float().mean((1, 2))
+    assert torch.all(means[1:].diff().sign()[s.test_y[1:].diff() > 0] > 0)
+
+
+def test_missing_torchvision_dataset_says_where(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="CIFAR10 .*not found.*data.download"):
+        prepare(DataSpec(source="CIFAR10", root=str(tmp_path)))
 
 
 @pytest.mark.parametrize("setup, words", [
