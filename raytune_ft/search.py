@@ -466,7 +466,7 @@ def preflight(spec: Spec, num_classes: int) -> None:
     """Build the model with the spec's weights once in the driver: a missing weights file or
     one that does not fit the architecture is refused before any trial starts."""
     weights = resolve_weights(spec.model.weights, spec.model.arch, spec.data.image_size)
-    built = build_model(spec.model.arch, num_classes, Hyperparams(), weights)
+    built = build_model(spec.model, num_classes, Hyperparams(), weights)
     depth = spec.search.get("freeze_depth")
     top = max(depth.candidates().values(), default=0) if depth is not None else 0
     if isinstance(top, int) and top > len(built.stages):

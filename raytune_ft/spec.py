@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "ACTIVATIONS",
     "INITS",
+    "SOURCES",
     "Hyperparams",
     "Spec",
     "SpecError",
@@ -25,6 +26,7 @@ __all__ = [
     "load_spec",
     "parse_spec",
     "spec_to_yaml",
+    "weights_meta",
 ]
 
 ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh")
@@ -38,6 +40,18 @@ INITS = (
     "trunc_normal",
 )
 BUILTIN_SOURCES = ("digits", "mnist")
+# Every `data.source`: its natural image size (when neither the spec nor the weights' metadata
+# give one) and whether a horizontal flip keeps the label (never for digits or signs).
+# Lower case: built in, offline; `imagefolder`: the user's images; capitalised: torchvision
+# datasets of that name, read from `data.root`.
+SOURCES: dict[str, tuple[int, bool]] = {
+    "digits": (32, False), "mnist": (32, False), "imagefolder": (224, True),
+    "CIFAR10": (32, True), "CIFAR100": (32, True), "MNIST": (32, False),
+    "FashionMNIST": (32, True), "KMNIST": (32, False), "SVHN": (32, False),
+    "STL10": (96, True), "GTSRB": (32, False), "EuroSAT": (64, True),
+    "Flowers102": (224, True), "OxfordIIITPet": (224, True), "DTD": (224, True),
+    "Food101": (224, True),
+}
 # Metrics the trainer reports each epoch, and which way is better.
 METRICS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
 
@@ -103,7 +117,13 @@ class Hyperparams(_Strict):
     unfreeze_at_epoch: int = Field(0, ge=0, le=10000)
     backbone_lr_mult: float = Field(1.0, gt=0, le=100)
     warmup_epochs: float = Field(0.0, ge=0, le=10000)
+    # timm-style layer-wise LR decay: stage i of S (from the input) trains at
+    # lr * layer_decay ** (S - i); 1 turns it off. Multiplies with backbone_lr_mult.
+    layer_decay: float = Field(1.0, gt=0, le=1)
     augment: Literal["none", "light", "strong"] = "light"
+    # Mixup / CutMix Beta(alpha, alpha); 0 turns each off (both on: one of them per batch).
+    mixup_alpha: float = Field(0.0, ge=0, le=10)
+    cutmix_alpha: float = Field(0.0, ge=0, le=10)
     grad_clip: float = Field(0.0, ge=0)
 
 
@@ -199,41 +219,104 @@ class ModelSpec(_Strict):
     # torchvision weights name (DEFAULT, IMAGENET1K_V1), a local .pth/.safetensors file or
     # promoted model folder, `rtft:mnist` (a backbone rtft pretrains itself, offline), or none.
     weights: str = "none"
+    # A model from outside torchvision: "package.module:function", called with this `model:`
+    # section as a dict; `arch` is then only a label (see models.py, "factory protocol").
+    factory: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # free-form, for the factory
 
-    @field_validator("arch")
+    @field_validator("factory")
     @classmethod
-    def _known_arch(cls, v: str) -> str:
+    def _factory_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError(f"{v!r} is not 'package.module:function'; allowed: an importable "
+                             f"module path, a colon, and a function name")
+        return v
+
+    @model_validator(mode="after")
+    def _known_arch(self) -> ModelSpec:
+        if self.factory is not None:
+            return self
         import torchvision.models  # local import: only validation needs the registry
 
         known = torchvision.models.list_models(module=torchvision.models)
-        if v not in known:
-            near = difflib.get_close_matches(v, known, n=3)
+        if self.arch not in known:
+            near = difflib.get_close_matches(self.arch, known, n=3)
             hint = f" Did you mean {', '.join(near)}?" if near else ""
-            raise ValueError(
-                f"unknown architecture {v!r}; allowed: a torchvision classification model "
-                f"name such as resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16.{hint}"
-            )
-        return v
+            raise _FieldError(
+                ("model", "arch"),
+                f"unknown architecture {self.arch!r}; allowed: a torchvision classification "
+                f"model name such as resnet18, resnet50, efficientnet_b0, convnext_tiny, "
+                f"vit_b_16, or model.factory for other models.{hint}")
+        return self
+
+
+def weights_meta(arch: str, weights: str) -> dict[str, Any] | None:
+    """The torchvision metadata (crop size, resize size, mean, std) of a weights name, or None
+    when `weights` is not one (a file, `rtft:`, `none`). Nothing is downloaded."""
+    if weights in ("none", "") or weights.startswith("rtft:") or any(c in weights for c in "/\\."):
+        return None
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(arch)
+        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except (KeyError, ValueError):
+        return None
+    t = w.transforms()
+    return {"crop_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
+            "mean": tuple(t.mean), "std": tuple(t.std), "name": f"{arch}.{w.name}"}
 
 
 class DataSpec(_Strict):
-    source: Literal["digits", "mnist", "imagefolder"] = "digits"
+    source: str = "digits"  # a key of SOURCES
+    # imagefolder: a folder of class folders; torchvision datasets: their root folder.
     root: str | None = None
-    image_size: int = Field(32, ge=8, le=1024)
+    # imagefolder only: separate validation / test trees (else split off `root`, stratified).
+    val_root: str | None = None
+    test_root: str | None = None
+    download: bool = False  # torchvision datasets: fetch into `root` when missing
+    # Side of the square input; default: the weights' crop size, else the source's natural one.
+    image_size: int | None = Field(None, ge=8, le=1024)
     val_fraction: float = Field(0.2, gt=0, lt=0.9)
     test_fraction: float = Field(0.2, gt=0, lt=0.9)
     split_seed: int = 0
     # Use at most this many training examples (after the split): small-data fine-tuning.
     train_limit: int | None = Field(None, ge=10)
-    hflip: bool = False
+    hflip: bool | None = None  # default: on where SOURCES says a flip keeps the label
+    # Hold decoded images as tensors (shared by all trials through Ray's object store) or
+    # stream them from disk with DataLoader workers; auto: hold them under preload_max_gb.
+    preload: Literal["auto", "always", "never"] = "auto"
+    preload_max_gb: float = Field(2.0, gt=0)
+    workers: int | None = Field(None, ge=0, le=256)  # DataLoader workers (default: trial CPUs)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v not in SOURCES:
+            near = difflib.get_close_matches(v, list(SOURCES), n=1, cutoff=0.5)
+            near = near or [k for k in SOURCES if k.lower() == v.lower()]
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise ValueError(f"unknown data source {v!r}; allowed: {', '.join(SOURCES)}.{hint}")
+        return v
 
     @model_validator(mode="after")
     def _fractions(self) -> DataSpec:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
-        if self.source == "imagefolder" and not self.root:
-            raise ValueError("source: imagefolder needs data.root (a folder of class folders)")
+        if self.source not in BUILTIN_SOURCES and not self.root:
+            what = ("a folder of class folders" if self.source == "imagefolder"
+                    else f"the folder holding the torchvision {self.source} files")
+            raise _FieldError(("data", "root"), f"source: {self.source} needs data.root "
+                                                f"({what})")
+        if (self.val_root or self.test_root) and self.source != "imagefolder":
+            raise _FieldError(("data", "val_root" if self.val_root else "test_root"),
+                              "separate val/test folders are for source: imagefolder only")
         return self
+
+    @property
+    def flip(self) -> bool:
+        """Whether augmentation may flip images horizontally."""
+        return SOURCES[self.source][1] if self.hflip is None else self.hflip
 
 
 class TrainSpec(_Strict):
@@ -330,6 +413,14 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:
         _check_params(self.search)
+        d = self.data
+        if d.image_size is None or d.hflip is None:
+            # Resolve the defaults once, so spec.yaml in the run folder says what was used.
+            meta = weights_meta(self.model.arch, self.model.weights) if not self.model.factory \
+                else None
+            size = d.image_size or (meta["crop_size"] if meta else SOURCES[d.source][0])
+            object.__setattr__(self, "data", d.model_copy(
+                update={"image_size": size, "hflip": d.flip}))
         if self.scheduler.max_t is not None and self.scheduler.max_t > self.train.max_epochs:
             raise _FieldError(("scheduler", "max_t"),
                               f"max_t ({self.scheduler.max_t}) exceeds train.max_epochs "
