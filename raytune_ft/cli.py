@@ -71,7 +71,9 @@ def _finish(outcome: Any) -> None:
 @main.command()
 @_spec_options
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
-              help="Ray cluster to join (ray://host:10001, auto); default: start a local Ray.")
+              help="Ray cluster to join: auto, head:6379 (from a cluster node), "
+                   "ray://head:10001 (Ray Client), or http://head:8265 (runs the search as a "
+                   "Ray job and follows it, like `rtft submit --wait`); default: a local Ray.")
 @click.option("--quiet", is_flag=True, help="Only one line per finished trial.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run of this spec (same name and storage).")
@@ -87,6 +89,14 @@ def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: st
       rtft search my.yaml --address auto          # on an existing Ray cluster
       rtft search my.yaml --resume                # continue after Ctrl-C, kill -9, reboot
     """
+    if address and address.startswith(("http://", "https://")):
+        # The dashboard's address is the Jobs API, which ray.init cannot join: the search runs
+        # on the cluster as a Ray job instead, and this command follows it to the end.
+        click.echo(f"{address} is a Ray Jobs API address: running this search there as a Ray "
+                   f"job (same as `rtft submit --wait`)")
+        extra = [*(["--quiet"] if quiet else []), *(["--resume"] if resume else [])]
+        _submit_and_exit(spec_file, address, overrides, wait=True, headers=(), env=(),
+                         pip=(), ship_code=True, extra_args=extra)
     from raytune_ft.search import run_search
 
     spec = load_spec(spec_file, overrides)
@@ -256,6 +266,165 @@ def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
     else:
         click.echo(f"{len(records)} trials: {rung_summary(records, spec)}")
         click.echo(summary_table(records, spec, limit=limit))
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Jobs: rtft submit, rtft jobs list|status|logs|stop
+# --------------------------------------------------------------------------------------------
+def _jobs_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
+                      help="HTTP header for the Jobs API, e.g. 'Authorization: Bearer <token>' "
+                           "(repeatable; also $RTFT_JOB_HEADERS / $RAY_JOB_HEADERS as JSON). "
+                           "Never printed.")(fn)
+    return click.option("--address", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
+                        default=None, help="The cluster's Jobs API, http://head:8265 "
+                        "(also $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS).")(fn)
+
+
+def _jobs_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Jobs API failures (unreachable, auth, unknown job): one line and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from raytune_ft.jobs import JobsError
+
+        try:
+            return fn(*args, **kwargs)
+        except JobsError as e:
+            if kwargs.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+    return wrapper
+
+
+def _submit_and_exit(spec_file: Path, address: str | None, overrides: tuple[str, ...], *,
+                     wait: bool, headers: tuple[str, ...], env: tuple[str, ...],
+                     pip: tuple[str, ...], ship_code: bool,
+                     extra_args: list[str] | tuple[str, ...] = ()) -> None:
+    from raytune_ft import jobs
+
+    try:
+        job_id, status = jobs.submit(spec_file, address, overrides, wait=wait,
+                                     headers=jobs.parse_headers(headers),
+                                     env_vars=jobs.parse_env(env), pip=pip,
+                                     ship_code=ship_code, extra_args=extra_args,
+                                     echo=click.echo)
+    except jobs.JobsError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        click.echo("\nstopped following; the job goes on (rtft jobs stop ID to end it)",
+                   err=True)
+        sys.exit(130)
+    if status is not None:
+        click.echo(f"job {job_id}: {status}")
+        sys.exit(0 if status == "SUCCEEDED" else 1)
+
+
+@main.command()
+@_spec_options
+@_jobs_options
+@click.option("--wait", is_flag=True,
+              help="Stream the job's logs until it ends; exit 0 if it succeeded, 1 if not.")
+@click.option("--env", "env", multiple=True, metavar="NAME[=VALUE]",
+              help="Environment variable for the job (NAME alone copies it from here), e.g. "
+                   "--env AWS_ENDPOINT_URL. Visible on the dashboard; printed redacted.")
+@click.option("--pip", "pip", multiple=True, metavar="REQ",
+              help="pip requirement Ray installs on each node for this job (repeatable).")
+@click.option("--ship-code/--no-ship-code", default=True, show_default=True,
+              help="Ship this raytune_ft package with the job (py_modules); without it the "
+                   "cluster's installed `rtft` runs.")
+@_guard
+def submit(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: str | None,
+           headers: tuple[str, ...], wait: bool, env: tuple[str, ...], pip: tuple[str, ...],
+           ship_code: bool) -> None:
+    """Submit the search in SPEC_FILE to a Ray cluster as a Ray job; print its id.
+
+    The spec and the relative files it names travel with the job; run.storage_path and
+    promote.dir must be absolute shared paths (or s3:// / gs:// for storage).
+
+    \b
+    Examples:
+      rtft submit search_spaces/resnet.yaml --address http://127.0.0.1:8265 \\
+          --set run.storage_path=/mnt/shared/rtft_runs --set promote.dir=/mnt/shared/models
+      rtft submit my.yaml --wait --header "Authorization: Bearer $RAY_AUTH_TOKEN"
+    """
+    _submit_and_exit(spec_file, address, overrides, wait=wait, headers=headers, env=env,
+                     pip=pip, ship_code=ship_code)
+
+
+@main.group()
+def jobs() -> None:
+    """Ray jobs on a cluster: list, status, logs, stop (see `rtft submit`)."""
+
+
+@jobs.command("list")
+@_jobs_options
+@click.option("--json", "as_json", is_flag=True, help="All fields as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_jobs_guard
+def jobs_list(address: str | None, headers: tuple[str, ...], as_json: bool, debug: bool) -> None:
+    """The cluster's jobs, newest first."""
+    from raytune_ft import jobs as j
+    from raytune_ft.promote import text_table
+
+    rows = j.list_jobs(j.client(address, j.parse_headers(headers)))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    body = [[r["submission_id"] or r["job_id"] or "-", r["status"],
+             r["metadata"].get("rtft_spec", ""), r["entrypoint"][:60]] for r in rows]
+    click.echo("\n".join(text_table(["job", "status", "spec", "entrypoint"], body)))
+
+
+@jobs.command("status")
+@click.argument("job_id")
+@_jobs_options
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_jobs_guard
+def jobs_status(job_id: str, address: str | None, headers: tuple[str, ...], debug: bool) -> None:
+    """The job's status and details as JSON (as the dashboard's /api/jobs/ID shows them).
+
+    Exit code: 0 succeeded, 1 failed or stopped, 3 still pending or running.
+    """
+    from raytune_ft import jobs as j
+
+    info = j.job_info(j.client(address, j.parse_headers(headers)), job_id)
+    click.echo(json.dumps(info, indent=1, default=str))
+    status = info.get("status")
+    sys.exit(0 if status == "SUCCEEDED" else 1 if status in j.TERMINAL else 3)
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@_jobs_options
+@click.option("--follow", "-f", "follow", is_flag=True,
+              help="Keep streaming until the job ends; exit with its status (0 succeeded).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_jobs_guard
+def jobs_logs(job_id: str, address: str | None, headers: tuple[str, ...], follow: bool,
+              debug: bool) -> None:
+    """The job's driver output (the search's progress lines)."""
+    from raytune_ft import jobs as j
+
+    status = j.logs(j.client(address, j.parse_headers(headers)), job_id, follow_logs=follow,
+                    echo=click.echo)
+    if status is not None:
+        click.echo(f"job {job_id}: {status}")
+        sys.exit(0 if status == "SUCCEEDED" else 1)
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@_jobs_options
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_jobs_guard
+def jobs_stop(job_id: str, address: str | None, headers: tuple[str, ...], debug: bool) -> None:
+    """Stop the job (its trials end; finished ones stay in the run folder for --resume)."""
+    from raytune_ft import jobs as j
+
+    stopped = j.stop(j.client(address, j.parse_headers(headers)), job_id)
+    click.echo(f"job {job_id}: {'stop requested' if stopped else 'had already ended'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,425 @@
+"""Run a search as a Ray Job on a cluster: `rtft submit` and `rtft jobs …`.
+
+This module and `search.py` are the only ones that import Ray (here: only the Jobs SDK, and
+only inside functions, so `import raytune_ft.jobs` stays cheap).
+
+What travels with a job (its `runtime_env`), and why it works both on a real cluster and on a
+local one:
+
+- `working_dir`: a small staging folder built for the job, never the whole current folder
+  (which may hold runs, models and datasets). It holds the spec file at the same path relative
+  to the current folder as here, and every *relative* file the spec names (`model.weights`,
+  `data.root`) at its relative path. The job's driver starts in that folder, so relative paths
+  mean on the cluster what they mean here. Absolute paths are not shipped: they must exist on
+  every node (shared storage), as they would for `rtft search` on the cluster.
+- `py_modules`: the `raytune_ft` package this command runs from, so the driver and every trial
+  worker run exactly the code you submit from, whatever rtft version the cluster image has.
+  With `ship_code=False` the cluster's installed rtft runs. The entrypoint is
+  `python -m raytune_ft.jobs search <spec> --set …`: `rtft search` run from a private copy of
+  the working dir (see `_job_main` for why); it needs no `rtft` script on the cluster. Either
+  way rtft's dependencies (torch, torchvision, optuna, …) must be on the cluster (its image,
+  or `pip=[…]`: Ray then builds a virtualenv per node from PyPI).
+- `env_vars`: only those you name (`--env`). They are visible to anyone who can read the
+  dashboard; prefer credentials that live on the nodes (IAM roles, Kubernetes secrets).
+
+Results must outlive the job: `run.storage_path` and `promote.dir` must be absolute (a shared
+mount) or, for storage, an `s3://`/`gs://` URI. A relative path would resolve inside the job's
+temporary working folder on the head node, so it is refused before anything is submitted.
+
+Auth: Ray >= 2.60 turns on token authentication by default. The Jobs SDK adds the cluster token
+itself when `RAY_AUTH_MODE=token` and the token is in `RAY_AUTH_TOKEN`/`RAY_AUTH_TOKEN_PATH`/
+`~/.ray/auth_token`; otherwise pass headers (`--header 'Authorization: Bearer …'`, or
+`RTFT_JOB_HEADERS` / Ray's `RAY_JOB_HEADERS` as a JSON object). Header values are never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytune_ft.spec import Spec, SpecError, load_spec
+
+try:
+    from raytune_ft.spec import redact
+except ImportError:  # until spec.redact lands (another change): hide every value
+    def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:  # type: ignore[misc]
+        """A copy of `mapping` with every value hidden."""
+        return {k: "***" for k in mapping}
+
+__all__ = ["HEADERS_ENV", "JobsError", "Submission", "client", "follow", "is_uri",
+           "job_info", "list_jobs", "logs", "parse_env", "parse_headers", "prepare", "stop",
+           "submit", "TERMINAL"]
+
+Echo = Callable[[str], None]
+HEADERS_ENV = "RTFT_JOB_HEADERS"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Address environment variables, in the order Ray's own job CLI reads them.
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+class JobsError(RuntimeError):
+    """The Jobs API could not do what was asked (unreachable, refused, unknown job)."""
+
+
+def is_uri(path: str) -> bool:
+    """True for a storage URI such as s3://bucket/x or gs://bucket/x (not a local path)."""
+    return "://" in path
+
+
+# --------------------------------------------------------------------------------------------
+# Headers and environment variables
+# --------------------------------------------------------------------------------------------
+def _header_lines(text: str, origin: str) -> dict[str, str]:
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise JobsError(f"{origin}: not a JSON object ({e.msg}); allowed: "
+                            f'{{"Authorization": "Bearer …"}} or "Name: value" lines') from None
+        if not isinstance(data, dict):
+            raise JobsError(f"{origin}: a JSON object of header names to values is needed")
+        return {str(k): str(v) for k, v in data.items()}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip():
+            out.update(_one_header(line, origin))
+    return out
+
+
+def _one_header(value: str, origin: str) -> dict[str, str]:
+    name, sep, rest = value.partition(":")
+    if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
+        # The value is not echoed: it may be a token pasted in the wrong place.
+        raise JobsError(f"{origin}: a header must look like 'Name: value' (e.g. "
+                        f"'Authorization: Bearer <token>'); got something without a name and "
+                        f"a colon")
+    return {name.strip(): rest.strip()}
+
+
+def parse_headers(values: Sequence[str] = (),
+                  env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """HTTP headers for the Jobs API: `RAY_JOB_HEADERS`, then `RTFT_JOB_HEADERS` (a JSON object
+    or `Name: value` lines), then each `--header 'Name: value'`; later ones win."""
+    env = os.environ if env is None else env
+    out: dict[str, str] = {}
+    for var in ("RAY_JOB_HEADERS", HEADERS_ENV):
+        if env.get(var):
+            out.update(_header_lines(env[var], f"${var}"))
+    for v in values:
+        out.update(_one_header(v, "--header"))
+    return out
+
+
+def parse_env(values: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`--env NAME=VALUE` or `--env NAME` (copied from this environment) → env_vars."""
+    env = os.environ if env is None else env
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, value = v.partition("=")
+        if not name or not name.replace("_", "a").isalnum():
+            raise JobsError(f"--env: {name!r} is not an environment variable name")
+        if not sep:
+            if name not in env:
+                raise JobsError(f"--env {name}: not set in this environment; give "
+                                f"--env {name}=VALUE")
+            value = env[name]
+        out[name] = value
+    return out
+
+
+def describe_headers(headers: Mapping[str, str]) -> str:
+    """Header names only, never their values: safe to print."""
+    return ", ".join(f"{k}: ***" for k in headers) or "none"
+
+
+# --------------------------------------------------------------------------------------------
+# What to submit
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Submission:
+    """Everything a job submission needs, built and checked before talking to the cluster."""
+
+    spec: Spec
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    staging: Path  # the working_dir folder; removed after upload
+    shipped: list[str] = field(default_factory=list)  # relative paths in working_dir
+    assumed: list[str] = field(default_factory=list)  # absolute paths the cluster must have
+
+    def printable_env(self) -> dict[str, Any]:
+        """The runtime_env with env var values redacted, for printing."""
+        env = dict(self.runtime_env)
+        if "env_vars" in env:
+            env["env_vars"] = redact(env["env_vars"])
+        return env
+
+
+def _local_path(value: str) -> Path | None:
+    """`value` as a local file or folder that exists here, else None (a weights name…)."""
+    if not value or value == "none" or ":" in value.split("/")[0]:
+        return None  # none, rtft:mnist, IMAGENET1K_V1-like names are not paths
+    p = Path(value).expanduser()
+    return p if p.exists() else None
+
+
+def _stage(src: Path, rel: Path, staging: Path) -> None:
+    dst = staging / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    else:
+        shutil.copy2(src, dst)
+
+
+def _relative_to_cwd(p: Path, cwd: Path, what: str, field_name: str) -> Path:
+    try:
+        return p.resolve().relative_to(cwd)
+    except ValueError:
+        raise SpecError(f"{what} {str(p)!r} is a relative path outside the current folder, "
+                        f"which cannot be shipped with the job; allowed: a path under the "
+                        f"current folder, or an absolute path that exists on every cluster "
+                        f"node", field=field_name) from None
+
+
+def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
+            extra_args: Sequence[str] = (), ship_code: bool = True, pip: Sequence[str] = (),
+            env_vars: Mapping[str, str] | None = None, cwd: Path | None = None) -> Submission:
+    """Check the spec and build the job's entrypoint and runtime_env (see the module doc).
+
+    Raises SpecError for a spec that cannot run as a job (relative result folders, relative
+    files outside the current folder). The caller removes `Submission.staging`.
+    """
+    cwd = (cwd or Path.cwd()).resolve()
+    spec_path = Path(spec_file)
+    spec = load_spec(spec_path, overrides)  # the same checks as `rtft search`
+    for field_name, value in (("run.storage_path", spec.run.storage_path),
+                              ("promote.dir", spec.promote.dir)):
+        if not is_uri(value) and not Path(value).expanduser().is_absolute():
+            raise SpecError(
+                f"{value!r} is relative: in a Ray job it would resolve inside the job's "
+                f"temporary working folder on the head node and be lost when the job ends; "
+                f"allowed: an absolute path on storage every node mounts (NFS)"
+                f"{' or an s3:// / gs:// URI' if field_name == 'run.storage_path' else ''}, "
+                f"e.g. --set {field_name}=/mnt/shared/"
+                f"{'rtft_runs' if field_name == 'run.storage_path' else 'models'}",
+                field=field_name)
+    staging = Path(tempfile.mkdtemp(prefix="rtft-job-"))
+    try:
+        shipped, assumed = [], []
+        rel_spec = (spec_path.resolve().relative_to(cwd) if spec_path.resolve().is_relative_to(cwd)
+                    else Path(spec_path.name))
+        _stage(spec_path, rel_spec, staging)
+        shipped.append(str(rel_spec))
+        named = [("model.weights", spec.model.weights)]
+        if spec.data.root:
+            named.append(("data.root", spec.data.root))
+        for field_name, value in named:
+            p = _local_path(value)
+            if p is None:
+                continue
+            if p.is_absolute():
+                assumed.append(str(p))
+                continue
+            rel = _relative_to_cwd(p, cwd, field_name.split(".")[-1], field_name)
+            _stage(p, rel, staging)
+            shipped.append(str(rel))
+        runtime_env: dict[str, Any] = {"working_dir": str(staging)}
+        if ship_code:
+            import raytune_ft
+
+            runtime_env["py_modules"] = [str(Path(raytune_ft.__file__).parent)]
+            runtime_env["excludes"] = ["__pycache__", "*.pyc"]
+        # `python -m raytune_ft.jobs search …` is `rtft search …` run from a private copy of
+        # the working dir (see _job_main); it needs no `rtft` script on the cluster.
+        command = ["python", "-m", "raytune_ft.jobs", "search"]
+        if pip:
+            runtime_env["pip"] = list(pip)
+        if env_vars:
+            runtime_env["env_vars"] = dict(env_vars)
+        args = [str(rel_spec), *[a for o in overrides for a in ("--set", o)], *extra_args]
+        entrypoint = shlex.join(command + args)
+        return Submission(spec, entrypoint, runtime_env, staging, shipped, assumed)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# The Jobs API
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _explicit_address(address: str | None) -> Iterator[None]:
+    """Ray's client lets RAY_API_SERVER_ADDRESS/RAY_ADDRESS override an explicit address; an
+    address given on our command line wins (click already read the env when none was)."""
+    saved = {k: os.environ.pop(k) for k in ADDRESS_ENV if address and k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def client(address: str | None, headers: Mapping[str, str] | None = None) -> Any:
+    """A JobSubmissionClient for `address` (http://head:8265, head:6379, ray://…, auto)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        with _explicit_address(address):
+            return JobSubmissionClient(address, headers=dict(headers or {}))
+    except Exception as e:  # connection refused, auth, no cluster: one readable line
+        raise JobsError(f"cannot reach the Ray Jobs API at {address or '(auto-detect)'}: "
+                        f"{_short(e)}{_auth_hint(e)}") from None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _auth_hint(e: BaseException) -> str:
+    text = str(e)
+    if "401" in text or "403" in text or "uthenticat" in text:
+        return ("; the cluster wants its auth token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                "(or ~/.ray/auth_token), or pass --header 'Authorization: Bearer <token>' "
+                f"(or ${HEADERS_ENV})")
+    return ""
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except JobsError:
+        raise
+    except Exception as e:
+        raise JobsError(f"{_short(e)}{_auth_hint(e)}") from None
+
+
+def submit(spec_file: str | Path, address: str | None, overrides: Sequence[str] = (), *,
+           wait: bool = False, headers: Mapping[str, str] | None = None,
+           ship_code: bool = True, pip: Sequence[str] = (),
+           env_vars: Mapping[str, str] | None = None, extra_args: Sequence[str] = (),
+           echo: Echo = print) -> tuple[str, str | None]:
+    """Submit the search in `spec_file` as a Ray Job; returns (submission id, final status or
+    None). With `wait`, streams the job's logs until it ends."""
+    sub = prepare(spec_file, overrides, extra_args=extra_args, ship_code=ship_code, pip=pip,
+                  env_vars=env_vars)
+    try:
+        c = client(address, headers)
+        import raytune_ft
+
+        job_id = _call(lambda: c.submit_job(
+            entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+            metadata={"rtft_spec": sub.spec.name, "rtft_version": raytune_ft.__version__}))
+    finally:
+        shutil.rmtree(sub.staging, ignore_errors=True)  # uploaded by now (or never will be)
+    echo(f"submitted job {job_id} to {c.get_address()}")
+    echo(f"  entrypoint:  {sub.entrypoint}")
+    echo(f"  shipped:     {', '.join(sub.shipped)}"
+         + (" + raytune_ft (py_modules)" if ship_code else ""))
+    if sub.assumed:
+        echo(f"  on cluster:  {', '.join(sub.assumed)} (absolute: must exist on every node)")
+    if env_vars:
+        echo(f"  env_vars:    {json.dumps(redact(dict(env_vars)))}")
+    echo(f"  results:     {sub.spec.run.storage_path}/{sub.spec.name}; models: "
+         f"{sub.spec.promote.dir}/{sub.spec.name}")
+    if not wait:
+        echo(f"follow it:   rtft jobs logs {job_id} --follow --address {c.get_address()}")
+        return job_id, None
+    return job_id, follow(c, job_id, echo)
+
+
+def follow(c: Any, job_id: str, echo: Echo = print, *, poll_s: float = 1.0) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            echo(chunk.rstrip("\n"))
+
+    try:
+        asyncio.run(tail())
+    except Exception as e:  # the stream may drop (head restart): fall back to polling
+        echo(f"(log stream ended: {_short(e)}; waiting for the job's status)")
+    while True:  # the stream ends when the driver exits; the status follows shortly after
+        status = str(_call(c.get_job_status, job_id))
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+def job_info(c: Any, job_id: str) -> dict[str, Any]:
+    """The job's details as the dashboard's /api/jobs/ID answers them (env values redacted)."""
+    info = _call(c.get_job_info, job_id)
+    data = info.dict() if hasattr(info, "dict") else dict(info.__dict__)
+    env = (data.get("runtime_env") or {}).get("env_vars")
+    if env:
+        data["runtime_env"] = {**data["runtime_env"], "env_vars": redact(env)}
+    return {k: (str(v) if k == "status" else v) for k, v in data.items()}
+
+
+def list_jobs(c: Any) -> list[dict[str, Any]]:
+    """All jobs of the cluster, newest first, as plain dicts."""
+    jobs = [{"submission_id": j.submission_id, "job_id": j.job_id, "status": str(j.status),
+             "entrypoint": j.entrypoint, "start_time": j.start_time, "end_time": j.end_time,
+             "metadata": j.metadata or {}, "message": j.message}
+            for j in _call(c.list_jobs)]
+    return sorted(jobs, key=lambda j: j["start_time"] or 0, reverse=True)
+
+
+def logs(c: Any, job_id: str, *, follow_logs: bool = False, echo: Echo = print) -> str | None:
+    """Print the job's logs so far; with `follow_logs`, keep streaming until it ends."""
+    if follow_logs:
+        return follow(c, job_id, echo)
+    echo(_call(c.get_job_logs, job_id).rstrip("\n"))
+    return None
+
+
+def stop(c: Any, job_id: str) -> bool:
+    """Ask the cluster to stop the job; False when it had already ended."""
+    return bool(_call(c.stop_job, job_id))
+
+
+# --------------------------------------------------------------------------------------------
+# The job's entrypoint on the cluster
+# --------------------------------------------------------------------------------------------
+def _job_main(argv: Sequence[str]) -> int:
+    """`python -m raytune_ft.jobs ARGS…`: run `rtft ARGS…` in a private copy of the job's
+    working dir.
+
+    Seen with Ray 2.60: when a trial's runtime env is set up on the head node, Ray unpacks the
+    job's working_dir package again (`overwrite=True`: rmtree, then extract), so the driver's
+    current folder is deleted under it and Tune's final `os.path.relpath` (which calls
+    `os.getcwd()`) fails with FileNotFoundError after every trial has finished. A copy that
+    only this process owns cannot vanish; relative paths in the spec mean the same there.
+    """
+    from raytune_ft.cli import main
+
+    src = Path.cwd()
+    work = Path(tempfile.mkdtemp(prefix="rtft-job-cwd-"))
+    try:
+        shutil.copytree(src, work, dirs_exist_ok=True, symlinks=True)
+        os.chdir(work)
+        try:
+            main(args=list(argv), prog_name="rtft", standalone_mode=True)
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return 0
+    finally:
+        os.chdir(src if src.exists() else "/")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_job_main(sys.argv[1:]))
