@@ -12,45 +12,137 @@ from torch import nn
 from raytune_ft.models import build_model, freeze_stages, load_state_file, param_groups
 from raytune_ft.spec import Hyperparams, SpecError
 
-FAMILIES = [  # arch, stage count, head path
-    ("resnet18", 5, "fc"),
-    ("mobilenet_v3_small", 13, "classifier.3"),
-    ("efficientnet_b0", 9, "classifier.1"),
-    ("regnet_y_400mf", 5, "fc"),
-    ("convnext_tiny", 8, "classifier.2"),
-    ("vit_b_16", 13, "heads.head"),
+FAMILIES = [  # arch, stage count, head path, input size the test feeds
+    ("resnet18", 5, "fc", 32),
+    ("resnet50", 5, "fc", 32),
+    ("resnext50_32x4d", 5, "fc", 32),
+    ("wide_resnet50_2", 5, "fc", 32),
+    ("regnet_y_400mf", 5, "fc", 32),
+    ("mobilenet_v2", 19, "classifier.1", 32),
+    ("mobilenet_v3_small", 13, "classifier.3", 32),
+    ("mnasnet0_5", 17, "classifier.1", 32),
+    ("efficientnet_b0", 9, "classifier.1", 32),
+    ("convnext_tiny", 8, "classifier.2", 32),
+    ("vit_b_16", 13, "heads.head", 224),
 ]
+ARCHS = [f[0] for f in FAMILIES]
+SIZE = {f[0]: f[3] for f in FAMILIES}
 
 
-@pytest.mark.parametrize("arch, n_stages, head", FAMILIES)
-def test_family_head_and_stages(arch: str, n_stages: int, head: str) -> None:
+@pytest.mark.parametrize("arch, n_stages, head, size", FAMILIES)
+def test_family_head_and_stages(arch: str, n_stages: int, head: str, size: int) -> None:
     built = build_model(arch, 7, Hyperparams(head_hidden=16))
     assert built.head_path == head and len(built.stages) == n_stages
     linears = [m for m in built.head.modules() if isinstance(m, nn.Linear)]
     assert linears[-1].out_features == 7 and linears[0].out_features == 16
-    frozen = freeze_stages(built, 2)
-    frozen_ids = {id(p) for s in built.stages[:2] for p in s.parameters()}
-    for p in built.model.parameters():
-        assert p.requires_grad == (id(p) not in frozen_ids)
-    assert all(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in frozen)
+    for k in (0, 2, n_stages):
+        frozen = freeze_stages(built, k)
+        frozen_ids = {id(p) for s in built.stages[:k] for p in s.parameters()}
+        for p in built.model.parameters():
+            assert p.requires_grad == (id(p) not in frozen_ids)
+        assert all(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in frozen)
+    # Stages partition the backbone: each parameter in at most one, the head in none.
+    ids = [id(p) for s in built.stages for p in s.parameters()]
+    assert len(ids) == len(set(ids))
+    assert not {id(p) for p in built.head.parameters()} & set(ids)
+    built.model.eval()
+    assert built.model(torch.randn(1, 3, size, size)).shape == (1, 7)
 
 
-def test_frozen_batchnorm_statistics_stay_fixed_after_a_step() -> None:
-    built = build_model("resnet18", 3, Hyperparams())
+class _CountActivations(torch.overrides.TorchFunctionMode):
+    """Counts the activation functions a forward pass really calls (modules or functional)."""
+
+    NAMES = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "hardswish", "gelu",
+             "elu", "elu_", "mish", "leaky_relu", "leaky_relu_"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_activation_scope_all_swaps_every_activation(arch: str) -> None:
+    # resnet18 ReLU(inplace) modules are shared across a block; efficientnet's SiLU sit in
+    # squeeze-excite blocks; ViT's GELU in MLP blocks: all must become ELU, gates stay.
+    model = build_model(arch, 3, Hyperparams(activation="elu", activation_scope="all"))
+    head_only = build_model(arch, 3, Hyperparams(activation="elu", head_hidden=8))
+    x = torch.randn(1, 3, SIZE[arch], SIZE[arch])
+    got = {}
+    for name, built in (("all", model), ("head", head_only)):
+        built.model.eval()
+        with torch.no_grad(), _CountActivations() as mode:
+            built.model(x)
+        got[name] = mode.calls
+    assert set(got["all"]) <= {"elu", "elu_"} and sum(got["all"].values()) > 0, got["all"]
+    assert set(got["head"]) - {"elu", "elu_"}, got["head"]  # the backbone keeps its own
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "mobilenet_v3_small",
+                                  "regnet_y_400mf"])
+def test_frozen_batchnorm_statistics_stay_fixed_after_a_step_every_family(arch: str) -> None:
+    built = build_model(arch, 3, Hyperparams())
     norms = freeze_stages(built, 2)
-    before = {id(m): m.running_mean.clone() for m in norms}
-    trainable_bn = built.model.layer3[0].bn1
-    live_before = trainable_bn.running_mean.clone()
+    assert norms
+    before = [m.running_mean.clone() for m in norms]
     model = built.model.train()
     for m in norms:
         m.eval()
+    live = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+            and all(m is not f for f in norms)]
+    live_before = [m.running_mean.clone() for m in live]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    loss = model(torch.randn(4, 3, 32, 32)).sum()
-    loss.backward()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
     opt.step()
-    assert all(torch.equal(m.running_mean, before[id(m)]) for m in norms)
-    assert not torch.equal(trainable_bn.running_mean, live_before)
-    assert built.model.conv1.weight.grad is None  # frozen: no gradient at all
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True))
+    assert any(not torch.equal(m.running_mean, b) for m, b in zip(live, live_before,
+                                                                   strict=True))
+    assert all(p.grad is None for s in built.stages[:2] for p in s.parameters())
+
+
+def tiny_net(model: dict) -> nn.Module:
+    """A factory as a user writes one (model.factory: "test_models:tiny_net")."""
+    width = int(model["options"].get("width", 8))
+    net = nn.Sequential()
+    net.add_module("stem", nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU()))
+    net.add_module("body", nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU()))
+    net.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    net.add_module("out", nn.Linear(width, 1000))
+    return net
+
+
+def test_factory_model_head_stages_and_weights(tmp_path: Path) -> None:
+    from raytune_ft.spec import ModelSpec
+
+    spec = ModelSpec(arch="tiny", factory="test_models:tiny_net", options={"width": 6})
+    built = build_model(spec, 4, Hyperparams(init="orthogonal"))
+    assert built.head_path == "out" and [s.name for s in built.stages] == ["stem", "body",
+                                                                            "pool"]
+    assert built.model(torch.randn(2, 3, 16, 16)).shape == (2, 4)
+    freeze_stages(built, 1)
+    assert not built.model.stem[0].weight.requires_grad and built.model.body[0].weight.requires_grad
+    # Its own state dict (as a user saves it) loads back as pretrained weights.
+    torch.save(tiny_net({"options": {"width": 6}}).state_dict(), tmp_path / "t.pth")
+    again = build_model(spec, 4, Hyperparams(), str(tmp_path / "t.pth"))
+    assert torch.equal(again.model.state_dict()["stem.0.weight"],
+                       torch.load(tmp_path / "t.pth", weights_only=True)["stem.0.weight"])
+    with pytest.raises(SpecError, match="cannot import 'nowhere.at_all:f'"):
+        build_model(ModelSpec(arch="x", factory="nowhere.at_all:f"), 4, Hyperparams())
+
+
+def test_layer_decay_scales_lr_by_depth() -> None:
+    built = build_model("resnet18", 3, Hyperparams())
+    groups = param_groups(built, lr=1.0, weight_decay=0.0, layer_decay=0.5)
+    lr = {g["name"].removesuffix("_no_decay"): g["lr"] for g in groups}
+    assert lr == {"head": 1.0, "00.stem": 0.5 ** 5, "01.layer1": 0.5 ** 4,
+                  "02.layer2": 0.5 ** 3, "03.layer3": 0.25, "04.layer4": 0.5}
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(built.model.parameters()))
 
 
 @pytest.mark.parametrize("scope, relus_left", [("head", True), ("all", False)])

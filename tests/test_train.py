@@ -99,3 +99,46 @@ def test_truncated_checkpoint_is_a_clear_error(setup, tmp_path: Path, hp: Hyperp
     state_file.write_bytes(state_file.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(got[0][1])
+
+
+@pytest.mark.parametrize("knobs", [
+    {"cutmix_alpha": 1.0, "mixup_alpha": 0.2, "layer_decay": 0.6, "head_dropout": 0.2},
+])
+def test_mixup_cutmix_and_layer_decay_train_and_resume_exactly(setup, tmp_path: Path,  # noqa: ANN001
+                                                               knobs: dict) -> None:
+    spec, data = setup
+    hp = Hyperparams(batch_size=32, augment="light", **knobs)
+    full: list = []
+    train(hp, spec=spec, data=data, report=_keep(full, tmp_path / "a"))
+    assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m, _ in full)
+    # The random draws of mixup/cutmix and dropout are seeded per epoch: resume is exact.
+    resumed: list = []
+    train(hp, spec=spec, data=data, report=_keep(resumed, tmp_path / "b"),
+          resume_from=full[0][1])
+    assert resumed[0][0]["train_loss"] == pytest.approx(full[1][0]["train_loss"], rel=1e-5)
+
+
+def test_trains_from_disk_through_a_dataloader(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from raytune_ft.data import Images
+
+    for cls, colour in (("red", (230, 20, 20)), ("blue", (20, 20, 230))):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (24 + i, 20), colour).save(tmp_path / "img" / cls / f"{i}.png")
+    spec = tiny_spec(tmp_path, extra="").model_copy(deep=True)
+    spec = spec.model_validate({**spec.model_dump(), "data": {
+        "source": "imagefolder", "root": str(tmp_path / "img"), "image_size": 16,
+        "preload": "never", "workers": 1, "val_fraction": 0.2, "test_fraction": 0.2}})
+    data = prepare(spec.data)
+    assert isinstance(data.train_x, Images)  # streamed, not preloaded
+    got: list = []
+    result = train(Hyperparams(batch_size=8, augment="light", lr=0.01), spec=spec, data=data,
+                   report=lambda m, f: got.append(m), checkpoints=False)
+    assert [m["epoch"] for m in got] == [1, 2] and got[-1]["images_per_s"] > 0
+    # Streamed validation sees the very pixels a preloaded run would.
+    held = prepare(spec.data.model_copy(update={"preload": "always"}), workers=0)
+    assert isinstance(held.val_x, torch.Tensor) and torch.equal(held.val_y, data.val_y)
+    loss, acc = evaluate(result.model, held.val_x, held.val_y)
+    assert (acc, loss) == pytest.approx((got[-1]["val_acc"], got[-1]["val_loss"]), rel=1e-5)
