@@ -68,3 +68,12 @@ def test_help_has_examples() -> None:
 def test_resume_needs_a_run_folder_with_its_spec(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["resume", str(tmp_path)])
     assert res.exit_code == 2 and "spec.yaml" in res.output and "file not found" in res.output
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml")))
+def test_every_shipped_search_space_validates(name: str) -> None:
+    # Weights and datasets need not exist to validate (nothing is downloaded or read).
+    res = CliRunner().invoke(main, ["validate", str(ROOT / "search_spaces" / name)])
+    assert res.exit_code == 0, res.output
+    assert "stages (freeze_depth=k freezes the first k)" in res.output
+    assert "image_size: " in res.output and "image_size: null" not in res.output
