@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from raytune_ft.models import build_model, freeze_stages, load_state_file, param_groups
+from raytune_ft.models import (
+    build_model,
+    freeze_stages,
+    load_state_file,
+    param_groups,
+    resolve_weights,
+)
 from raytune_ft.spec import Hyperparams, SpecError
 
 FAMILIES = [  # arch, stage count, head path, input size the test feeds
@@ -173,17 +179,25 @@ def test_reinit_blocks_changes_only_the_last_blocks(backbone_file: Path) -> None
     assert not torch.equal(keep["layer4.1.conv1.weight"], re["layer4.1.conv1.weight"])
 
 
-def test_state_dict_file_gives_same_backbone_outputs(backbone_file: Path) -> None:
+def test_state_dict_file_through_a_spec_gives_the_same_logits(tmp_path: Path,
+                                                                backbone_file: Path) -> None:
     import torchvision
+    from conftest import tiny_spec
 
+    # A user's torchvision-format state dict (1000-class head), named as the spec's weights.
+    spec = tiny_spec(tmp_path, weights=str(backbone_file))
     ref = torchvision.models.resnet18(weights=None)
     ref.load_state_dict(torch.load(backbone_file, weights_only=True))
-    built = build_model("resnet18", 4, Hyperparams(), str(backbone_file))
-    ref.fc = nn.Identity()
-    built.model.fc = nn.Identity()
+    built = build_model(spec.model, 4, Hyperparams(),
+                        resolve_weights(spec.model.weights, spec.model.arch,
+                                        spec.data.image_size))
+    # Same backbone features, and the same logits once the new head holds the old head's rows.
+    with torch.no_grad():
+        built.head[-1].weight.copy_(ref.fc.weight[:4])
+        built.head[-1].bias.copy_(ref.fc.bias[:4])
     x = torch.randn(2, 3, 32, 32)
     ref.eval(), built.model.eval()
-    assert torch.allclose(ref(x), built.model(x), atol=1e-6)
+    assert torch.allclose(ref(x)[:, :4], built.model(x), atol=1e-5)
 
 
 def test_safetensors_file_loads(tmp_path: Path, backbone_file: Path) -> None:
