@@ -1,0 +1,531 @@
+"""Search efficiency: how much compute TPE + ASHA needs to reach a good model, against random.
+
+    python bench/efficiency.py                 # record the pool once (resumable), replay, live run
+    python bench/efficiency.py --record-only   # only record the learning curves (background job)
+    python bench/efficiency.py --smoke         # seconds: tiny pool, 2 seeds, no live run
+
+How it works (the way Syne Tune's simulator and tabular benchmarks do it):
+
+1. **Record** the learning curves of a fixed pool of configurations once, with our real
+   ``train()`` on the default task (``search_spaces/resnet.yaml``), 1 thread per trial, 2 trials
+   at a time: the default space's baseline plus random draws from it, and random draws from a
+   larger space with every fine-tuning knob. Per epoch: val_acc, val_loss and the epoch's wall
+   time. The pool is cached in ``bench/results/efficiency_pool.jsonl`` (committed; a missing or
+   partial file is completed, never redone). A curve stopped at epoch k is exactly what a trial
+   stopped there would have seen: the LR schedule depends on ``max_epochs`` only.
+2. **Replay** searches through the REAL code: Ray's ``OptunaSearch`` with our ``define_by_run``
+   space and ``make_sampler`` sampler (TPE or random, the baseline enqueued first as rtft does),
+   and our ``_PersistentASHA`` (Ray's ``ASHAScheduler``) or Ray's ``FIFOScheduler``, driven by
+   a discrete-event loop with 2 trials in flight, called in the order Ray's TuneController calls
+   them (scheduler.on_trial_result, searcher.on_trial_result / on_trial_complete). A sampled
+   configuration is mapped to the **nearest pool configuration** (numeric knobs scaled to [0, 1],
+   log-scaled where the space is; a differing categorical or an active/inactive mismatch counts
+   1), so TPE sees and models the real space, not a list of indices; the searcher is told the
+   nearest configuration's result.
+3. Every method gets the same budget of trained epochs; "compute to a good model" is the number
+   of trained epochs (and simulated wall seconds) until some trial reports a val_acc within
+   0.5 pp of the best val_acc any method found on that space.
+4. One **live** ``run_search`` (TPE + ASHA, 8 trials) checks the replay: its trials' curves
+   against their nearest pool configurations', its epochs and best value against the replay's.
+5. Optuna ask + tell per trial at 100 and 1,000 trials with our space (journal storage, as
+   ``run_search`` uses), and the sampler's share of a trial's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+# Runnable from a checkout without `pip install -e .`: the repository root and bench/.
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+from _common import (  # noqa: E402
+    DEFAULT_SPEC,
+    RESULTS,
+    SMOKE_OVERRIDES,
+    Results,
+    median,
+    table,
+)
+
+from raytune_ft.spec import Spec, load_spec, parse_spec  # noqa: E402
+
+# Every fine-tuning knob the trainer implements, searched at once ("the harder setting").
+LARGE_SEARCH = {
+    "lr": {"space": "loguniform", "low": 1.0e-4, "high": 3.0e-2},
+    "optimizer": {"space": "choice", "values": ["sgd", "adam", "adamw"]},
+    "momentum": {"space": "uniform", "low": 0.8, "high": 0.99, "when": {"optimizer": "sgd"}},
+    "weight_decay": {"space": "loguniform", "low": 1.0e-6, "high": 1.0e-2},
+    "backbone_lr_mult": {"space": "loguniform", "low": 0.01, "high": 1.0},
+    "freeze_depth": {"space": "int", "low": 0, "high": 5},
+    "unfreeze_at_epoch": {"space": "int", "low": 0, "high": 3},
+    "init": {"space": "choice",
+             "values": ["default", "kaiming_normal", "xavier_uniform", "orthogonal",
+                        "trunc_normal"]},
+    "reinit_blocks": {"space": "int", "low": 0, "high": 2},
+    "activation": {"space": "choice", "values": ["relu", "gelu", "silu", "mish"]},
+    "activation_scope": {"space": "choice", "values": ["head", "all"]},
+    "head_hidden": {"space": "choice", "values": [0, 128, 256]},
+    "head_dropout": {"space": "uniform", "low": 0.0, "high": 0.5},
+    "batch_size": {"space": "choice", "values": [32, 64]},
+    "label_smoothing": {"space": "uniform", "low": 0.0, "high": 0.2},
+    "warmup_epochs": {"space": "uniform", "low": 0.0, "high": 1.0},
+    "augment": {"space": "choice", "values": ["none", "light", "strong"]},
+    "grad_clip": {"space": "choice", "values": [0.0, 1.0]},
+}
+METHODS = {  # name → (sampler, scheduler)
+    "tpe+asha": ("tpe", "asha"),
+    "random full": ("random", "none"),
+    "random+asha": ("random", "asha"),
+    "tpe (no asha)": ("tpe", "none"),
+}
+GOOD_PP = 0.005  # "good": within 0.5 percentage points of the best val_acc found
+START_S = 1.0  # simulated per-trial start-up (bench/overhead.py measures ours)
+
+
+# --------------------------------------------------------------------------------------------
+# Specs: the default task with its own space, and with every knob searched
+# --------------------------------------------------------------------------------------------
+def spaces(smoke: bool) -> dict[str, Spec]:
+    """{'default': resnet.yaml, 'large': resnet.yaml with LARGE_SEARCH} (tiny task in smoke)."""
+    overrides = SMOKE_OVERRIDES + ["train.max_epochs=2"] if smoke else []
+    default = load_spec(DEFAULT_SPEC, overrides)
+    raw = yaml.safe_load(DEFAULT_SPEC.read_text())
+    raw["search"] = LARGE_SEARCH
+    if smoke:
+        raw["search"]["unfreeze_at_epoch"] = {"space": "int", "low": 0, "high": 1}
+    large = parse_spec(yaml.safe_dump(raw), file="large-space", overrides=overrides)
+    return {"default": default, "large": large}
+
+
+def with_method(spec: Spec, sampler: str, scheduler: str, seed: int) -> Spec:
+    """`spec` with the searcher's sampler and seed and the scheduler type replaced."""
+    return spec.model_copy(update={
+        "searcher": spec.searcher.model_copy(update={"sampler": sampler, "seed": seed}),
+        "scheduler": spec.scheduler.model_copy(update={"type": scheduler})})
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Recording the pool
+# --------------------------------------------------------------------------------------------
+def pool_params(spec: Spec, n: int, seed: int, baseline: bool) -> list[dict[str, Any]]:
+    """`n` configurations of `spec`'s space: the baseline first (if asked), then random draws
+    through the same define-by-run function the search uses."""
+    import optuna
+
+    from raytune_ft.space import baseline_params, sample_params
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    if baseline:
+        study.enqueue_trial(baseline_params(spec))
+    out = []
+    for _ in range(n):
+        t = study.ask()
+        out.append(sample_params(spec, t))
+        study.tell(t, 0.0)
+    return out
+
+
+_WORKER_DATA: dict[str, Any] = {}
+
+
+def _record_one(spec_json: dict, params: dict[str, Any]) -> dict[str, Any]:
+    """In a worker process: train one configuration, return its per-epoch curve."""
+    import torch
+
+    from raytune_ft.data import prepare
+    from raytune_ft.pretrain import ensure_backbone
+    from raytune_ft.space import hparams_for
+    from raytune_ft.train import train
+
+    torch.set_num_threads(1)
+    spec = Spec.model_validate(spec_json)
+    key = json.dumps(spec_json["data"], sort_keys=True)
+    if key not in _WORKER_DATA:
+        ensure_backbone(spec, echo=lambda s: None)
+        _WORKER_DATA[key] = prepare(spec.data)
+    curve: list[dict[str, Any]] = []
+    last = [time.perf_counter()]
+
+    def report(m: dict[str, Any], folder: Any) -> None:
+        now = time.perf_counter()
+        curve.append({"epoch": m["epoch"], "val_acc": m["val_acc"], "val_loss": m["val_loss"],
+                      "seconds": round(now - last[0], 3), "diverged": m["diverged"]})
+        last[0] = now
+
+    t0 = time.perf_counter()
+    error = None
+    try:
+        train(hparams_for(spec, params), spec=spec, data=_WORKER_DATA[key], report=report,
+              num_threads=1, checkpoints=False)
+    except Exception as e:  # a failed configuration is part of the pool, as in a search
+        error = f"{type(e).__name__}: {e}"
+    return {"params": params, "curve": curve, "error": error,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def record_pool(path: Path, specs: dict[str, Spec], sizes: dict[str, int],
+                workers: int) -> dict[str, list[dict[str, Any]]]:
+    """Record (or complete) the pool in `path`, a JSON-lines file; returns {space: entries}."""
+    want = {name: pool_params(spec, sizes[name], seed=1234, baseline=True)
+            for name, spec in specs.items()}
+    have: dict[tuple[str, int], dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                e = json.loads(line)
+                have[(e["space"], e["index"])] = e
+    todo = [(name, i, p) for name, ps in want.items() for i, p in enumerate(ps)
+            if (name, i) not in have or have[(name, i)]["params"] != p]
+    if todo:
+        print(f"recording {len(todo)} learning curves into {path} ({workers} at a time)",
+              flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        jobs = [(specs[name].model_dump(mode="json"), p) for name, _, p in todo]
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(open(path, "a"))
+            if workers > 1:
+                ex = stack.enter_context(ProcessPoolExecutor(workers,
+                                                             mp_context=get_context("spawn")))
+                results: Any = ex.map(_record_one, *zip(*jobs, strict=False))
+            else:  # in this process: no worker start-up (--smoke)
+                results = (_record_one(*job) for job in jobs)
+            for k, ((name, i, _), got) in enumerate(zip(todo, results, strict=False)):
+                e = {"space": name, "index": i, **got}
+                f.write(json.dumps(e) + "\n")
+                f.flush()  # resumable: every finished curve is on disk at once
+                have[(name, i)] = e
+                best = max((c["val_acc"] for c in e["curve"]), default=float("nan"))
+                print(f"  [{k + 1}/{len(todo)}] {name} #{i}: best val_acc {best:.4f} "
+                      f"in {e['seconds']:.0f} s", flush=True)
+    return {name: [have[(name, i)] for i in range(len(ps))] for name, ps in want.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Replay through Ray's OptunaSearch + our ASHA
+# --------------------------------------------------------------------------------------------
+class Nearest:
+    """Maps a configuration of `spec`'s space to the nearest pool entry."""
+
+    def __init__(self, spec: Spec, pool: list[dict[str, Any]]) -> None:
+        self.search = {n: p for n, p in spec.search.items() if p.space != "fixed"}
+        self.pool = pool
+        self.vecs = [self._vec(e["params"]) for e in pool]
+
+    def _vec(self, params: dict[str, Any]) -> list[Any]:
+        out: list[Any] = []
+        for name, p in self.search.items():
+            v = params.get(name)
+            if v is None:
+                out.append(None)
+            elif p.space == "choice":
+                out.append(("c", v))
+            elif p.space == "loguniform" or (p.space == "int" and p.log):
+                out.append(math.log(max(v, 1e-12) / p.low) / math.log(p.high / p.low))
+            else:
+                out.append((v - p.low) / (p.high - p.low))
+        return out
+
+    def __call__(self, params: dict[str, Any]) -> int:
+        v = self._vec(params)
+
+        def dist(w: list[Any]) -> float:
+            d = 0.0
+            for a, b in zip(v, w, strict=False):
+                if a is None or b is None or isinstance(a, tuple):
+                    d += 0.0 if a == b else 1.0
+                else:
+                    d += (a - b) ** 2
+            return d
+
+        return min(range(len(self.vecs)), key=lambda i: dist(self.vecs[i]))
+
+
+def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
+           budget_epochs: int | None = None, num_trials: int | None = None,
+           concurrency: int = 2) -> dict[str, Any]:
+    """One simulated search: the trace of (epochs so far, simulated seconds, val_acc)."""
+    import numpy as np
+    import optuna
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raytune_ft.search import _PersistentASHA
+    from raytune_ft.space import baseline_params, define_by_run, make_sampler
+
+    sampler_name, sched_type = METHODS[method]
+    s = with_method(spec, sampler_name, sched_type, seed)
+    np.random.seed(seed)  # ASHA's bracket draw uses numpy's global RNG (one bracket: no-op)
+    storage = optuna.storages.InMemoryStorage()
+    study_name = f"replay-{seed}"
+    study = optuna.create_study(study_name=study_name, storage=storage,
+                                direction="maximize" if s.mode == "max" else "minimize")
+    if s.searcher.baseline_first:
+        study.enqueue_trial(baseline_params(s), skip_if_exists=True)
+    searcher = OptunaSearch(space=define_by_run(s), sampler=make_sampler(s), metric=s.metric,
+                            mode=s.mode, storage=storage, study_name=study_name)
+    tmp = tempfile.TemporaryDirectory(prefix="rtft-replay-")
+    if sched_type == "asha":
+        scheduler: Any = _PersistentASHA(
+            Path(tmp.name), protect_first=s.searcher.baseline_first,
+            time_attr="training_iteration", max_t=s.max_t, metric=s.metric, mode=s.mode,
+            grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    nearest = Nearest(s, pool)
+    now, epochs, started = 0.0, 0, 0
+    running: dict[str, dict[str, Any]] = {}  # trial id → {trial, curve, epoch, t_next}
+    trace: list[tuple[int, float, float]] = []
+    picked: list[int] = []
+
+    def can_start() -> bool:
+        if num_trials is not None:
+            return started < num_trials
+        return epochs < budget_epochs  # type: ignore[operator]
+
+    while True:
+        while len(running) < concurrency and can_start():
+            tid = f"t{started:04d}"
+            started += 1
+            cfg = searcher.suggest(tid)
+            idx = nearest(cfg)
+            picked.append(idx)
+            trial = SimpleNamespace(trial_id=tid, config=cfg)
+            scheduler.on_trial_add(None, trial)
+            curve = pool[idx]["curve"]
+            running[tid] = {"trial": trial, "curve": curve, "epoch": 0,
+                            "t_next": now + START_S + (curve[0]["seconds"] if curve else 0)}
+        if not running:
+            break
+        tid, r = min(running.items(), key=lambda kv: kv[1]["t_next"])
+        now = r["t_next"]
+        curve = r["curve"]
+        if not curve:  # a configuration that failed before its first epoch
+            searcher.on_trial_complete(tid, error=True)
+            scheduler.on_trial_remove(None, r["trial"])
+            del running[tid]
+            continue
+        point = curve[r["epoch"]]
+        r["epoch"] += 1
+        epochs += 1
+        result = {"training_iteration": r["epoch"], "epoch": r["epoch"],
+                  "val_acc": point["val_acc"], "val_loss": point["val_loss"]}
+        trace.append((epochs, now, point[s.metric]))
+        action = scheduler.on_trial_result(None, r["trial"], result)
+        last = r["epoch"] >= len(curve) or point.get("diverged")
+        if action == "STOP" or last:
+            scheduler.on_trial_complete(None, r["trial"], result)
+            searcher.on_trial_complete(tid, result=result)
+            del running[tid]
+        else:
+            searcher.on_trial_result(tid, result)
+            r["t_next"] = now + curve[r["epoch"]]["seconds"]
+    tmp.cleanup()
+    return {"trace": trace, "trials": started, "epochs": epochs, "seconds": now,
+            "distinct_configs": len(set(picked))}
+
+
+def to_target(trace: list[tuple[int, float, float]], target: float) -> tuple[float, float]:
+    """(epochs, simulated seconds) until a reported value reaches `target`; inf if never."""
+    for e, t, v in trace:
+        if v >= target:
+            return float(e), t
+    return math.inf, math.inf
+
+
+def efficiency_tables(specs: dict[str, Spec], pools: dict[str, list[dict]], seeds: int,
+                      budget_trials: int) -> dict[str, Any]:
+    """Replay every method × seed on every space; epochs and seconds to a good model."""
+    out: dict[str, Any] = {}
+    for name, spec in specs.items():
+        pool = pools[name]
+        budget = budget_trials * spec.max_t
+        runs = {m: [replay(spec, pool, m, seed, budget_epochs=budget) for seed in range(seeds)]
+                for m in METHODS}
+        best = max(v for rs in runs.values() for r in rs for _, _, v in r["trace"])
+        target = best - GOOD_PP
+        rows = {}
+        for m, rs in runs.items():
+            hits = [to_target(r["trace"], target) for r in rs]
+            rows[m] = {"epochs_to_good": [h[0] for h in hits],
+                       "seconds_to_good": [round(h[1], 1) for h in hits],
+                       "median_epochs": median([h[0] for h in hits]),
+                       "median_seconds": median([h[1] for h in hits]),
+                       "reached": sum(math.isfinite(h[0]) for h in hits),
+                       "trials": median([r["trials"] for r in rs]),
+                       "distinct_configs": median([r["distinct_configs"] for r in rs]),
+                       "best": median([max(v for _, _, v in r["trace"]) for r in rs])}
+        ref = rows["random full"]["median_epochs"]
+        for r in rows.values():
+            r["vs_random_full"] = (r["median_epochs"] / ref
+                                   if math.isfinite(ref) and ref > 0 else None)
+        out[name] = {"pool_size": len(pool), "pool_best": max(
+            (c["val_acc"] for e in pool for c in e["curve"]), default=None),
+            "best_found": best, "target": target, "budget_epochs": budget, "seeds": seeds,
+            "methods": rows}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Live check, 5. sampler cost
+# --------------------------------------------------------------------------------------------
+def live_check(spec: Spec, pool: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
+    """A real TPE + ASHA search of 8 trials, compared with the replay of the same setting."""
+    from raytune_ft.search import run_search
+
+    n = 8
+    with tempfile.TemporaryDirectory(prefix="rtft-live-") as tmp:
+        s = spec.model_copy(update={
+            "name": "efficiency-live",
+            "run": spec.run.model_copy(update={"num_samples": n, "storage_path": tmp}),
+            "promote": spec.promote.model_copy(update={"dir": str(Path(tmp) / "models")})})
+        t0 = time.perf_counter()
+        outcome = run_search(s, echo=lambda line: None, quiet=True)
+        wall = time.perf_counter() - t0
+    nearest = Nearest(spec, pool)
+    diffs = []
+    for rec in outcome.records:
+        curve = pool[nearest(rec.params)]["curve"]
+        for h in rec.history:
+            e = h.get("epoch")
+            if e and e <= len(curve) and h.get("val_acc") is not None:
+                diffs.append(abs(h["val_acc"] - curve[e - 1]["val_acc"]))
+    live_epochs = sum(len(r.history) for r in outcome.records)
+    live_best = max((h["val_acc"] for r in outcome.records for h in r.history
+                     if h.get("val_acc") is not None), default=float("nan"))
+    reps = [replay(spec, pool, "tpe+asha", seed, num_trials=n) for seed in range(seeds)]
+    return {"trials": n, "live_wall_s": round(wall, 1), "live_epochs": live_epochs,
+            "live_best_val_acc": live_best,
+            "replay_epochs_median": median([r["epochs"] for r in reps]),
+            "replay_best_median": median([max(v for _, _, v in r["trace"]) for r in reps]),
+            "replay_seconds_median": median([r["seconds"] for r in reps]),
+            "nearest_curve_abs_diff_median": median(diffs),
+            "nearest_curve_abs_diff_max": max(diffs, default=float("nan"))}
+
+
+def ask_tell_cost(spec: Spec, marks: list[int]) -> dict[str, float]:
+    """Mean ms of one ask + define-by-run + tell around each trial count in `marks`, with
+    TPE as `make_sampler` configures it and the journal storage `run_search` uses."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from raytune_ft.space import define_by_run, make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = with_method(spec, "tpe", "asha", 0)
+    fn = define_by_run(s)
+    rng = random.Random(0)
+    out: dict[str, float] = {}
+    window = 10
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = JournalStorage(JournalFileBackend(str(Path(tmp) / "j.log")))
+        study = optuna.create_study(storage=storage, sampler=make_sampler(s),
+                                    direction="maximize")
+        times: list[float] = []
+        for _ in range(max(marks)):
+            t0 = time.perf_counter()
+            t = study.ask()
+            fn(t)
+            study.tell(t, rng.random())
+            times.append(time.perf_counter() - t0)
+        for m in marks:
+            out[str(m)] = 1000 * sum(times[m - window:m]) / window
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny pool and task: seconds")
+    ap.add_argument("--record-only", action="store_true", help="record the pool and stop")
+    ap.add_argument("--pool-size", type=int, default=32,
+                    help="configurations of the default space")
+    ap.add_argument("--large-pool-size", type=int, default=16,
+                    help="configurations of the large space")
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--budget-trials", type=int, default=16,
+                    help="epoch budget per replayed search, in full trials")
+    ap.add_argument("--workers", type=int, default=2, help="recording processes")
+    ap.add_argument("--no-live", action="store_true", help="skip the live check run")
+    ap.add_argument("--out", help="results folder (default bench/results)")
+    args = ap.parse_args()
+    out_dir = Path(args.out) if args.out else RESULTS
+    if args.smoke:
+        args.pool_size, args.large_pool_size, args.seeds = 3, 3, 2
+        args.budget_trials, args.no_live = 4, True
+        args.workers = 1
+    res = Results("efficiency", smoke=args.smoke, out_dir=out_dir)
+    specs = spaces(args.smoke)
+    pool_file = out_dir / ("efficiency_pool_smoke.jsonl" if args.smoke
+                           else "efficiency_pool.jsonl")
+    pools = record_pool(pool_file, specs,
+                        {"default": args.pool_size, "large": args.large_pool_size}, args.workers)
+    if args.record_only:
+        return
+
+    eff = efficiency_tables(specs, pools, args.seeds, args.budget_trials)
+    print(f"\ncompute to a good model (val_acc within {100 * GOOD_PP:.1f} pp of the best any "
+          f"method found), median of {args.seeds} seeds, replayed, 2 trials at a time")
+    for name, e in eff.items():
+        print(f"\n{name} space: pool {e['pool_size']} configs, best found "
+              f"{e['best_found']:.4f}, budget {e['budget_epochs']} epochs")
+        print(table(["method", "epochs", "vs random full", "sim. seconds", "reached",
+                     "trials", "best val_acc"],
+                    [[m, r["median_epochs"], r["vs_random_full"], r["median_seconds"],
+                      f"{r['reached']}/{e['seeds']}", r["trials"], r["best"]]
+                     for m, r in e["methods"].items()]))
+
+    live = None
+    if not args.no_live:
+        live = live_check(specs["default"], pools["default"], args.seeds)
+        print("\nlive check (real run_search, TPE + ASHA, 8 trials) vs replay of the same:")
+        print(table(["", "epochs", "best val_acc"],
+                    [["live", live["live_epochs"], live["live_best_val_acc"]],
+                     ["replay (median)", live["replay_epochs_median"],
+                      live["replay_best_median"]]]))
+        print(f"live trials' val_acc vs their nearest pool curve: median |diff| "
+              f"{live['nearest_curve_abs_diff_median']:.4f}, max "
+              f"{live['nearest_curve_abs_diff_max']:.4f}")
+
+    marks = [10, 30] if args.smoke else [100, 1000]
+    cost = {name: ask_tell_cost(spec, marks) for name, spec in specs.items()}
+    trial_s = median([e["seconds"] for e in pools["default"] if e["curve"]])
+    print(f"\nOptuna TPE ask + tell per trial (ms; anchor ≈ 17 ms at 1,000 trials × 8 params), "
+          f"share of a median full trial ({trial_s:.1f} s)")
+    rows = []
+    for name, c in cost.items():
+        n_params = sum(p.space != "fixed" for p in specs[name].search.values())
+        for m, ms in c.items():
+            rows.append([f"{name} ({n_params} params)", m, ms, 100 * ms / 1000 / trial_s])
+    print(table(["space", "trials", "ms/trial", "% of trial"], rows))
+    path = res.write(efficiency=eff, live=live if live else "skipped", ask_tell_ms=cost,
+                     median_trial_s=trial_s, pool_file=str(pool_file),
+                     settings={"pool_size": args.pool_size,
+                               "large_pool_size": args.large_pool_size, "seeds": args.seeds,
+                               "budget_trials": args.budget_trials, "good_pp": GOOD_PP,
+                               "start_s": START_S})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    main()

@@ -1,0 +1,93 @@
+"""The benchmark scripts run from a checkout (their --smoke modes) and write what they claim.
+
+No timing is asserted: only that each script runs end to end in a fresh process and that its
+results JSON holds the machine description, the load, and every figure its table prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _run(script: str, out: Path) -> dict:
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads((out / f"{script.removesuffix('.py')}.json").read_text())
+    assert data["smoke"] is True
+    m = data["machine"]
+    assert m["cpus"] >= 1 and m["torch"] and m["ray"] and m["optuna"]
+    assert len(data["load_start"]) == 3 and len(data["load_end"]) == 3
+    return data | {"_stdout": proc.stdout}
+
+
+@pytest.mark.slow
+def test_overhead_smoke(tmp_path: Path) -> None:
+    data = _run("overhead.py", tmp_path)
+    assert set(data["summary"]) == {"a", "b", "c"}
+    for way, s in data["summary"].items():
+        assert s["wall_s"] > 0 and s["driver_cpu_s"] > 0, way
+    run = data["runs"][0]
+    # Every way ran both trials, and the trainer's timestamps were seen from each of them.
+    assert all(run[w]["trials_seen"] == 2 for w in "abc"), run
+    assert run["c"]["ray_init_s"] > 0 and len(run["c"]["ray_start_to_ready"]) == 2
+    assert {"c/a", "c/b"} <= set(data["ratios"])
+    assert "(c) rtft run_search" in data["_stdout"]
+
+
+@pytest.mark.slow
+def test_trainer_smoke(tmp_path: Path) -> None:
+    data = _run("trainer.py", tmp_path)
+    cpu = data["cpu"]
+    assert cpu["ours_img_s"] > 0 and cpu["hand_img_s"] > 0 and cpu["ratio"] > 0
+    assert cpu["checkpoint_save_s"] > 0 and 0 < cpu["checkpoint_share"] < 1
+    assert cpu["checkpoint_mb"] > 1  # a resnet18 with its optimizer state
+    import torch
+
+    if torch.cuda.is_available():
+        assert data["gpu"]["ours_img_s"] > 0
+    else:
+        assert data["gpu"] == {"skipped": "no CUDA device"}
+
+
+@pytest.mark.slow
+def test_efficiency_smoke(tmp_path: Path) -> None:
+    data = _run("efficiency.py", tmp_path)
+    pool = [json.loads(x) for x in
+            (tmp_path / "efficiency_pool_smoke.jsonl").read_text().splitlines()]
+    assert len(pool) == 6 and all(len(e["curve"]) == 2 for e in pool)
+    for space in ("default", "large"):
+        e = data["efficiency"][space]
+        assert set(e["methods"]) == {"tpe+asha", "random full", "random+asha", "tpe (no asha)"}
+        assert e["target"] == pytest.approx(e["best_found"] - 0.005)
+        for r in e["methods"].values():
+            assert len(r["epochs_to_good"]) == 2 and r["trials"] >= 1
+        # ASHA stops trials early, so within the same epoch budget it starts more of them.
+        assert e["methods"]["random+asha"]["trials"] >= e["methods"]["random full"]["trials"]
+        assert all(v > 0 for v in data["ask_tell_ms"][space].values())
+    assert data["live"] == "skipped"
+    # A second run reuses the recorded pool instead of training again.
+    again = _run("efficiency.py", tmp_path)
+    assert "recording" not in again["_stdout"]
+
+
+@pytest.mark.slow
+def test_gpu_smoke(tmp_path: Path) -> None:
+    import torch
+
+    data = _run("gpu.py", tmp_path)
+    if torch.cuda.is_available():
+        assert data["summary"]["1"]["total_img_s"] > 0
+    else:
+        assert data["skipped"] == "no CUDA device"
+        assert "skipped" in data["_stdout"]
