@@ -264,7 +264,8 @@ def _folder(root: str, field_name: str, classes: list[str] | None = None
             ) -> tuple[list[str], list[int], list[str]]:
     from torchvision.datasets import ImageFolder
 
-    path = Path(root).expanduser()
+    # Absolute: trials run in their own working folders, on other nodes too.
+    path = Path(root).expanduser().resolve()
     if not path.is_dir():
         raise SpecError(f"data root {str(path)!r} is not a folder; it must hold one sub-folder "
                         f"of images per class", field=field_name)
@@ -363,7 +364,8 @@ def _torchvision(d: DataSpec) -> Dataset:
         if kwargs is None:
             continue
         try:
-            ds = cls(root=str(Path(d.root or "").expanduser()), download=d.download, **kwargs)
+            ds = cls(root=str(Path(d.root or "").expanduser().resolve()), download=d.download,
+                     **kwargs)
         except (RuntimeError, FileNotFoundError, OSError) as e:
             raise SpecError(f"torchvision {d.source} ({split} split) not found or incomplete "
                             f"under {d.root!r}: {str(e).splitlines()[0]}; put the dataset "

@@ -141,3 +141,14 @@ def test_imagefolder_errors(tmp_path: Path, setup, words: str) -> None:  # noqa:
     setup(root)
     with pytest.raises(SpecError, match=words):
         load_dataset(DataSpec(source="imagefolder", root=str(root), image_size=8))
+
+
+def test_relative_root_still_reads_from_another_working_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Trials run in their own folders (Ray's trial dirs, other nodes): paths must be absolute.
+    _tree(tmp_path / "proj" / "img")
+    monkeypatch.chdir(tmp_path / "proj")
+    s = prepare(DataSpec(source="imagefolder", root="img", image_size=8, preload="never"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert s.train_x[0].float().max() > 200  # a real pixel, not the black stand-in
