@@ -52,7 +52,10 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {folder} is incomplete: {e.filename} missing") from e
     except Exception as e:  # truncated zip, refused pickle, bad JSON
-        raise CheckpointError(f"checkpoint {folder} cannot be read: {e}") from e
+        # First line only: torch's refusal of a pickle runs to a page of advice.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {folder} cannot be read ({type(e).__name__}: "
+                              f"{first})") from e
     if not {"model", "optimizer", "epoch"} <= set(state):
         raise CheckpointError(f"checkpoint {folder} is not an rtft checkpoint")
     return state, config

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _clean_stale_tmp(root: Path) -> None:
+    """Remove temporary folders left by promotions on this host whose process is gone (killed
+    mid-way); they were never renamed into place, so nothing refers to them."""
+    for p in root.glob(".tmp-*"):
+        m = re.fullmatch(r"\.tmp-(.+)-(\d+)-[0-9a-f]+", p.name)
+        if not m or m.group(1) != socket.gethostname():
+            continue  # another host's (shared storage) or an older name: not ours to judge
+        try:
+            os.kill(int(m.group(2)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def _next_version(root: Path) -> int:
     nums = [int(m.group(1)) for p in root.glob("v*") if (m := re.fullmatch(r"v(\d+)", p.name))]
     return max(nums, default=0) + 1
@@ -189,6 +205,7 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
         return []
     root = Path(spec.promote.dir).expanduser().resolve() / spec.name
     root.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(root)
     out = []
     for rank, rec in enumerate(chosen, 1):
         state, config = load_checkpoint(rec.best_checkpoint)
@@ -198,7 +215,8 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
         test_loss, test_acc = evaluate(model, splits.test_x, splits.test_y, mean=mean, std=std)
         best_epoch = next((h for h in rec.history if h.get("epoch") == state["epoch"]), {})
         params = {**rec.params}
-        tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
+        # Named by host and pid, so a later promotion can tell an abandoned one from a live one.
+        tmp = root / f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             from safetensors.torch import save_file
@@ -237,7 +255,9 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        (root / "LATEST").write_text(dest.name + "\n")
+        latest = root / f".LATEST-{os.getpid()}"
+        latest.write_text(dest.name + "\n")
+        os.replace(latest, root / "LATEST")  # a reader sees the old name or the new one
         echo(f"promoted trial {rec.trial_id} (rank {rank}): val {spec.metric} "
              f"{rec.best(spec.metric):.4f}, held-out test acc {test_acc:.4f} → {dest}")
         out.append(dest)

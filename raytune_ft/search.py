@@ -14,7 +14,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -43,7 +45,7 @@ from raytune_ft.promote import (
     trial_table,
 )
 from raytune_ft.space import baseline_params, define_by_run, hparams_for, make_sampler
-from raytune_ft.spec import Hyperparams, Spec, SpecError, load_spec, spec_to_yaml
+from raytune_ft.spec import Hyperparams, Spec, SpecError, check_fit, load_spec, spec_to_yaml
 from raytune_ft.train import train
 
 __all__ = ["SearchOutcome", "load_records", "preflight", "rung_summary", "run_search",
@@ -86,6 +88,7 @@ def _trainable(config: dict[str, Any], spec_json: dict, data: Splits) -> None:
         tune.report(metrics, checkpoint=ckpt)
 
     checkpoint = tune.get_checkpoint()
+    report = _inject_faults(report, checkpoint)  # a no-op unless RTFT_TEST_FAULTS is set
     try:
         if checkpoint is None:
             train(hp, spec=spec, data=data, report=report, num_threads=threads)
@@ -103,6 +106,38 @@ def _trainable(config: dict[str, Any], spec_json: dict, data: Splits) -> None:
     torch.cuda.empty_cache()
     raise TrialOOMError(f"CUDA out of memory with batch_size {hp.batch_size}; try a smaller "
                         f"batch or fewer trials per GPU (run.resources.gpu)")
+
+
+# Test-only fault injection (tests/test_hardening.py), off unless RTFT_TEST_FAULTS names a
+# folder: the first trial to start claims it, dies after its first checkpoint, and on its retry
+# finds that checkpoint truncated on disk, as a crash mid-write or a failing disk leaves it.
+_FAULTS_ENV = "RTFT_TEST_FAULTS"
+
+
+def _inject_faults(report: Callable[..., None], checkpoint: Any) -> Callable[..., None]:
+    folder = os.environ.get(_FAULTS_ENV)
+    if not folder:
+        return report
+    trial_id = tune.get_context().get_trial_id()
+    claim = Path(folder) / "victim"
+    if checkpoint is None:
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return report  # another trial is the victim
+        os.write(fd, trial_id.encode())
+        os.close(fd)
+
+        def crash_after(metrics: dict[str, Any], ckpt: Path | None) -> None:
+            report(metrics, ckpt)
+            raise RuntimeError(f"injected crash after epoch {metrics['epoch']} ({_FAULTS_ENV})")
+
+        return crash_after
+    if claim.exists() and claim.read_text() == trial_id:  # the retry: truncate what it resumes
+        state = Path(checkpoint.path) / "state.pt"
+        with open(state, "r+b") as f:
+            f.truncate(state.stat().st_size // 2)
+    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,6 +510,61 @@ def preflight(spec: Spec, num_classes: int) -> None:
                         f"{len(built.stages)}", field="search.freeze_depth")
 
 
+# Room for a few checkpoints and run files; a search that fills the disk mid-way loses trials.
+_MIN_FREE_BYTES = 200 * 2**20
+
+
+def _check_writable(path: str, field: str) -> None:
+    """Refuse, before launch, a local folder that cannot be created or written (a file in the
+    way, no permission, a read-only mount) or whose disk is nearly full. URIs (s3://, gs://)
+    are left to the storage layer. Nothing is left behind: the probe file is removed."""
+    if "://" in path:
+        return
+    target = Path(path).expanduser().absolute()
+    base = target
+    while not base.exists() and base != base.parent:  # the folder that holds what we create
+        base = base.parent
+    if not base.is_dir():
+        raise SpecError(f"{str(target)!r} cannot be a folder: {str(base)!r} is a file; "
+                        f"allowed: a folder path (created if missing)", field=field)
+    try:  # as root, permission bits say nothing: try it
+        fd, probe = tempfile.mkstemp(prefix=".rtft-write-check-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SpecError(f"{str(target)!r} is not writable ({e.strerror} in {base}); allowed: "
+                        f"a folder you can write to", field=field) from None
+    free = shutil.disk_usage(base).free
+    if free < _MIN_FREE_BYTES:
+        raise SpecError(f"{str(target)!r}: the disk is full ({free / 2**20:.0f} MB free in "
+                        f"{base}); allowed: a folder on a disk with at least "
+                        f"{_MIN_FREE_BYTES // 2**20} MB free", field=field)
+
+
+def _local_resources() -> dict[str, float]:
+    """What a local Ray started here would offer, keyed like ray.cluster_resources()."""
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost missing folder on the way to `path` (None when `path` exists)."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
+def _check_cluster_fit(spec: Spec, created: Path | None) -> None:
+    """check_fit against the Ray this process is joined to; on refusal, remove the folders
+    the run lock created, so that a refused search leaves nothing behind."""
+    try:
+        check_fit(spec, ray.cluster_resources(), where="the Ray cluster")
+    except SpecError:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
 @contextlib.contextmanager
 def _run_lock(run_dir: Path) -> Iterator[None]:
     """One search per run folder at a time: a second one is refused, never interleaved."""
@@ -508,6 +598,11 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     t0 = time.monotonic()
     run_dir = Path(spec.run.storage_path).expanduser().resolve() / spec.name
     # Everything that can be wrong with the input fails here, before Ray or any file.
+    _check_writable(spec.run.storage_path, "run.storage_path")
+    _check_writable(spec.promote.dir, "promote.dir")
+    local = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
+    if local:  # the Ray we would start gets this machine's CPUs and GPUs
+        check_fit(spec, _local_resources(), where="this machine")
     ensure_backbone(spec, echo=echo)
     splits = prepare(spec.data)
     preflight(spec, splits.num_classes)
@@ -528,9 +623,12 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
         if comparable(load_spec(run_dir / "spec.yaml")) != comparable(spec):
             raise SpecError(f"--resume with a spec that differs from the run's own "
                             f"{run_dir / 'spec.yaml'}; resume with that file", field="name")
+    created = _first_missing(run_dir)  # what the lock creates: removed if the fit check fails
     with _run_lock(run_dir):
         started = _ensure_ray(address, echo)
         try:
+            if not local:  # a cluster, or a Ray this process already runs: ask it
+                _check_cluster_fit(spec, created)
             (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
             (run_dir / "data.json").write_text(json.dumps(splits.fingerprint, indent=1))
             echo(f"results: {run_dir}")

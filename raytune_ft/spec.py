@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 import graphlib
+import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -23,8 +25,10 @@ __all__ = [
     "Spec",
     "SpecError",
     "apply_overrides",
+    "check_fit",
     "load_spec",
     "parse_spec",
+    "redact",
     "spec_to_yaml",
     "weights_meta",
 ]
@@ -88,7 +92,8 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/NaN anywhere: `gpu: .inf` or `lr: {low: .nan}` is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +354,7 @@ class Resources(_Strict):
     @field_validator("gpu")
     @classmethod
     def _fraction_or_whole(cls, v: float) -> float:
-        if v > 1 and v != int(v):
+        if v > 1 and not v.is_integer():
             raise ValueError("gpu above 1 must be a whole number (fractions pack trials on one "
                              "GPU)")
         return v
@@ -496,12 +501,27 @@ def param_order(search: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Loading: YAML → lines map → overrides → pydantic → SpecError with file/field/line.
 # --------------------------------------------------------------------------------------------
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# A spec is a few hundred values. YAML aliases can make a short file expand to billions
+# ("billion laughs"); anything past this many values (counted with aliases expanded) or this
+# deep is refused before it is built.
+_MAX_VALUES = 100_000
+_MAX_DEPTH = 50
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate keys instead of keeping the last one."""
+    """A SafeLoader that refuses duplicate keys instead of keeping the last one, and keys that
+    are not plain scalars (a `? [a, b]` key cannot name a field)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base`: merged keys may be overridden
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain word, not a list or mapping",
+                    key_node.start_mark)
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -511,26 +531,59 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _line_map(node: yaml.Node | None, path: tuple = (), out: dict | None = None) -> dict:
+def _check_size(node: yaml.Node | None) -> None:
+    """Refuse a document that expands (aliases included) past _MAX_VALUES or _MAX_DEPTH."""
+    sizes: dict[int, int] = {}  # per node, memoised: an alias costs one lookup, not a walk
+
+    def size(n: yaml.Node, depth: int) -> int:
+        if depth > _MAX_DEPTH:
+            raise yaml.MarkedYAMLError(problem=f"nested deeper than {_MAX_DEPTH} levels; "
+                                               f"a spec is a few levels deep",
+                                       problem_mark=n.start_mark)
+        if id(n) not in sizes:
+            kids = ([c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode) else
+                    n.value if isinstance(n, yaml.SequenceNode) else [])
+            sizes[id(n)] = 1 + sum(size(c, depth + 1) for c in kids)
+            if sizes[id(n)] > _MAX_VALUES:
+                raise yaml.MarkedYAMLError(problem=f"more than {_MAX_VALUES:,} values once "
+                                                   f"aliases are expanded",
+                                           problem_mark=n.start_mark)
+        return sizes[id(n)]
+
+    if node is not None:
+        size(node, 0)
+
+
+def _line_map(node: yaml.Node | None, path: tuple = (), out: dict | None = None,
+              seen: set[int] | None = None) -> dict:
     out = {} if out is None else out
-    if node is None:
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:  # an alias: its lines were mapped where it was defined
         return out
+    seen.add(id(node))
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                continue  # refused by the loader; no path to map
             key = k.value
-            _line_map(v, (*path, key), out)
+            _line_map(v, (*path, key), out, seen)
             out[(*path, key)] = k.start_mark.line + 1  # a field's line is its key's line
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            _line_map(v, (*path, i), out)
+            _line_map(v, (*path, i), out, seen)
     return out
 
 
 def _read_yaml(text: str, file: str) -> tuple[dict, dict]:
     try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_size(node)  # before anything is built from it
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-        lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
+        lines = _line_map(node)
+    except RecursionError:
+        raise SpecError(f"YAML error: nested deeper than {_MAX_DEPTH} levels; a spec is a few "
+                        f"levels deep", file=file) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = e.problem or e.context or "invalid YAML"
@@ -548,7 +601,7 @@ def _read_yaml(text: str, file: str) -> tuple[dict, dict]:
                         "search_spaces/resnet.yaml)", file=file)
     if not isinstance(data, dict):
         raise SpecError(f"the spec must be a mapping of sections, not a "
-                        f"{type(data).__name__}", file=file, line=1)
+                        f"{type(data).__name__}", file=file, line=lines.get((), 1))
     return data, lines
 
 
@@ -613,7 +666,9 @@ def _error_from_validation(e: ValidationError, file: str, lines: dict, overridde
             loc = loc[:2] + loc[3:]
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = (*loc, "space")
-        message = _message(err, loc, data)
+        loc, in_union = _drop_union_labels(loc)
+        message = (f"got {_short(_get(data, loc))}; allowed: a plain value (text, number, "
+                   f"true/false or null)" if in_union else _message(err, loc, data))
     loc = tuple(loc)
     field = ".".join(str(p) for p in loc) or None
     line = None
@@ -624,8 +679,21 @@ def _error_from_validation(e: ValidationError, file: str, lines: dict, overridde
             if loc[:n] in lines:
                 line = lines[loc[:n]]
                 break
-    more = f" ({len(errs) - 1} more problem(s) after this one.)" if len(errs) > 1 else ""
+    # One problem per place: a value no member of a union accepts is one problem, not four.
+    places = {_drop_union_labels(tuple(x["loc"]))[0] for x in errs}
+    more = f" ({len(places) - 1} more problem(s) after this one.)" if len(places) > 1 else ""
     return SpecError(message + more, file=file, field=field, line=line)
+
+
+_UNION_LABEL = re.compile(r"bool|int|float|str|none|(list|nullable|union)\[.*\]")
+
+
+def _drop_union_labels(loc: tuple) -> tuple[tuple, bool]:
+    """`search.x.values.0.bool` → `search.x.values.0`: pydantic names the member of a union
+    of plain values (bool, int, …) it tried; that is no part of the user's field path."""
+    head, tail = loc[:3], [p for p in loc[3:]
+                           if not (isinstance(p, str) and _UNION_LABEL.fullmatch(p))]
+    return (*head, *tail), len(tail) < len(loc[3:])
 
 
 def _message(err: dict, loc: tuple, data: dict) -> str:
@@ -641,8 +709,17 @@ def _message(err: dict, loc: tuple, data: dict) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         return msg
     value = _get(data, loc)
-    got = f"got {value!r}; " if value is not _MISSING else ""
+    got = f"got {_short(value)}; " if value is not _MISSING else ""
     return got + _allowed(err)
+
+
+def _short(value: Any) -> str:
+    """repr() of a value from the spec, cut short: an error stays one readable paragraph."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60
+    return r.repr(value)
 
 
 _MISSING = object()
@@ -701,3 +778,54 @@ def spec_to_yaml(spec: Spec) -> str:
     """The resolved spec as YAML: every default spelled out, loadable by :func:`parse_spec`."""
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Before launch: do the trials fit the cluster? Secrets kept out of saved files and logs.
+# --------------------------------------------------------------------------------------------
+def check_fit(spec: Spec, cluster: Mapping[str, float], *, where: str = "the cluster") -> int:
+    """How many trials of `spec` fit at once on `cluster`, by resources alone.
+
+    `cluster` holds totals keyed like Ray's ``ray.cluster_resources()`` ("CPU", "GPU"); the
+    search runs at most ``run.max_concurrent_trials`` of the trials that fit. When not even one
+    trial fits, Ray would leave every trial PENDING forever (ray#24259): raises
+    :class:`SpecError` on `run.resources` naming what a trial asks and what `where` has.
+    Totals only: per-node packing (2 GPUs per trial on two 1-GPU nodes) is Ray's to judge.
+    """
+    res = spec.run.resources
+    have = {k: float(cluster.get(k, 0) or 0) for k in ("CPU", "GPU")}
+    ask = {"CPU": res.cpu, "GPU": res.gpu}
+    eps = 1e-9  # 0.1 + 0.2 GPU must fit in 0.3
+    short = [k for k in ask if ask[k] > have[k] + eps]
+    if short:
+        gpu_hint = (" (it has no GPU: set run.resources.gpu: 0, or run on a GPU cluster with "
+                    "--address)" if "GPU" in short and have["GPU"] == 0 else "")
+        raise SpecError(
+            f"each trial asks for {res.cpu:g} CPU and {res.gpu:g} GPU, but {where} has "
+            f"{have['CPU']:g} CPU and {have['GPU']:g} GPU{gpu_hint}; Ray would leave every "
+            f"trial pending forever; allowed: cpu <= {have['CPU']:g}, gpu <= {have['GPU']:g}",
+            field="run.resources")
+    return int(min(math.floor(have[k] / ask[k] + eps) for k in ask if ask[k] > 0))
+
+
+# Environment variable names whose values are secrets (matched anywhere in the name, any case).
+_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|^AWS_|^RAY_AUTH",
+                          re.IGNORECASE)
+
+
+def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `mapping` whose secret-looking keys (TOKEN, KEY, SECRET, PASSWORD, AWS_*,
+    RAY_AUTH*, …) have their values replaced by "***", in nested mappings and lists too.
+
+    For everything written or printed that may hold environment variables (a runtime_env's
+    `env_vars`, a submitted job's settings): the names stay visible, the values never do.
+    """
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return redact(value)
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return {k: "***" if isinstance(k, str) and _SECRET_NAME.search(k) else clean(v)
+            for k, v in mapping.items()}
