@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,10 +35,11 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from raytune_ft.data import Splits, prepare
-from raytune_ft.models import build_model, resolve_weights
+from raytune_ft.models import build_model, cache_dir, resolve_weights
 from raytune_ft.pretrain import ensure_backbone
 from raytune_ft.promote import (
     TrialRecord,
+    choose,
     fmt,
     promote,
     ranked,
@@ -367,15 +370,35 @@ _RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0",
 
 
 def _ensure_ray(address: str | None, echo: Echo) -> bool:
-    """Join `address` (or $RAY_ADDRESS), or start a local Ray; True when we started it."""
+    """Join `address` (or $RAY_ADDRESS), or start a local Ray; True when we started it.
+
+    `auto` and `host:6379` join as a driver (on a cluster node, or inside a Ray job);
+    `ray://host:10001` joins through Ray Client (the Tune loop then runs on the head node, so
+    run.storage_path must be storage both sides see). `http://head:8265` is the Jobs API,
+    which ray.init cannot join: `rtft search --address http://…` submits a job instead.
+    """
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        echo(f"connected to Ray at {address}")
+        if address.startswith(("http://", "https://")):
+            raise SpecError(f"{address} is the cluster's dashboard / Jobs API, which a driver "
+                            f"cannot join; allowed: `rtft submit SPEC --address {address}` (or "
+                            f"`rtft search --address {address}`, which submits a job), 'auto' "
+                            f"or host:6379 on a cluster node, ray://host:10001 (Ray Client)")
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = (" The cluster uses token authentication: set RAY_AUTH_MODE=token and "
+                    "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token); Ray sends the "
+                    "token to an explicit address only then." if "uthenticat" in str(e) else "")
+            raise SpecError(f"cannot join the Ray cluster at {address}: {first}.{hint}") from None
+        echo(f"connected to Ray at {address}"
+             + (" (Ray Client: the search loop runs on the head node)"
+                if address.startswith("ray://") else ""))
         return True
     ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
                    logging_level=logging.WARNING, configure_logging=True)
@@ -383,6 +406,213 @@ def _ensure_ray(address: str | None, echo: Echo) -> bool:
     if url:
         echo(f"Ray dashboard: http://{url}  (bound to 127.0.0.1)")
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# Storage: a local folder (shared by every node on a cluster), or an s3:// / gs:// URI
+# --------------------------------------------------------------------------------------------
+# rtft's own run files. With a URI storage_path they are written to a local staging folder on
+# the driver's machine (the Optuna journal is appended on every ask and tell, ASHA's rungs are
+# rewritten on every decision: too chatty for object storage) and uploaded to the run's URI
+# after every finished trial and at the end. Ray writes its experiment (checkpoints, results,
+# TensorBoard files) to the URI itself, from the node each trial runs on.
+_RUN_FILES = ("spec.yaml", "data.json", "trials.json", "optuna.journal", "asha_rungs.json",
+              "asha_decisions.jsonl")
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    """Where a run lives: `local` holds rtft's files (the run folder itself, or with a URI
+    storage_path its staging copy); `remote` is the run's URI (s3://bucket/prefix/<name>)."""
+
+    local: Path
+    remote: str | None = None
+
+    @property
+    def root(self) -> str:
+        """The run folder as the user named it: a path, or a URI."""
+        return self.remote or str(self.local)
+
+    @property
+    def tune_path(self) -> str:
+        """Ray's experiment folder (or URI)."""
+        return f"{self.root}/{TUNE_DIR}"
+
+
+def run_location(spec: Spec) -> RunLocation:
+    """The run folder of `spec`; for a URI storage_path, its local staging folder under the
+    rtft cache ($RTFT_CACHE/staging/<hash of the URI>/<name>) and the URI."""
+    storage = spec.run.storage_path
+    if _is_uri(storage):
+        remote = f"{storage.rstrip('/')}/{spec.name}"
+        digest = hashlib.sha1(remote.encode()).hexdigest()[:12]
+        return RunLocation(cache_dir() / "staging" / digest / spec.name, remote)
+    return RunLocation(Path(storage).expanduser().resolve() / spec.name)
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    """pyarrow filesystem and path for a URI (endpoint and credentials from the environment:
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, … for S3 and S3-compatible stores such as MinIO)."""
+    import pyarrow
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pyarrow.ArrowException, OSError, ValueError) as e:
+        raise SpecError(f"cannot open {uri}: {e}; allowed: s3://bucket/prefix or "
+                        f"gs://bucket/prefix, with credentials (and for MinIO-like stores "
+                        f"AWS_ENDPOINT_URL) in the environment", field="run.storage_path") from None
+
+
+def _exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:  # no such bucket, no access: say so before anything runs
+        raise SpecError(f"cannot read {uri}: {e}", field="run.storage_path") from None
+
+
+def _tune_exists(loc: RunLocation) -> bool:
+    if loc.remote is None:
+        return (loc.local / TUNE_DIR / "tuner.pkl").exists()
+    return _exists(f"{loc.tune_path}/tuner.pkl")
+
+
+def _upload_run_files(loc: RunLocation) -> None:
+    """Copy rtft's run files from the staging folder to the run's URI (no-op for a path)."""
+    if loc.remote is None:
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(loc.remote)
+    for name in _RUN_FILES:
+        src = loc.local / name
+        if src.exists():
+            pafs.copy_files(str(src), f"{root}/{name}", destination_filesystem=fs)
+
+
+def _download_run_files(loc: RunLocation) -> None:
+    """Fetch the run files that the staging folder lacks (a resume on another machine). Files
+    already here are kept: they are at least as new as the uploaded ones."""
+    if loc.remote is None:
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(loc.remote)
+    loc.local.mkdir(parents=True, exist_ok=True)
+    for name in _RUN_FILES:
+        dst = loc.local / name
+        if not dst.exists() and fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File:
+            pafs.copy_files(f"{root}/{name}", str(dst), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+
+
+def _localize_checkpoints(records: list[TrialRecord], loc: RunLocation) -> None:
+    """Download the checkpoints promotion will read (only those) into the staging folder."""
+    import pyarrow.fs as pafs
+
+    for rec in records:
+        if rec.best_checkpoint and _is_uri(rec.best_checkpoint):
+            fs, path = _fs(rec.best_checkpoint)
+            dst = loc.local / "checkpoints" / f"trial_{rec.trial_id}" / Path(path).name
+            if not dst.exists():
+                tmp = dst.with_name(dst.name + ".part")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)  # pyarrow copies into the folder, creating no parents
+                pafs.copy_files(path, str(tmp), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                os.replace(tmp, dst)
+            rec.best_checkpoint = str(dst)
+
+
+class _UploadRunFiles(tune.Callback):
+    """After each finished trial, upload rtft's run files to the run's URI (a few small files;
+    Ray uploads its own experiment state itself)."""
+
+    def __init__(self, loc: RunLocation) -> None:
+        self.loc = loc
+
+    def _upload(self) -> None:
+        try:
+            _upload_run_files(self.loc)
+        except Exception:  # a failed upload is retried next time; never end the search on it
+            logging.getLogger(__name__).exception("could not upload run files to %s",
+                                                  self.loc.remote)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._upload()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._upload()
+
+
+def _read_probe(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def check_shared_storage(root: Path, echo: Echo, timeout_s: float = 120.0) -> None:
+    """On a cluster with more than one alive node, prove that the local storage path `root`
+    is the same storage on every node: write a token file here and read it back with a tiny
+    task pinned to each node. Raises SpecError (run.storage_path) naming the nodes that cannot.
+
+    Since Ray 2.7, each trial writes its checkpoints to storage_path from the node it runs on
+    and nothing is synced to the head node; with a node-local path the checkpoints end up
+    scattered over the nodes and restore/promotion cannot find them, and the old failure was
+    confusing (ray issue 37177). So a local path must be shared (NFS, …), or use a URI.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    probe = root / f".rtft-shared-check-{token}"
+    probe.write_text(token)
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+        refs = {n["NodeID"]: read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(str(probe)) for n in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        names = {n["NodeID"]: f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
+                 for n in nodes}
+        bad, unknown = [], []
+        for node_id, ref in refs.items():
+            if ref not in ready:
+                unknown.append(names[node_id])
+                continue
+            try:
+                seen = ray.get(ref)
+            except Exception:  # the node died meanwhile: it will not run trials either
+                unknown.append(names[node_id])
+                continue
+            if seen != token:
+                bad.append(names[node_id])
+    finally:
+        probe.unlink(missing_ok=True)
+    if bad:
+        raise SpecError(
+            f"{root} is not shared storage: this cluster has {len(nodes)} nodes and "
+            f"{len(bad)} of them ({', '.join(bad)}) cannot read a file written there by the "
+            f"driver. Every trial writes its checkpoints from the node it runs on and Ray no "
+            f"longer syncs them to the head node (since Ray 2.7), so results would be "
+            f"scattered and lost; allowed: a path mounted at the same place on every node "
+            f"(NFS, a shared volume), or an s3://bucket/prefix or gs://bucket/prefix URI",
+            field="run.storage_path")
+    if unknown:
+        echo(f"warning: could not check that {root} is shared on node(s) "
+             f"{', '.join(unknown)} within {timeout_s:.0f}s")
+    else:
+        echo(f"storage: {root} is shared by all {len(nodes)} nodes")
 
 
 def _trainable_for(spec: Spec, splits: Splits) -> Any:
@@ -426,6 +656,8 @@ def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -
                                  reduction_factor=sch.reduction_factor)
                  if sch.type == "asha" else FIFOScheduler())
     budget = _FailureBudget(spec.run.max_failed_trials, echo)
+    loc = run_location(spec)
+    uploads = [_UploadRunFiles(loc)] if loc.remote else []
     return tune.Tuner(
         _trainable_for(spec, splits),
         tune_config=tune.TuneConfig(
@@ -434,13 +666,13 @@ def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -
             trial_name_creator=lambda t: t.trial_id,
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=str(run_dir),
+            name=TUNE_DIR, storage_path=loc.remote or str(run_dir),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=spec.run.checkpoints_to_keep,
                 checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
             verbose=0, stop=budget,
-            callbacks=[_Progress(spec, echo, quiet), _TensorBoard(spec), budget]),
+            callbacks=[_Progress(spec, echo, quiet), _TensorBoard(spec), budget, *uploads]),
     )
 
 
@@ -457,6 +689,9 @@ def _records(results: Any, metric: str, mode: str) -> list[TrialRecord]:
         if r.best_checkpoints:
             ckpt = r.get_best_checkpoint(metric, mode)
             best = ckpt.path if ckpt else None
+            scheme = getattr(getattr(ckpt, "filesystem", None), "type_name", "local")
+            if best and scheme not in ("local", "mock"):  # keep the URI: s3://bucket/...
+                best = f"{'gs' if scheme == 'gcs' else scheme}://{best.lstrip('/')}"
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name.removeprefix("trial_")
         out.append(TrialRecord(trial_id=trial_id, params=dict(r.config or {}), history=history,
                                best_checkpoint=best,
@@ -468,7 +703,9 @@ def load_records(run_dir: str | Path, spec: Spec) -> list[TrialRecord]:
     """The trials of a finished (or interrupted) run, read back through Ray's ResultGrid."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    analysis = ExperimentAnalysis(str(Path(run_dir).resolve() / TUNE_DIR),
+    path = (run_location(spec).tune_path if _is_uri(spec.run.storage_path)
+            else str(Path(run_dir).resolve() / TUNE_DIR))
+    analysis = ExperimentAnalysis(path,
                                   default_metric=spec.metric,
                                   default_mode=spec.mode)
     return _records(ResultGrid(analysis), spec.metric, spec.mode)
@@ -596,7 +833,12 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     ones restart from their last checkpoint, the searcher and ASHA's rungs are restored).
     """
     t0 = time.monotonic()
-    run_dir = Path(spec.run.storage_path).expanduser().resolve() / spec.name
+    loc = run_location(spec)  # with an s3:// or gs:// storage_path: a local staging folder
+    run_dir = loc.local
+    if _is_uri(spec.promote.dir):
+        raise SpecError(f"{spec.promote.dir!r}: promoted models are written to a local or "
+                        f"mounted folder; allowed: a path (on a cluster job, one on shared "
+                        f"storage)", field="promote.dir")
     # Everything that can be wrong with the input fails here, before Ray or any file.
     _check_writable(spec.run.storage_path, "run.storage_path")
     _check_writable(spec.promote.dir, "promote.dir")
@@ -608,7 +850,9 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     preflight(spec, splits.num_classes)
     echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
          f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
-    exists = (run_dir / TUNE_DIR / "tuner.pkl").exists()
+    exists = _tune_exists(loc)
+    if exists and resume:
+        _download_run_files(loc)  # a resume on another machine: rtft's files from the URI
     if exists and not resume:
         raise SpecError(f"a run named {spec.name!r} already exists in {run_dir.parent}; pass "
                         f"--resume to continue it, or --set name=... for a new run", field="name")
@@ -629,16 +873,19 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
         try:
             if not local:  # a cluster, or a Ray this process already runs: ask it
                 _check_cluster_fit(spec, created)
+            if loc.remote is None:
+                check_shared_storage(run_dir.parent, echo)
             (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
             (run_dir / "data.json").write_text(json.dumps(splits.fingerprint, indent=1))
-            echo(f"results: {run_dir}")
-            echo(f"watch:   tensorboard --logdir {run_dir} --host 127.0.0.1")
+            echo(f"results: {loc.root}" + (f"  (rtft's files staged in {run_dir})"
+                                           if loc.remote else ""))
+            echo(f"watch:   tensorboard --logdir {loc.root} --host 127.0.0.1")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning (TPE options)
                 if exists and resume:
                     echo("resuming: finished trials are kept, running ones restart from their "
                          "last checkpoint")
-                    tuner = tune.Tuner.restore(str(run_dir / TUNE_DIR),
+                    tuner = tune.Tuner.restore(loc.tune_path,
                                                trainable=_trainable_for(spec, splits),
                                                resume_unfinished=True, resume_errored=True)
                 else:
@@ -650,6 +897,8 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
                 ray.shutdown()
     (run_dir / "trials.json").write_text(json.dumps([r.__dict__ for r in records], indent=1,
                                                     default=str))
+    _upload_run_files(loc)
+    _localize_checkpoints(choose(records, spec.metric, spec.promote.top_k), loc)
     echo("")
     echo(f"{len(records)} trials: {rung_summary(records, spec)}")
     echo(summary_table(records, spec))
