@@ -21,6 +21,7 @@ from raytune_ft.spec import Hyperparams, ModelSpec, SpecError, weights_meta
 
 __all__ = [
     "RECIPES",
+    "absolute_weights",
     "Built",
     "Stage",
     "build_model",
@@ -55,6 +56,13 @@ def recipe_path(name: str, arch: str, image_size: int) -> Path:
     key = json.dumps({"arch": arch, "image_size": image_size, **RECIPES[name]}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return cache_dir() / "pretrained" / f"{arch}-{name}-{image_size}px-{digest}.pth"
+
+
+def absolute_weights(weights: str) -> str:
+    """A weights file named relative to the working folder, made absolute (names, `rtft:`
+    recipes and `none` pass through)."""
+    p = Path(weights).expanduser()
+    return str(p.resolve()) if not weights.startswith("rtft:") and p.exists() else weights
 
 
 def resolve_weights(weights: str, arch: str, image_size: int) -> str:

@@ -35,7 +35,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from raytune_ft.data import Splits, prepare
-from raytune_ft.models import build_model, cache_dir, resolve_weights
+from raytune_ft.models import absolute_weights, build_model, cache_dir, resolve_weights
 from raytune_ft.pretrain import ensure_backbone
 from raytune_ft.promote import (
     TrialRecord,
@@ -617,8 +617,12 @@ def check_shared_storage(root: Path, echo: Echo, timeout_s: float = 120.0) -> No
 
 def _trainable_for(spec: Spec, splits: Splits) -> Any:
     res = spec.run.resources
+    spec_json = spec.model_dump(mode="json")
+    # Trials run in their own folders: a weights file named relative to where rtft was
+    # started must reach them as an absolute path.
+    spec_json["model"]["weights"] = absolute_weights(spec.model.weights)
     return tune.with_resources(
-        tune.with_parameters(_trainable, spec_json=spec.model_dump(mode="json"),
+        tune.with_parameters(_trainable, spec_json=spec_json,
                              data=splits.without_test()),
         {"cpu": res.cpu, "gpu": res.gpu})
 

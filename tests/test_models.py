@@ -250,3 +250,13 @@ def test_param_groups_lr_mult_and_no_decay_on_norms_and_biases() -> None:
     assert all(p.ndim > 1 for p in groups["backbone"]["params"])
     n = sum(len(g["params"]) for g in groups.values())
     assert n == len(list(built.model.parameters()))
+
+
+def test_relative_weights_file_made_absolute_for_trials(tmp_path: Path, backbone_file: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from raytune_ft.models import absolute_weights
+
+    monkeypatch.chdir(backbone_file.parent)
+    assert absolute_weights(backbone_file.name) == str(backbone_file.resolve())
+    assert [absolute_weights(w) for w in ("none", "IMAGENET1K_V1", "rtft:mnist")] == \
+        ["none", "IMAGENET1K_V1", "rtft:mnist"]
