@@ -167,7 +167,7 @@ def _stages_table(spec: Spec) -> str:
     from raytune_ft.models import build_model, count_params
     from raytune_ft.spec import Hyperparams
 
-    built = build_model(spec.model.arch, 10, Hyperparams(), "none")
+    built = build_model(spec.model, 10, Hyperparams(), "none")
     lines = [f"{spec.model.arch} stages (freeze_depth=k freezes the first k):"]
     for i, s in enumerate(built.stages, 1):
         lines.append(f"  {i:>2}. {s.name:<14} {sum(p.numel() for p in s.parameters()):>12,} "
