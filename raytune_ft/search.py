@@ -703,10 +703,28 @@ def _records(results: Any, metric: str, mode: str) -> list[TrialRecord]:
     return sorted(out, key=lambda t: t.trial_id)
 
 
+def _records_from_json(run_dir: Path) -> list[TrialRecord] | None:
+    """The run's trials.json, when no search has touched the run since it was written: the
+    same records run_search built, without re-reading every trial's results (Ray's
+    ExperimentAnalysis takes seconds over a few hundred trials). None: read Ray's state."""
+    path, states = run_dir / "trials.json", list((run_dir / TUNE_DIR).glob("experiment_state*"))
+    if not path.exists() or not states:
+        return None
+    if path.stat().st_mtime < max(s.stat().st_mtime for s in states):
+        return None  # a resumed search ran since, or one is running
+    try:
+        return [TrialRecord(**r) for r in json.loads(path.read_text())]
+    except (ValueError, TypeError):  # hand-edited or from another version: Ray's state decides
+        return None
+
+
 def load_records(run_dir: str | Path, spec: Spec) -> list[TrialRecord]:
-    """The trials of a finished (or interrupted) run, read back through Ray's ResultGrid."""
+    """The trials of a finished (or interrupted) run: its trials.json when that is current,
+    else read back through Ray's ResultGrid."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
+    if not _is_uri(spec.run.storage_path) and (fast := _records_from_json(Path(run_dir))):
+        return fast
     path = (run_location(spec).tune_path if _is_uri(spec.run.storage_path)
             else str(Path(run_dir).resolve() / TUNE_DIR))
     analysis = ExperimentAnalysis(path,

@@ -60,6 +60,9 @@ SOURCES: dict[str, tuple[int, bool]] = {
 METRICS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class SpecError(ValueError):
     """A spec the tool refuses: one paragraph naming the file, the field and the YAML line."""
 
@@ -88,7 +91,9 @@ class SpecError(ValueError):
         if self.line is not None:
             where += f", line {self.line}"
         field = f" field '{self.field}':" if self.field else ""
-        return f"{where}:{field} {self.message}"
+        # One paragraph whatever the spec holds: a key or value with a newline or another
+        # control character is shown escaped (as Python writes it), never as a line break.
+        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], f"{where}:{field} {self.message}")
 
 
 class _Strict(BaseModel):
@@ -577,9 +582,13 @@ def _line_map(node: yaml.Node | None, path: tuple = (), out: dict | None = None,
 
 def _read_yaml(text: str, file: str) -> tuple[dict, dict]:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # parsed once: nodes with lines
         _check_size(node)  # before anything is built from it
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _StrictLoader("")
+        try:
+            data = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
         lines = _line_map(node)
     except RecursionError:
         raise SpecError(f"YAML error: nested deeper than {_MAX_DEPTH} levels; a spec is a few "
@@ -594,8 +603,13 @@ def _read_yaml(text: str, file: str) -> tuple[dict, dict]:
                        f"plain YAML is read (no !!python or other tags)")
         raise SpecError(f"YAML error: {problem}", file=file,
                         line=mark.line + 1 if mark else None) from None
+    except yaml.reader.ReaderError as e:  # a control character: binary, not a text file
+        char = f"0x{e.character:02x}" if isinstance(e.character, int) else repr(e.character)
+        raise SpecError(f"YAML error: {e.reason} (character {char} at offset {e.position}); "
+                        f"a spec is plain text", file=file,
+                        line=text[: e.position].count("\n") + 1) from None
     except yaml.YAMLError as e:
-        raise SpecError(f"YAML error: {e}", file=file) from None
+        raise SpecError(f"YAML error: {' '.join(str(e).split())}", file=file) from None
     if data is None:
         raise SpecError("the spec is empty; it needs at least 'name:' (see "
                         "search_spaces/resnet.yaml)", file=file)
