@@ -218,6 +218,22 @@ def record_pool(path: Path, specs: dict[str, Spec], sizes: dict[str, int],
     return {name: [have[(name, i)] for i in range(len(ps))] for name, ps in want.items()}
 
 
+def recorded_prefix(path: Path, spec: Spec, space: str) -> int:
+    """How many of the space's pool configurations, from the first, are recorded in `path`."""
+    if not path.exists():
+        return 0
+    done = {}
+    for line in path.read_text().splitlines():
+        e = json.loads(line)
+        if e["space"] == space:
+            done[e["index"]] = e["params"]
+    want = pool_params(spec, max(done, default=-1) + 1, seed=1234, baseline=True)
+    n = 0
+    while n < len(want) and done.get(n) == want[n]:
+        n += 1
+    return n
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Replay through Ray's OptunaSearch + our ASHA
 # --------------------------------------------------------------------------------------------
@@ -466,6 +482,8 @@ def main() -> None:
                     help="epoch budget per replayed search, in full trials")
     ap.add_argument("--workers", type=int, default=2, help="recording processes")
     ap.add_argument("--no-live", action="store_true", help="skip the live check run")
+    ap.add_argument("--recorded-only", action="store_true",
+                    help="record nothing: replay the pool's recorded prefix of each space")
     ap.add_argument("--out", help="results folder (default bench/results)")
     args = ap.parse_args()
     out_dir = Path(args.out) if args.out else RESULTS
@@ -477,8 +495,14 @@ def main() -> None:
     specs = spaces(args.smoke)
     pool_file = out_dir / ("efficiency_pool_smoke.jsonl" if args.smoke
                            else "efficiency_pool.jsonl")
-    pools = record_pool(pool_file, specs,
-                        {"default": args.pool_size, "large": args.large_pool_size}, args.workers)
+    sizes = {"default": args.pool_size, "large": args.large_pool_size}
+    if args.recorded_only:
+        sizes = {k: min(n, recorded_prefix(pool_file, specs[k], k)) for k, n in sizes.items()}
+        args.pool_size, args.large_pool_size = sizes["default"], sizes["large"]
+        for k in [k for k, n in sizes.items() if n == 0]:
+            print(f"no recorded configurations of the {k} space: left out")
+            del sizes[k], specs[k]
+    pools = record_pool(pool_file, specs, sizes, args.workers)
     if args.record_only:
         return
 

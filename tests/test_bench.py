@@ -91,3 +91,30 @@ def test_gpu_smoke(tmp_path: Path) -> None:
     else:
         assert data["skipped"] == "no CUDA device"
         assert "skipped" in data["_stdout"]
+
+
+def test_schedulers_ask_ray_for_a_snapshot_when_trials_start_and_end(tmp_path: Path) -> None:
+    """The fix bench/overhead.py found: instead of a state snapshot at every controller step,
+    our schedulers flag one (Ray's own force flag) when a trial starts, ends or fails."""
+    from types import SimpleNamespace
+
+    from raytune_ft.search import _FIFO, _PersistentASHA
+
+    def controller() -> SimpleNamespace:
+        return SimpleNamespace(_checkpoint_manager=SimpleNamespace(_should_force_sync_up=False))
+
+    asha = _PersistentASHA(tmp_path, time_attr="training_iteration", max_t=4, metric="val_acc",
+                           mode="max", grace_period=1, reduction_factor=2)
+    for sched in (asha, _FIFO()):
+        trial = SimpleNamespace(trial_id="t1", config={})
+        raw = controller()
+        wrapped = SimpleNamespace(_tune_controller=raw)  # what Ray passes to on_trial_add
+        sched.on_trial_add(wrapped, trial)
+        assert raw._checkpoint_manager._should_force_sync_up
+        raw._checkpoint_manager._should_force_sync_up = False
+        assert sched.on_trial_result(raw, trial, {"training_iteration": 1, "val_acc": 0.5}) \
+            == "CONTINUE"
+        assert not raw._checkpoint_manager._should_force_sync_up  # results: no extra snapshot
+        sched.on_trial_complete(raw, trial, {"training_iteration": 1, "val_acc": 0.5})
+        assert raw._checkpoint_manager._should_force_sync_up
+        sched.on_trial_add(None, SimpleNamespace(trial_id="t2", config={}))  # unit tests: None
