@@ -286,7 +286,43 @@ class _TensorBoard(TBXLoggerCallback):
             logging.getLogger(__name__).exception("could not write TensorBoard hparams")
 
 
-class _PersistentASHA(ASHAScheduler):
+class _SnapshotOnTrialEnd:
+    """Scheduler mixin: Ray snapshots its trial table at the end of the controller step in which
+    a trial starts, ends or fails.
+
+    With only Ray's periodic snapshot (>= 10 s), a driver killed just after a trial ended would
+    forget that, and a resume would run it again. Snapshotting at every controller step instead
+    (~10 a second, TUNE_GLOBAL_CHECKPOINT_S=0) cost ~14 ms of driver CPU each: half the
+    driver's CPU time in a search (bench/overhead.py --profile). Ray hands these hooks the
+    controller (wrapped in on_trial_add); the flag is the one Ray's own checkpoint-count rule
+    sets, honoured by the step's closing snapshot.
+    """
+
+    @staticmethod
+    def _snapshot_at_step_end(tune_controller: Any) -> None:
+        controller = getattr(tune_controller, "_tune_controller", tune_controller)
+        manager = getattr(controller, "_checkpoint_manager", None)
+        if manager is not None and hasattr(manager, "_should_force_sync_up"):
+            manager._should_force_sync_up = True
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)  # type: ignore[misc]
+        self._snapshot_at_step_end(tune_controller)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)  # type: ignore[misc]
+        self._snapshot_at_step_end(tune_controller)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_error(tune_controller, trial)  # type: ignore[misc]
+        self._snapshot_at_step_end(tune_controller)
+
+
+class _FIFO(_SnapshotOnTrialEnd, FIFOScheduler):
+    """Ray's FIFO scheduler (no early stopping), with snapshots when trials end."""
+
+
+class _PersistentASHA(_SnapshotOnTrialEnd, ASHAScheduler):
     """ASHA whose rung records survive a driver crash.
 
     Ray's `Tuner.restore` brings back the scheduler as it was pickled at the start, with empty
@@ -361,12 +397,10 @@ class _PersistentASHA(ASHAScheduler):
 # --------------------------------------------------------------------------------------------
 # Our own progress lines replace Ray's tables; Ray's warning about checkpoint-driven state
 # snapshots fires on every epoch of small trials and says nothing actionable.
-# Ray snapshots its trial table every >= 10 s by default: a driver killed in between forgets
-# trials that ended since, and a resume runs them again. A snapshot per controller step costs
-# little next to a training epoch.
+# Ray snapshots its trial table every >= 10 s by default, and after each trial checkpoint;
+# our schedulers add one whenever a trial starts, ends or fails (_SnapshotOnTrialEnd).
 _RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0",
-            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-            "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 def _ensure_ray(address: str | None, echo: Echo) -> bool:
@@ -658,7 +692,7 @@ def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -
                                  metric=spec.metric, mode=spec.mode,
                                  grace_period=sch.grace_period,
                                  reduction_factor=sch.reduction_factor)
-                 if sch.type == "asha" else FIFOScheduler())
+                 if sch.type == "asha" else _FIFO())
     budget = _FailureBudget(spec.run.max_failed_trials, echo)
     loc = run_location(spec)
     uploads = [_UploadRunFiles(loc)] if loc.remote else []
@@ -667,6 +701,10 @@ def _tuner(spec: Spec, run_dir: Path, splits: Splits, echo: Echo, quiet: bool) -
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler,
             num_samples=spec.run.num_samples,
+            # One worker process serves trial after trial: no process start and no re-import
+            # of torch per trial. _trainable sets every piece of per-trial process state
+            # (threads, seeds, cuDNN, logging) itself and frees GPU memory on OOM.
+            reuse_actors=True,
             trial_name_creator=lambda t: t.trial_id,
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(
