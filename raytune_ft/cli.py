@@ -128,17 +128,32 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
 
 @main.command()
 @_spec_options
+@click.option("--cluster-gpus", type=click.FloatRange(min=0), default=None, metavar="N",
+              help="Say how many trials fit at once on a cluster with N GPUs in total.")
+@click.option("--cluster-cpus", type=click.FloatRange(min=0), default=None, metavar="N",
+              help="... and N CPUs (not counted when only --cluster-gpus is given).")
+@click.option("--address", default=None,
+              help="Read the resources of this Ray cluster instead: auto, host:6379, "
+                   "ray://host:10001, or http://head:8265 (token from RAY_AUTH_* or --header).")
+@click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
+              help="HTTP header for an http:// --address (e.g. Authorization). Never printed.")
 @_guard
-def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
-    """Check SPEC_FILE; print the resolved spec, the search space and the ASHA rung plan.
+def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
+             cluster_gpus: float | None, cluster_cpus: float | None, address: str | None,
+             headers: tuple[str, ...]) -> None:
+    """Check SPEC_FILE; print the resolved spec, the search space, the ASHA rung plan and
+    how many trials fit at once (on this machine, a given cluster size, or --address).
 
     \b
-    Example:
+    Examples:
       rtft validate search_spaces/resnet.yaml --set scheduler.reduction_factor=3
+      rtft validate search_spaces/resnet.yaml --set run.resources.gpu=0.5 --cluster-gpus 8
+      rtft validate search_spaces/resnet.yaml --address http://127.0.0.1:8265
     """
     from raytune_ft.space import rung_plan
 
     spec = load_spec(spec_file, overrides)
+    fit_line = _fit_line(spec, cluster_gpus, cluster_cpus, address, headers)
     click.echo(f"# {spec_file}: valid\n")
     click.echo(spec_to_yaml(spec))
     click.echo(_space_table(spec))
@@ -147,6 +162,50 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
     for epoch, n in rung_plan(spec):
         click.echo(f"  epoch {epoch:>4}: {n:>4} trial(s)")
     click.echo("\n" + _stages_table(spec))
+    click.echo("\n" + fit_line)
+
+
+def _fit_line(spec: Spec, gpus: float | None, cpus: float | None, address: str | None,
+              headers: tuple[str, ...]) -> str:
+    """How many trials fit at once where the search would run (SpecError when none does)."""
+    import os
+
+    from raytune_ft.spec import check_fit
+
+    res = spec.run.resources
+    if gpus is not None or cpus is not None:
+        if cpus is None and res.gpu == 0:
+            raise SpecError("trials ask for no GPU, so --cluster-gpus alone says nothing; "
+                            "allowed: add --cluster-cpus N", field="run.resources")
+        if cpus is None and (gpus or 0.0) + 1e-9 < res.gpu:
+            raise SpecError(f"each trial asks for {res.gpu:g} GPU, but a cluster of {gpus:g} "
+                            f"GPU has fewer; Ray would leave every trial pending forever; "
+                            f"allowed: gpu <= {gpus:g}", field="run.resources")
+        # CPUs not given: they do not limit (a GPU cluster's usual case).
+        enough = res.cpu * (int((gpus or 0.0) / res.gpu + 1e-9) if res.gpu else 1)
+        have = {"CPU": cpus if cpus is not None else enough, "GPU": gpus or 0.0}
+        parts = ([f"{gpus:g} GPU"] if gpus is not None else []) + \
+            ([f"{cpus:g} CPU"] if cpus is not None else [])
+        where = "a cluster of " + ", ".join(parts)
+    elif address:
+        from raytune_ft.jobs import parse_headers
+
+        if address.startswith(("http://", "https://")):
+            from raytune_ft.jobs import cluster_resources
+        else:
+            from raytune_ft.search import cluster_resources  # type: ignore[assignment]
+        have = cluster_resources(address, parse_headers(headers))
+        where = f"the Ray cluster at {address} ({have['CPU']:g} CPU, {have['GPU']:g} GPU)"
+    else:
+        import torch
+
+        have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        where = f"this machine ({have['CPU']:g} CPU, {have['GPU']:g} GPU)"
+    n = check_fit(spec, have, where=where)
+    at_once = min(n, spec.run.max_concurrent_trials)
+    return (f"resources: each trial asks {res.cpu:g} CPU + {res.gpu:g} GPU; {n} trial(s) fit "
+            f"at once on {where}; with run.max_concurrent_trials = "
+            f"{spec.run.max_concurrent_trials}, {at_once} run at a time")
 
 
 def _space_table(spec: Spec) -> str:

@@ -47,16 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.spec import Spec, SpecError, load_spec
+from raytune_ft.spec import Spec, SpecError, load_spec, redact
 
-try:
-    from raytune_ft.spec import redact
-except ImportError:  # until spec.redact lands (another change): hide every value
-    def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:  # type: ignore[misc]
-        """A copy of `mapping` with every value hidden."""
-        return {k: "***" for k in mapping}
-
-__all__ = ["HEADERS_ENV", "JobsError", "Submission", "client", "follow", "is_uri",
+__all__ = ["HEADERS_ENV", "JobsError", "Submission", "client", "cluster_resources",
+           "follow", "is_uri",
            "job_info", "list_jobs", "logs", "parse_env", "parse_headers", "prepare", "stop",
            "submit", "TERMINAL"]
 
@@ -382,6 +376,27 @@ def logs(c: Any, job_id: str, *, follow_logs: bool = False, echo: Echo = print) 
         return follow(c, job_id, echo)
     echo(_call(c.get_job_logs, job_id).rstrip("\n"))
     return None
+
+
+def cluster_resources(address: str, headers: Mapping[str, str] | None = None
+                      ) -> dict[str, float]:
+    """Total CPU and GPU of the cluster's alive nodes, read from its dashboard (the state API
+    behind `ray list nodes`), with the same address and headers as the Jobs API."""
+    c = client(address, headers)
+    # The SDK's own request helper: it adds the auth headers, cookies and TLS settings.
+    r = _call(lambda: c._do_request("GET", "/api/v0/nodes?limit=10000"))
+    try:
+        r.raise_for_status()
+        nodes = r.json()["data"]["result"]["result"]
+    except Exception as e:
+        raise JobsError(f"cannot read the nodes of {address}: {_short(e)}{_auth_hint(e)}"
+                        ) from None
+    total = {"CPU": 0.0, "GPU": 0.0}
+    for n in nodes:
+        if n.get("state") == "ALIVE":
+            for k in total:
+                total[k] += float((n.get("resources_total") or {}).get(k, 0))
+    return total
 
 
 def stop(c: Any, job_id: str) -> bool:

@@ -442,6 +442,18 @@ def _ensure_ray(address: str | None, echo: Echo) -> bool:
     return True
 
 
+def cluster_resources(address: str, headers: Any = None) -> dict[str, float]:
+    """Total CPU and GPU of the Ray cluster at `address` (auto, host:6379, ray://…), joined
+    briefly as a driver. (`headers` is for the http:// variant in jobs.py; unused here.)"""
+    started = _ensure_ray(address, lambda _line: None)
+    try:
+        total = ray.cluster_resources()
+    finally:
+        if started:
+            ray.shutdown()
+    return {"CPU": float(total.get("CPU", 0)), "GPU": float(total.get("GPU", 0))}
+
+
 # --------------------------------------------------------------------------------------------
 # Storage: a local folder (shared by every node on a cluster), or an s3:// / gs:// URI
 # --------------------------------------------------------------------------------------------
@@ -593,10 +605,12 @@ def _read_probe(path: str) -> str | None:
         return None
 
 
-def check_shared_storage(root: Path, echo: Echo, timeout_s: float = 120.0) -> None:
+def check_shared_storage(root: Path, echo: Echo, created: Path | None = None,
+                         timeout_s: float = 120.0) -> None:
     """On a cluster with more than one alive node, prove that the local storage path `root`
     is the same storage on every node: write a token file here and read it back with a tiny
-    task pinned to each node. Raises SpecError (run.storage_path) naming the nodes that cannot.
+    task pinned to each node. Raises SpecError (run.storage_path) naming the nodes that cannot,
+    after removing `created` (the folders this run created).
 
     Since Ray 2.7, each trial writes its checkpoints to storage_path from the node it runs on
     and nothing is synced to the head node; with a node-local path the checkpoints end up
@@ -634,6 +648,8 @@ def check_shared_storage(root: Path, echo: Echo, timeout_s: float = 120.0) -> No
     finally:
         probe.unlink(missing_ok=True)
     if bad:
+        if created is not None:  # a refused search leaves nothing behind
+            shutil.rmtree(created, ignore_errors=True)
         raise SpecError(
             f"{root} is not shared storage: this cluster has {len(nodes)} nodes and "
             f"{len(bad)} of them ({', '.join(bad)}) cannot read a file written there by the "
@@ -934,7 +950,7 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
             if not local:  # a cluster, or a Ray this process already runs: ask it
                 _check_cluster_fit(spec, created)
             if loc.remote is None:
-                check_shared_storage(run_dir.parent, echo)
+                check_shared_storage(run_dir.parent, echo, created)
             (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
             (run_dir / "data.json").write_text(json.dumps(splits.fingerprint, indent=1))
             echo(f"results: {loc.root}" + (f"  (rtft's files staged in {run_dir})"

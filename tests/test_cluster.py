@@ -201,6 +201,17 @@ def _client_env(cluster: LocalCluster, *, token: bool) -> dict[str, str]:
     return env
 
 
+def test_validate_reads_the_clusters_resources(cluster: LocalCluster, tmp_path: Path) -> None:
+    spec = write_tiny_spec(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raytune_ft.cli", "validate", str(spec), "--address",
+         cluster.jobs_url, "--header", f"Authorization: Bearer {cluster.token}"],
+        env=_client_env(cluster, token=False), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (f"2 trial(s) fit at once on the Ray cluster at {cluster.jobs_url} (2 CPU, 0 GPU)"
+            in proc.stdout)
+
+
 def test_submit_wait_runs_the_search_as_a_job(cluster: LocalCluster, tmp_path: Path) -> None:
     spec = write_tiny_spec(tmp_path, n=2)
     proc = subprocess.run(
