@@ -482,6 +482,9 @@ def main() -> None:
                     help="epoch budget per replayed search, in full trials")
     ap.add_argument("--workers", type=int, default=2, help="recording processes")
     ap.add_argument("--no-live", action="store_true", help="skip the live check run")
+    ap.add_argument("--parts", default="replay,live,asktell",
+                    help="what to run (replay, live, asktell); the others' results are kept "
+                         "from an earlier efficiency.json")
     ap.add_argument("--recorded-only", action="store_true",
                     help="record nothing: replay the pool's recorded prefix of each space")
     ap.add_argument("--out", help="results folder (default bench/results)")
@@ -493,6 +496,14 @@ def main() -> None:
         args.workers = 1
     res = Results("efficiency", smoke=args.smoke, out_dir=out_dir)
     specs = spaces(args.smoke)
+    all_specs = dict(specs)
+    parts = set(args.parts.split(","))
+    if parts - {"replay", "live", "asktell"}:
+        ap.error(f"--parts: unknown {sorted(parts - {'replay', 'live', 'asktell'})}")
+    if args.no_live:
+        parts.discard("live")
+    if "replay" not in parts:
+        args.recorded_only = True  # nothing to record for the live check or the sampler cost
     pool_file = out_dir / ("efficiency_pool_smoke.jsonl" if args.smoke
                            else "efficiency_pool.jsonl")
     sizes = {"default": args.pool_size, "large": args.large_pool_size}
@@ -506,6 +517,30 @@ def main() -> None:
     if args.record_only:
         return
 
+    found: dict[str, Any] = {}
+    if "replay" in parts:
+        found["efficiency"] = replay_part(specs, pools, args)
+    if "live" in parts:
+        found["live"] = live_part(specs, pools, args)
+    if "asktell" in parts:
+        found.update(asktell_part(all_specs, pools, args))
+    found["settings"] = {"pool_size": args.pool_size, "large_pool_size": args.large_pool_size,
+                         "seeds": args.seeds, "budget_trials": args.budget_trials,
+                         "good_pp": GOOD_PP, "start_s": START_S, "parts": sorted(parts)}
+    path = out_dir / "efficiency.json"
+    kept = {}
+    if path.exists() and not args.smoke:  # parts not run now: keep the earlier results
+        old = json.loads(path.read_text())
+        kept = {k: old[k] for k in ("efficiency", "live", "ask_tell_ms", "median_trial_s")
+                if k in old and k not in found}
+    if "live" not in found and "live" not in kept:
+        found["live"] = "skipped"
+    path = res.write(**kept, **found, pool_file=str(pool_file))
+    print(f"\nwrote {path}")
+
+
+def replay_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict[str, Any]:
+    """The replayed comparison of the four methods, printed."""
     eff = efficiency_tables(specs, pools, args.seeds, args.budget_trials)
     print(f"\ncompute to a good model (val_acc within {100 * GOOD_PP:.1f} pp of the best any "
           f"method found), median of {args.seeds} seeds, replayed, 2 trials at a time")
@@ -517,19 +552,25 @@ def main() -> None:
                     [[m, r["median_epochs"], r["vs_random_full"], r["median_seconds"],
                       f"{r['reached']}/{e['seeds']}", r["trials"], r["best"]]
                      for m, r in e["methods"].items()]))
+    return eff
 
-    live = None
-    if not args.no_live:
-        live = live_check(specs["default"], pools["default"], args.seeds)
-        print("\nlive check (real run_search, TPE + ASHA, 8 trials) vs replay of the same:")
-        print(table(["", "epochs", "best val_acc"],
-                    [["live", live["live_epochs"], live["live_best_val_acc"]],
-                     ["replay (median)", live["replay_epochs_median"],
-                      live["replay_best_median"]]]))
-        print(f"live trials' val_acc vs their nearest pool curve: median |diff| "
-              f"{live['nearest_curve_abs_diff_median']:.4f}, max "
-              f"{live['nearest_curve_abs_diff_max']:.4f}")
 
+def live_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict[str, Any]:
+    """The live run_search against the replay, printed."""
+    live = live_check(specs["default"], pools["default"], args.seeds)
+    print("\nlive check (real run_search, TPE + ASHA, 8 trials) vs replay of the same:")
+    print(table(["", "epochs", "best val_acc"],
+                [["live", live["live_epochs"], live["live_best_val_acc"]],
+                 ["replay (median)", live["replay_epochs_median"],
+                  live["replay_best_median"]]]))
+    print(f"live trials' val_acc vs their nearest pool curve: median |diff| "
+          f"{live['nearest_curve_abs_diff_median']:.4f}, max "
+          f"{live['nearest_curve_abs_diff_max']:.4f}")
+    return live
+
+
+def asktell_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict[str, Any]:
+    """Optuna's ask + tell per trial with our spaces, and its share of a trial, printed."""
     marks = [10, 30] if args.smoke else [100, 1000]
     cost = {name: ask_tell_cost(spec, marks) for name, spec in specs.items()}
     trial_s = median([e["seconds"] for e in pools["default"] if e["curve"]])
@@ -541,13 +582,7 @@ def main() -> None:
         for m, ms in c.items():
             rows.append([f"{name} ({n_params} params)", m, ms, 100 * ms / 1000 / trial_s])
     print(table(["space", "trials", "ms/trial", "% of trial"], rows))
-    path = res.write(efficiency=eff, live=live if live else "skipped", ask_tell_ms=cost,
-                     median_trial_s=trial_s, pool_file=str(pool_file),
-                     settings={"pool_size": args.pool_size,
-                               "large_pool_size": args.large_pool_size, "seeds": args.seeds,
-                               "budget_trials": args.budget_trials, "good_pp": GOOD_PP,
-                               "start_s": START_S})
-    print(f"\nwrote {path}")
+    return {"ask_tell_ms": cost, "median_trial_s": trial_s}
 
 
 if __name__ == "__main__":
