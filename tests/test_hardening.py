@@ -346,7 +346,7 @@ def test_sigkill_during_promotion_leaves_old_or_new_never_half(trained) -> None:
 def test_truncated_trial_checkpoint_fails_that_trial_only(tmp_path: Path) -> None:
     # The search runs in its own process: the fault hook is switched on by an environment
     # variable, which the Ray workers of the Ray that process starts inherit.
-    spec_file = write_tiny_spec(tmp_path, n=3)
+    spec_file = write_tiny_spec(tmp_path, n=2)
     faults = tmp_path / "faults"
     faults.mkdir()
     proc = subprocess.run(
@@ -360,7 +360,7 @@ def test_truncated_trial_checkpoint_fails_that_trial_only(tmp_path: Path) -> Non
     victim = (faults / "victim").read_text()
     trials = {t["trial_id"]: t for t in
               json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())}
-    assert len(trials) == 3 and victim in trials
+    assert len(trials) == 2 and victim in trials
     error = trials[victim]["error"] or ""
     # Not the injected crash: the retry resumed from the truncated checkpoint and said so.
     assert "CheckpointError" in error and "cannot be read" in error, error
@@ -396,10 +396,10 @@ def test_load_bench_smoke(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
     spec.loader.exec_module(load)
     figures = load.main(["--smoke", "--root", str(tmp_path), "--out",
                          str(tmp_path / "load.json")])
-    assert figures["records"] == 6 and figures["states"] == {"ok": 6}
+    assert figures["records"] == 4 and figures["states"] == {"ok": 4}
     assert figures["promoted"] == 1
-    assert figures["results_first_line"] == "6 trials: 6 completed"
+    assert figures["results_first_line"] == "4 trials: 4 completed"
     marks = [m["trials"] for m in figures["memory_mb"]]
-    assert marks == [6, "after promotion"]
+    assert marks == [4, "after promotion"]
     assert all(m["VmHWM"] >= m["VmRSS"] > 0 for m in figures["memory_mb"])
-    assert json.loads((tmp_path / "load.json").read_text())["trials"] == 6
+    assert json.loads((tmp_path / "load.json").read_text())["trials"] == 4
