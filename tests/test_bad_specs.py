@@ -166,9 +166,10 @@ def test_debug_shows_the_traceback(name: str, workdir: Path,
 
 
 def test_the_corpus_specs_are_otherwise_sound(workdir: Path) -> None:
-    """The `search` cases are refused for their one flaw only: `validate` accepts them."""
+    """The `search` cases are refused for their one flaw only: `validate` accepts them (all
+    but the GPU case, which `validate` also checks against this machine when it has no GPU)."""
     for case in CASES:
-        if case.via == "search":
+        if case.via == "search" and case.setup != "no_gpu":
             res = CliRunner().invoke(main, ["validate", str(case.path)])
             assert res.exit_code == 0, (case.path.name, res.output)
 
