@@ -76,6 +76,8 @@ class LocalCluster:
     temp_dir: Path
     env: dict[str, str]
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    dead: list[subprocess.Popen] = field(default_factory=list)  # failed starts, still stopped
 
     @property
     def jobs_url(self) -> str:
@@ -95,8 +97,9 @@ class LocalCluster:
         return sum(1 for n in nodes if n["state"] == "ALIVE")
 
     def start(self, name: str, *args: str) -> None:
+        self.args[name] = args
         log = self.temp_dir.parent / f"{name}.log"
-        with open(log, "wb") as out:
+        with open(log, "ab") as out:
             self.nodes[name] = subprocess.Popen(
                 ["ray", "start", "--block", "--disable-usage-stats", "--num-cpus", "1",
                  "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir),
@@ -104,13 +107,22 @@ class LocalCluster:
                 env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
 
-    def wait_nodes(self, n: int, timeout: float = 150) -> None:
+    def wait_nodes(self, n: int, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
+        retries = 1
         while self.alive_nodes() < n:
-            for name, p in self.nodes.items():
-                if p.poll() is not None:
-                    log = (self.temp_dir.parent / f"{name}.log").read_text()[-3000:]
-                    raise RuntimeError(f"ray node {name} exited:\n{log}")
+            for name, p in list(self.nodes.items()):
+                if p.poll() is None:
+                    continue
+                # `ray start` gives a node 30 s (hard-coded) to register with the GCS; on a
+                # loaded machine that can pass. Start it once more before giving up.
+                if retries and name != "head":
+                    retries -= 1
+                    self.dead.append(p)
+                    self.start(name, *self.args[name])
+                    continue
+                log = (self.temp_dir.parent / f"{name}.log").read_text()[-3000:]
+                raise RuntimeError(f"ray node {name} exited:\n{log}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{n} Ray nodes not alive after {timeout:.0f}s")
             time.sleep(0.5)
@@ -124,7 +136,7 @@ class LocalCluster:
         """SIGTERM each node's process group and every descendant, then SIGKILL what is left
         after a short grace (a node drains for up to 30 s on SIGTERM)."""
         pids: list[int] = []
-        for p in self.nodes.values():
+        for p in [*self.dead, *self.nodes.values()]:
             pids += [p.pid, *descendants(p.pid)]
             with _quiet():
                 os.killpg(p.pid, signal.SIGTERM)
@@ -134,13 +146,13 @@ class LocalCluster:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.2)
-        for p in self.nodes.values():
+        for p in [*self.dead, *self.nodes.values()]:
             with _quiet():
                 os.killpg(p.pid, signal.SIGKILL)
         for pid in pids:
             with _quiet():
                 os.kill(pid, signal.SIGKILL)
-        for p in self.nodes.values():
+        for p in [*self.dead, *self.nodes.values()]:
             p.wait(timeout=30)
 
 
