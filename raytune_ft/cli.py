@@ -119,7 +119,9 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
     from raytune_ft.search import run_search
 
     spec = load_spec(run_dir / "spec.yaml")
-    if Path(spec.run.storage_path).expanduser().resolve() / spec.name != run_dir.resolve():
+    if ("://" not in spec.run.storage_path  # s3:// runs: RUN_DIR is the staging copy
+            and Path(spec.run.storage_path).expanduser().resolve() / spec.name
+            != run_dir.resolve()):
         # The run folder was moved or opened from elsewhere: resume it where it is.
         spec = spec.model_copy(update={"run": spec.run.model_copy(
             update={"storage_path": str(run_dir.resolve().parent)})})
@@ -249,11 +251,12 @@ def promote(run_dir: Path, debug: bool) -> None:
     """
     from raytune_ft.data import prepare
     from raytune_ft.promote import promote as do_promote
-    from raytune_ft.search import load_records
+    from raytune_ft.search import load_records, localize_checkpoints
 
     spec = load_spec(run_dir / "spec.yaml")
     splits = prepare(spec.data)
-    paths = do_promote(spec, load_records(run_dir, spec), splits, echo=click.echo)
+    records = localize_checkpoints(load_records(run_dir, spec), spec)  # s3://: download
+    paths = do_promote(spec, records, splits, echo=click.echo)
     if not paths:
         sys.exit(1)
 

@@ -577,6 +577,15 @@ def _localize_checkpoints(records: list[TrialRecord], loc: RunLocation) -> None:
             rec.best_checkpoint = str(dst)
 
 
+def localize_checkpoints(records: list[TrialRecord], spec: Spec) -> list[TrialRecord]:
+    """`records`, with the checkpoints promotion would read downloaded from an s3:// / gs://
+    run (to its staging folder); unchanged for a run on a path."""
+    if _is_uri(spec.run.storage_path):
+        _localize_checkpoints(choose(records, spec.metric, spec.promote.top_k),
+                              run_location(spec))
+    return records
+
+
 class _UploadRunFiles(tune.Callback):
     """After each finished trial, upload rtft's run files to the run's URI (a few small files;
     Ray uploads its own experiment state itself)."""
@@ -974,7 +983,7 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     (run_dir / "trials.json").write_text(json.dumps([r.__dict__ for r in records], indent=1,
                                                     default=str))
     _upload_run_files(loc)
-    _localize_checkpoints(choose(records, spec.metric, spec.promote.top_k), loc)
+    localize_checkpoints(records, spec)
     echo("")
     echo(f"{len(records)} trials: {rung_summary(records, spec)}")
     echo(summary_table(records, spec))

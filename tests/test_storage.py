@@ -5,6 +5,7 @@ configured the way a MinIO user configures it (AWS_ENDPOINT_URL and keys in the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -59,10 +60,15 @@ def s3_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_search_on_s3_lands_in_the_bucket(tmp_path: Path, s3_env: dict[str, str]) -> None:
+def test_search_on_s3_lands_in_the_bucket(tmp_path: Path, s3_env: dict[str, str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray's experiment and rtft's own run files end up in the bucket; the promoted model is
-    written locally (promote.dir stays a path) from a checkpoint downloaded from S3."""
+    written locally (promote.dir stays a path) from a checkpoint downloaded from S3, and
+    `rtft promote` on the staging folder promotes again from the bucket."""
     import boto3
+    from click.testing import CliRunner
+
+    from raytune_ft.cli import main
 
     spec = write_tiny_spec(tmp_path, n=2)
     env = {**os.environ, **s3_env, "PYTHONPATH": str(REPO), "RTFT_CACHE": str(tmp_path / "cache"),
@@ -97,6 +103,13 @@ def test_search_on_s3_lands_in_the_bucket(tmp_path: Path, s3_env: dict[str, str]
     assert (promoted / "model.safetensors").exists() and (promoted / "metrics.json").exists()
     # Nothing was written to a local folder named after the URI ("s3:/rtft-test/...").
     assert not (tmp_path / "s3:").exists()
+
+    staging = re.search(r"rtft's files staged in (\S+)\)", proc.stdout).group(1)
+    for k, v in {**s3_env, "RTFT_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(main, ["promote", staging])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "models" / "tiny" / "v2" / "model.safetensors").exists()
 
 
 class _FakeRay:
