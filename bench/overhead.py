@@ -254,6 +254,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="run (c) once in this process under cProfile (CPU time) and print "
                          "where the driver's time goes")
+    ap.add_argument("--summarize", metavar="JSON",
+                    help="print the tables of an earlier run's overhead.json (even partial)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec-json", help=argparse.SUPPRESS)
     ap.add_argument("--info", help=argparse.SUPPRESS)
@@ -267,6 +269,13 @@ def main() -> None:
         profile_driver(args.trials, args.epochs, args.smoke)
         return
     res = Results("overhead", smoke=args.smoke, out_dir=Path(args.out) if args.out else RESULTS)
+    if args.summarize:  # the tables of an earlier (possibly cut short) run's results file
+        old = json.loads(Path(args.summarize).read_text())
+        res.data.update(machine=old["machine"], load_start=old["load_start"])
+        args.trials, args.epochs = old["settings"]["trials"], old["settings"]["epochs"]
+        args.repeats = old["settings"]["repeats"]
+        summarize(res, old["runs"], list(old["runs"][0]), args, None)
+        return
     runs: list[dict[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="rtft-overhead-") as tmp:
         root = Path(tmp)
@@ -280,7 +289,16 @@ def main() -> None:
                 print(f"repeat {r + 1}/{args.repeats} {WAYS[w]}: {got[w]['wall_s']:.1f} s",
                       flush=True)
             runs.append(got)
+            # Each finished repeat is on disk at once: a long run cut short keeps its numbers.
+            res.write(settings={"trials": args.trials, "epochs": args.epochs,
+                                "repeats": args.repeats, "concurrency": 2}, runs=runs,
+                      repeats_done=len(runs))
+    summarize(res, runs, ways, args, spec)
 
+
+def summarize(res: Results, runs: list[dict[str, dict[str, Any]]], ways: list[str],
+              args: Any, spec: Spec | None) -> None:
+    """Print the tables of `runs` (per repeat, per way) and write overhead.json."""
     def med(way: str, key: str) -> float:
         return median([x[way][key] for x in runs if way in x and key in x[way]])
 
@@ -301,12 +319,12 @@ def main() -> None:
     for name, (num, den) in {"c/a": ("c", "a"), "c/b": ("c", "b"), "b/a": ("b", "a")}.items():
         if num in ways and den in ways:
             ratios[name] = median([x[num]["wall_s"] / x[den]["wall_s"] for x in runs])
-            if "ray_init_s" in runs[0][num]:
+            if all("ray_init_s" in x[num] for x in runs):
                 ratios[name + " excl. Ray start"] = median(
                     [(x[num]["wall_s"] - x[num]["ray_init_s"])
                      / (x[den]["wall_s"] - x[den].get("ray_init_s", 0.0)) for x in runs])
     print(f"\n{args.trials} trials x {args.epochs} epochs, 2 at a time, median of "
-          f"{args.repeats} repeats (seconds)")
+          f"{len(runs)} repeats (seconds)")
     print(table(["way", "wall", "Ray start", "driver CPU", "first trial ready",
                  "next trial ready", "train() setup"], rows))
     if "c" in ways:
@@ -317,8 +335,9 @@ def main() -> None:
                 [[k, v, TARGETS.get(k)] for k, v in ratios.items()]))
     path = res.write(settings={"trials": args.trials, "epochs": args.epochs,
                                "repeats": args.repeats, "concurrency": 2,
-                               "spec": spec.model_dump(mode="json")},
-                     summary=summary, ratios=ratios, targets=TARGETS, runs=runs)
+                               "spec": spec.model_dump(mode="json") if spec else None},
+                     summary=summary, ratios=ratios, targets=TARGETS, runs=runs,
+                     repeats_done=len(runs))
     print(f"\nwrote {path}")
 
 
