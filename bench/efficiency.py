@@ -492,7 +492,7 @@ def main() -> None:
     out_dir = Path(args.out) if args.out else RESULTS
     if args.smoke:
         args.pool_size, args.large_pool_size, args.seeds = 3, 3, 2
-        args.budget_trials, args.no_live = 4, True
+        args.budget_trials, args.no_live = 3, True
         args.workers = 1
     res = Results("efficiency", smoke=args.smoke, out_dir=out_dir)
     specs = spaces(args.smoke)
@@ -571,7 +571,7 @@ def live_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict
 
 def asktell_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict[str, Any]:
     """Optuna's ask + tell per trial with our spaces, and its share of a trial, printed."""
-    marks = [10, 30] if args.smoke else [100, 1000]
+    marks = [10, 20] if args.smoke else [100, 1000]
     cost = {name: ask_tell_cost(spec, marks) for name, spec in specs.items()}
     trial_s = median([e["seconds"] for e in pools["default"] if e["curve"]])
     print(f"\nOptuna TPE ask + tell per trial (ms; anchor ≈ 17 ms at 1,000 trials × 8 params), "

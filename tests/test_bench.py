@@ -17,10 +17,11 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _run(script: str, out: Path) -> dict:
+def _run(script: str, out: Path, *extra: str) -> dict:
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out),
+                           *extra],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     data = json.loads((out / f"{script.removesuffix('.py')}.json").read_text())
@@ -77,7 +78,7 @@ def test_efficiency_smoke(tmp_path: Path) -> None:
         assert all(v > 0 for v in data["ask_tell_ms"][space].values())
     assert data["live"] == "skipped"
     # A second run reuses the recorded pool instead of training again.
-    again = _run("efficiency.py", tmp_path)
+    again = _run("efficiency.py", tmp_path, "--parts", "replay")
     assert "recording" not in again["_stdout"]
 
 
