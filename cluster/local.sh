@@ -14,6 +14,7 @@
 # Settings (environment): RTFT_LOCAL_DIR (state, logs, Ray's temp dir; default
 # /tmp/rtft-local-$USER, keep it short: Ray's socket paths must fit in 107 bytes),
 # RTFT_LOCAL_PORT (GCS port, default 6390), RTFT_LOCAL_DASHBOARD_PORT (default 8266),
+# RTFT_LOCAL_CLIENT_PORT (Ray Client, default 10001; below Ray's worker ports 10002+),
 # RTFT_LOCAL_CPUS (CPUs per node, default 1), RTFT_LOCAL_GRACE_S (seconds a node may drain
 # on stop before it is killed, default 10).
 #
@@ -26,6 +27,7 @@ set -euo pipefail
 DIR="${RTFT_LOCAL_DIR:-/tmp/rtft-local-${USER:-$(id -un)}}"
 PORT="${RTFT_LOCAL_PORT:-6390}"
 DASH="${RTFT_LOCAL_DASHBOARD_PORT:-8266}"
+CLIENT="${RTFT_LOCAL_CLIENT_PORT:-10001}"
 CPUS="${RTFT_LOCAL_CPUS:-1}"
 GRACE="${RTFT_LOCAL_GRACE_S:-10}"
 IP=127.0.0.1
@@ -67,6 +69,11 @@ start_node() {  # name, then ray start arguments
 wait_nodes() {  # until Ray reports $1 alive nodes, or 90 s
   local want="$1" deadline=$((SECONDS + 90)) n=0
   while (( SECONDS < deadline )); do
+    for name in head worker; do  # a node that exited will not come up: say why at once
+      if [[ -f "$DIR/$name.pid" ]] && ! kill -0 "$(cat "$DIR/$name.pid")" 2>/dev/null; then
+        echo "the $name node exited; its log:" >&2; tail -n 30 "$DIR/$name.log" >&2; return 1
+      fi
+    done
     n=$(RAY_ADDRESS="$IP:$PORT" python - <<'EOF' 2>/dev/null || echo 0
 import logging, ray
 ray.init(logging_level=logging.ERROR, log_to_driver=False)
@@ -74,11 +81,6 @@ print(sum(1 for n in ray.nodes() if n["Alive"]))
 EOF
 )
     [[ "$n" == "$want" ]] && return 0
-    for name in head worker; do
-      if [[ -f "$DIR/$name.pid" ]] && ! kill -0 "$(cat "$DIR/$name.pid")" 2>/dev/null; then
-        echo "the $name node exited; its log:" >&2; tail -n 30 "$DIR/$name.log" >&2; return 1
-      fi
-    done
     sleep 1
   done
   echo "only $n of $want nodes came up within 90 s; logs in $DIR" >&2
@@ -113,7 +115,7 @@ case "$cmd" in
       echo "already running (state in $DIR); cluster/local.sh stop first" >&2; exit 1
     fi
     start_node head --head --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
-      --dashboard-agent-listen-port "$(free_port)" --ray-client-server-port "$(free_port)" \
+      --dashboard-agent-listen-port "$(free_port)" --ray-client-server-port "$CLIENT" \
       --temp-dir "$DIR/ray"
     # The worker needs its own agent port: two nodes on one machine cannot share Ray's default.
     wait_nodes 1 || { "$0" stop; exit 1; }
@@ -124,6 +126,7 @@ case "$cmd" in
 2-node Ray cluster up (state and logs in $DIR)
   GCS address:   $IP:$PORT        rtft search SPEC --address $IP:$PORT
   Jobs API:      http://$IP:$DASH   rtft submit SPEC --address http://$IP:$DASH
+  Ray Client:    ray://$IP:$CLIENT  rtft search SPEC --address ray://$IP:$CLIENT
   dashboard:     http://$IP:$DASH   (bound to 127.0.0.1)
   auth:          export RAY_AUTH_MODE=token${RAY_AUTH_TOKEN_PATH:+ RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH}
   stop:          $0 stop

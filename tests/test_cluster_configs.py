@@ -137,7 +137,8 @@ def _pids_under(directory: str) -> set[int]:
 def test_local_sh_starts_a_head_and_a_worker_and_stops_only_them() -> None:
     state = tempfile.mkdtemp(prefix="rtl", dir="/tmp")  # short: Ray's socket paths
     env = {**os.environ, "RTFT_LOCAL_DIR": state, "RTFT_LOCAL_PORT": str(_free_port()),
-           "RTFT_LOCAL_DASHBOARD_PORT": str(_free_port()), "RTFT_LOCAL_GRACE_S": "3"}
+           "RTFT_LOCAL_DASHBOARD_PORT": str(_free_port()),
+           "RTFT_LOCAL_CLIENT_PORT": str(_free_port()), "RTFT_LOCAL_GRACE_S": "3"}
     for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
     script = str(CLUSTER / "local.sh")
