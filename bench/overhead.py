@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -201,6 +202,9 @@ def run_way(way: str, spec: Spec, root: Path) -> dict[str, Any]:
     trace, out = root / f"trace-{way}.jsonl", root / f"info-{way}.json"
     for p in (trace, out):
         p.unlink(missing_ok=True)
+    # Every repeat is a fresh run: rtft refuses to reuse an existing run without --resume.
+    for name in (spec.name, "plain"):
+        shutil.rmtree(Path(spec.run.storage_path) / name, ignore_errors=True)
     spec_file = root / "spec.json"
     spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
     env = {**os.environ, "RTFT_TRACE": str(trace), "RAY_DISABLE_USAGE_STATS": "1"}
