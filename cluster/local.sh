@@ -135,6 +135,16 @@ EOF
   stop)
     stop_node worker
     stop_node head
+    # Helpers that left the nodes' process trees (dashboard agents, log monitors reparented to
+    # init) still name our temp dir on their command line: wait for them, then kill them.
+    for _ in $(seq 1 $((GRACE * 2))); do
+      left="$(pgrep -f -- "$DIR" | grep -vx "$$" || true)"
+      [[ -z "$left" ]] && break
+      kill -TERM $left 2>/dev/null || true
+      sleep 0.5
+    done
+    left="$(pgrep -f -- "$DIR" | grep -vx "$$" || true)"
+    [[ -n "$left" ]] && kill -KILL $left 2>/dev/null || true
     echo "stopped the local cluster in $DIR"
     ;;
   status)
