@@ -120,10 +120,6 @@ class Images:
         return replace(self, index=tuple(self.index[i] for i in idx.tolist()))
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self), 3, self.size, self.size)
-
-    @property
     def nbytes(self) -> int:
         return len(self) * 3 * self.size * self.size
 
