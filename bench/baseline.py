@@ -24,7 +24,8 @@ import torch
 
 from raytune_ft.data import prepare
 from raytune_ft.pretrain import ensure_backbone
-from raytune_ft.spec import Hyperparams, load_spec
+from raytune_ft.spec import Hyperparams
+from raytune_ft.spec_io import load_spec
 from raytune_ft.train import evaluate, train
 
 

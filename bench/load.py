@@ -109,7 +109,7 @@ def run(trials: int, concurrency: int, cpu: float, root: Path, echo: Any = print
         import_check: bool = True) -> dict[str, Any]:
     """Run the load search under `root`; return the measured figures."""
     from raytune_ft.search import run_search
-    from raytune_ft.spec import parse_spec
+    from raytune_ft.spec_io import parse_spec
 
     spec = parse_spec(SPEC.format(n=trials, c=concurrency, cpu=cpu, root=root),
                       file="bench/load.py")

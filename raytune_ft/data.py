@@ -22,7 +22,8 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
-from raytune_ft.spec import DataSpec, SpecError
+from raytune_ft.errors import UserError
+from raytune_ft.spec import DataSpec
 
 __all__ = ["Dataset", "Images", "Splits", "augment_batch", "iter_batches", "load_dataset",
            "make_splits", "normalize", "prepare"]
@@ -263,22 +264,22 @@ def _folder(root: str, field_name: str, classes: list[str] | None = None
     # Absolute: trials run in their own working folders, on other nodes too.
     path = Path(root).expanduser().resolve()
     if not path.is_dir():
-        raise SpecError(f"data root {str(path)!r} is not a folder; it must hold one sub-folder "
+        raise UserError(f"data root {str(path)!r} is not a folder; it must hold one sub-folder "
                         f"of images per class", field=field_name)
     try:
         folder = ImageFolder(str(path), loader=lambda p: p, allow_empty=classes is not None)
     except (FileNotFoundError, RuntimeError) as e:
-        raise SpecError(f"data root {str(path)!r}: {e}", field=field_name) from None
+        raise UserError(f"data root {str(path)!r}: {e}", field=field_name) from e
     if classes is None:
         if len(folder.classes) < 2:
-            raise SpecError(f"data root {str(path)!r} has {len(folder.classes)} class "
+            raise UserError(f"data root {str(path)!r} has {len(folder.classes)} class "
                             f"folder(s); classification needs at least 2", field=field_name)
         paths, labels = _check_files([p for p, _ in folder.samples],
                                      [c for _, c in folder.samples])
         return paths, labels, list(folder.classes)
     extra = sorted(set(folder.classes) - set(classes))
     if extra:
-        raise SpecError(f"{str(path)!r} has class folder(s) {', '.join(extra)} that data.root "
+        raise UserError(f"{str(path)!r} has class folder(s) {', '.join(extra)} that data.root "
                         f"does not; allowed: the training classes ({', '.join(classes)})",
                         field=field_name)
     absent = sorted(set(classes) - set(folder.classes))
@@ -363,10 +364,10 @@ def _torchvision(d: DataSpec) -> Dataset:
             ds = cls(root=str(Path(d.root or "").expanduser().resolve()), download=d.download,
                      **kwargs)
         except (RuntimeError, FileNotFoundError, OSError) as e:
-            raise SpecError(f"torchvision {d.source} ({split} split) not found or incomplete "
+            raise UserError(f"torchvision {d.source} ({split} split) not found or incomplete "
                             f"under {d.root!r}: {str(e).splitlines()[0]}; put the dataset "
                             f"files there (torchvision's layout), or set data.download: true "
-                            f"where there is network access", field="data.root") from None
+                            f"where there is network access", field="data.root") from e
         labels = _tv_labels(ds)
         if classes is None:
             names = getattr(ds, "classes", None)

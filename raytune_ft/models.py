@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raytune_ft.spec import Hyperparams, ModelSpec, SpecError, weights_meta
+from raytune_ft.errors import UserError
+from raytune_ft.spec import Hyperparams, ModelSpec
+from raytune_ft.weights import absolute, classify, torchvision_weights, weights_meta
 
 __all__ = [
     "RECIPES",
@@ -51,27 +53,27 @@ def cache_dir() -> Path:
 def recipe_path(name: str, arch: str, image_size: int) -> Path:
     """The cache file of recipe `name` for `arch` at `image_size`."""
     if name not in RECIPES:
-        raise SpecError(f"unknown rtft backbone 'rtft:{name}'; allowed: "
+        raise UserError(f"unknown rtft backbone 'rtft:{name}'; allowed: "
                         f"{', '.join('rtft:' + r for r in RECIPES)}", field="model.weights")
     key = json.dumps({"arch": arch, "image_size": image_size, **RECIPES[name]}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return cache_dir() / "pretrained" / f"{arch}-{name}-{image_size}px-{digest}.pth"
 
 
-def absolute_weights(weights: str) -> str:
-    """A weights file named relative to the working folder, made absolute (names, `rtft:`
-    recipes and `none` pass through)."""
-    p = Path(weights).expanduser()
-    return str(p.resolve()) if not weights.startswith("rtft:") and p.exists() else weights
+# A weights file named relative to the working folder, made absolute (names, `rtft:` recipes
+# and `none` pass through). The name callers know; the rule is weights.absolute.
+absolute_weights = absolute
 
 
 def resolve_weights(weights: str, arch: str, image_size: int) -> str:
-    """`rtft:<recipe>` → its cached file (which must exist: `rtft pretrain` makes it)."""
-    if not weights.startswith("rtft:"):
+    """`rtft:<recipe>` → its cached file (which must exist: `rtft pretrain` makes it); any
+    other weights value is returned as given."""
+    ref = classify(weights)
+    if ref.kind != "recipe":
         return weights
-    path = recipe_path(weights.removeprefix("rtft:"), arch, image_size)
+    path = recipe_path(ref.recipe, arch, image_size)
     if not path.exists():
-        raise SpecError(f"the backbone {weights} for {arch} at {image_size}px is not built yet "
+        raise UserError(f"the backbone {weights} for {arch} at {image_size}px is not built yet "
                         f"(expected {path}); run `rtft pretrain SPEC` (rtft search does it "
                         f"automatically)", field="model.weights")
     return str(path)
@@ -144,7 +146,7 @@ def _family(arch: str) -> _Family:
         if arch.startswith(prefixes):
             return fam
     known = ", ".join(p for ps, _ in _FAMILIES for p in ps)
-    raise SpecError(f"no head/stage table for architecture {arch!r}; supported families: "
+    raise UserError(f"no head/stage table for architecture {arch!r}; supported families: "
                     f"{known}, or model.factory for any other network", field="model.arch")
 
 
@@ -166,16 +168,16 @@ def _factory_model(model: ModelSpec) -> tuple[nn.Module, str, Callable[[nn.Modul
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
-        raise SpecError(f"cannot import {model.factory!r}: {e}; allowed: an importable "
-                        f"'package.module:function'", field="model.factory") from None
+        raise UserError(f"cannot import {model.factory!r}: {e}; allowed: an importable "
+                        f"'package.module:function'", field="model.factory") from e
     net = fn(model.model_dump(mode="json"))
     if not isinstance(net, nn.Module):
-        raise SpecError(f"{model.factory} returned a {type(net).__name__}, not an nn.Module",
+        raise UserError(f"{model.factory} returned a {type(net).__name__}, not an nn.Module",
                         field="model.factory")
     head = getattr(net, "rtft_head", None) or next(
         (n for n, m in reversed(list(net.named_modules())) if isinstance(m, nn.Linear)), None)
     if head is None or not isinstance(net.get_submodule(head), nn.Linear):
-        raise SpecError(f"{model.factory}: no nn.Linear head found (set `rtft_head` on the "
+        raise UserError(f"{model.factory}: no nn.Linear head found (set `rtft_head` on the "
                         f"module to the dotted path of its final nn.Linear)",
                         field="model.factory")
     paths = getattr(net, "rtft_stages", None)
@@ -267,7 +269,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     if p.is_dir():
         p = p / "model.safetensors"
     if not p.exists():
-        raise SpecError(f"weights file {str(p)!r} not found", field="model.weights")
+        raise UserError(f"weights file {str(p)!r} not found", field="model.weights")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -275,35 +277,27 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused (code in the file) or not a torch file at all
-        raise SpecError(f"weights file {str(p)!r} cannot be loaded as plain tensors "
+        raise UserError(f"weights file {str(p)!r} cannot be loaded as plain tensors "
                         f"(torch.load weights_only=True): {str(e).splitlines()[0]}",
-                        field="model.weights") from None
+                        field="model.weights") from e
     for key in ("state_dict", "model"):  # common wrappers around a state dict
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise SpecError(f"weights file {str(p)!r} holds a {type(obj).__name__}, not a state "
+        raise UserError(f"weights file {str(p)!r} holds a {type(obj).__name__}, not a state "
                         f"dict", field="model.weights")
     return obj
 
 
 def _torchvision_state(arch: str, name: str) -> dict[str, torch.Tensor]:
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(arch)
-    try:
-        w = enum.DEFAULT if name == "DEFAULT" else enum[name]
-    except KeyError:
-        allowed = ", ".join(["DEFAULT", *enum.__members__])
-        raise SpecError(f"{arch} has no weights {name!r}; allowed: {allowed}, a file path, "
-                        f"rtft:mnist or none", field="model.weights") from None
+    w = torchvision_weights(arch, name)  # UserError listing the names `arch` has
     try:
         return w.get_state_dict(progress=False, check_hash=True)
     except Exception as e:  # no network: say where the file goes
         where = Path(torch.hub.get_dir()) / "checkpoints" / w.url.rsplit("/", 1)[-1]
-        raise SpecError(f"cannot get {arch} weights {w.name} ({type(e).__name__}); without "
+        raise UserError(f"cannot get {arch} weights {w.name} ({type(e).__name__}); without "
                         f"network access, download {w.url} elsewhere and put it at {where}",
-                        field="model.weights") from None
+                        field="model.weights") from e
 
 
 def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head_path: str) -> None:
@@ -325,7 +319,7 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head_path: 
                          f"{', '.join(unexpected[:3])}")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es), first: {'; '.join(shapes[:3])}")
-        raise SpecError("the weights do not fit this architecture: " + "; ".join(parts),
+        raise UserError("the weights do not fit this architecture: " + "; ".join(parts),
                         field="model.weights")
     model.load_state_dict(theirs, strict=False)
 
@@ -357,10 +351,12 @@ def build_model(model: ModelSpec | str, num_classes: int, hp: Hyperparams,
         fam = _family(model.arch)
         net = get_model(model.arch, weights=None)
         head_path, stage_fn = fam.head(net), fam.stages
-    if weights != "none":
-        is_file = any(c in weights for c in "/\\.") or Path(weights).exists()
+    ref = classify(weights)
+    if ref.kind != "none":
+        # A URI counts as a file here: loading it says it is not found (nothing reads URIs).
+        is_file = ref.is_path
         if not is_file and model.factory:
-            raise SpecError(f"{weights!r}: a model.factory network takes weights from a file "
+            raise UserError(f"{weights!r}: a model.factory network takes weights from a file "
                             f"(.pth, .safetensors, promoted folder) or none",
                             field="model.weights")
         state = load_state_file(weights) if is_file else _torchvision_state(model.arch, weights)

@@ -19,6 +19,7 @@ from raytune_ft.data import prepare
 from raytune_ft.models import RECIPES, recipe_path
 from raytune_ft.spec import DataSpec, Hyperparams, Spec, TrainSpec
 from raytune_ft.train import evaluate, train
+from raytune_ft.weights import classify
 
 __all__ = ["ensure_backbone", "pretrain"]
 
@@ -56,10 +57,10 @@ def pretrain(name: str, arch: str, image_size: int, *, echo: Callable[[str], Non
 
 def ensure_backbone(spec: Spec, *, echo: Callable[[str], None] = print) -> Path | None:
     """Build the spec's `rtft:` backbone if it is not cached yet; None for other weights."""
-    weights = spec.model.weights
-    if not weights.startswith("rtft:"):
+    ref = classify(spec.model.weights)
+    if ref.kind != "recipe":
         return None
-    name = weights.removeprefix("rtft:")
+    name = ref.recipe
     path = recipe_path(name, spec.model.arch, spec.data.image_size)
     return path if path.exists() else pretrain(name, spec.model.arch, spec.data.image_size,
                                                echo=echo)

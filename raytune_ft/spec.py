@@ -1,36 +1,41 @@
-"""The search spec: one YAML file, validated by pydantic, rejected with file, field and line.
+"""The search spec's schema: pydantic models of every section, their defaults and the checks
+that span fields. Every other module takes a :class:`Spec` (or the :class:`Hyperparams` of one
+trial) and may trust it.
 
-This module imports nothing else of ours. Every other module takes a :class:`Spec` (or the
-:class:`Hyperparams` of one trial) and may trust it.
+Reading spec files (YAML, `--set`, error lines) is :mod:`raytune_ft.spec_io`; what a
+`model.weights` value names is :mod:`raytune_ft.weights`. Importing this module imports neither
+torch nor torchvision (validating a model section reads torchvision's registry, lazily).
 """
 
 from __future__ import annotations
 
 import difflib
 import graphlib
+import importlib
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+# SpecError is re-exported: `from raytune_ft.spec import SpecError` keeps working.
+from raytune_ft.errors import SpecError, UserError
+from raytune_ft.weights import weights_meta
 
 __all__ = [
-    "ACTIVATIONS",
-    "INITS",
-    "SOURCES",
-    "Hyperparams",
-    "Spec",
-    "SpecError",
-    "apply_overrides",
-    "check_fit",
-    "load_spec",
-    "parse_spec",
-    "redact",
-    "spec_to_yaml",
-    "weights_meta",
+    "ACTIVATIONS", "INITS", "METRICS", "SOURCES", "SPACES",
+    "DataSpec", "Hyperparams", "ModelSpec", "PromoteSpec", "Resources", "RunSpec",
+    "SchedulerSpec", "SearcherSpec", "Spec", "SpecError", "TrainSpec", "UserError",
+    "check_fit", "param_order", "redact",
 ]
 
 ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh")
@@ -58,42 +63,6 @@ SOURCES: dict[str, tuple[int, bool]] = {
 }
 # Metrics the trainer reports each epoch, and which way is better.
 METRICS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class SpecError(ValueError):
-    """A spec the tool refuses: one paragraph naming the file, the field and the YAML line."""
-
-    def __init__(self, message: str, *, file: str | None = None, field: str | None = None,
-                 line: int | None = None) -> None:
-        self.message = message
-        self.file = file
-        self.field = field
-        self.line = line
-        super().__init__(str(self))
-
-    def located(self, file: str | Path) -> SpecError:
-        """This error attributed to spec `file`, with the YAML line of its field if known."""
-        if self.file is None:
-            self.file = str(file)
-            if self.field and self.line is None:
-                try:
-                    lines = _line_map(yaml.compose(Path(file).read_text(), Loader=yaml.SafeLoader))
-                    self.line = lines.get(tuple(self.field.split(".")))
-                except (OSError, yaml.YAMLError, UnicodeDecodeError):
-                    pass
-        return self
-
-    def __str__(self) -> str:
-        where = self.file or "<spec>"
-        if self.line is not None:
-            where += f", line {self.line}"
-        field = f" field '{self.field}':" if self.field else ""
-        # One paragraph whatever the spec holds: a key or value with a newline or another
-        # control character is shown escaped (as Python writes it), never as a line break.
-        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], f"{where}:{field} {self.message}")
 
 
 class _Strict(BaseModel):
@@ -260,23 +229,6 @@ class ModelSpec(_Strict):
         return self
 
 
-def weights_meta(arch: str, weights: str) -> dict[str, Any] | None:
-    """The torchvision metadata (crop size, resize size, mean, std) of a weights name, or None
-    when `weights` is not one (a file, `rtft:`, `none`). Nothing is downloaded."""
-    if weights in ("none", "") or weights.startswith("rtft:") or any(c in weights for c in "/\\."):
-        return None
-    from torchvision.models import get_model_weights
-
-    try:
-        enum = get_model_weights(arch)
-        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
-    except (KeyError, ValueError):
-        return None
-    t = w.transforms()
-    return {"crop_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
-            "mean": tuple(t.mean), "std": tuple(t.std), "name": f"{arch}.{w.name}"}
-
-
 class DataSpec(_Strict):
     source: str = "digits"  # a key of SOURCES
     # imagefolder: a folder of class folders; torchvision datasets: their root folder.
@@ -381,12 +333,16 @@ class PromoteSpec(_Strict):
 
 
 class Spec(_Strict):
-    """A whole search spec. Build it with :func:`load_spec` or :func:`parse_spec`."""
+    """A whole search spec. Read one with :func:`raytune_ft.spec_io.load_spec` (a file) or
+    :func:`raytune_ft.spec_io.parse_spec` (text)."""
 
     name: str
     metric: Literal["val_acc", "val_loss"] = "val_acc"
-    model: ModelSpec = ModelSpec()
-    data: DataSpec = DataSpec()
+    # A factory, not `ModelSpec()`: building the default validates `arch`, which imports
+    # torchvision; done at class definition it would make `import raytune_ft.spec` take seconds.
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    # validate_default: a spec without `data:` gets its image size resolved too.
+    data: DataSpec = Field(DataSpec(), validate_default=True)
     train: TrainSpec = TrainSpec()
     search: dict[str, SearchParam] = Field(default_factory=dict)
     searcher: SearcherSpec = SearcherSpec()
@@ -420,17 +376,23 @@ class Spec(_Strict):
     def max_t(self) -> int:
         return self.scheduler.max_t or self.train.max_epochs
 
+    @field_validator("data")
+    @classmethod
+    def _resolve_data(cls, d: DataSpec, info: ValidationInfo) -> DataSpec:
+        # Fill in the defaults that depend on other sections once, here, so spec.yaml in the
+        # run folder says what was used: the image size from the torchvision weights' crop
+        # size, else the source's natural size; the flip from the source. `model` is declared
+        # before `data`, so it is validated already (absent when it was refused).
+        if d.image_size is not None and d.hflip is not None:
+            return d
+        model = info.data.get("model")
+        meta = weights_meta(model.arch, model.weights) if model and not model.factory else None
+        size = d.image_size or (meta["crop_size"] if meta else SOURCES[d.source][0])
+        return d.model_copy(update={"image_size": size, "hflip": d.flip})
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:
         _check_params(self.search)
-        d = self.data
-        if d.image_size is None or d.hflip is None:
-            # Resolve the defaults once, so spec.yaml in the run folder says what was used.
-            meta = weights_meta(self.model.arch, self.model.weights) if not self.model.factory \
-                else None
-            size = d.image_size or (meta["crop_size"] if meta else SOURCES[d.source][0])
-            object.__setattr__(self, "data", d.model_copy(
-                update={"image_size": size, "hflip": d.flip}))
         if self.scheduler.max_t is not None and self.scheduler.max_t > self.train.max_epochs:
             raise _FieldError(("scheduler", "max_t"),
                               f"max_t ({self.scheduler.max_t}) exceeds train.max_epochs "
@@ -451,6 +413,23 @@ class _FieldError(ValueError):
         super().__init__(message)
 
 
+def _allowed(err: dict) -> str:
+    """`allowed: …` for one pydantic error (a dict of ``ValidationError.errors()``). Here, not
+    in spec_io, because the search-space check below words its errors the same way."""
+    t, ctx, msg = err["type"], err.get("ctx") or {}, err["msg"]
+    if t == "literal_error":
+        return f"allowed: {ctx.get('expected')}"
+    if t == "union_tag_invalid":
+        return f"unknown space; allowed: {', '.join(SPACES)}"
+    if t == "union_tag_not_found":
+        return f"missing 'space:'; allowed: {', '.join(SPACES)}"
+    if t == "missing":
+        return "this field is required"
+    if t.startswith("greater_than") or t.startswith("less_than"):
+        return msg.lower()
+    return msg[0].lower() + msg[1:] if msg else t
+
+
 def _check_params(search: dict[str, Any]) -> None:
     knobs = list(Hyperparams.model_fields)
     for name, param in search.items():
@@ -468,7 +447,7 @@ def _check_params(search: dict[str, Any]) -> None:
             except ValidationError as e:
                 err = e.errors()[0]
                 raise _FieldError(("search", name, *key.split(".")),
-                                  f"{value!r} is not a valid {name}: {_allowed(err)}") from None
+                                  f"{value!r} is not a valid {name}: {_allowed(err)}") from e
     deps: dict[str, set[str]] = {}
     for name, param in search.items():
         deps[name] = set()
@@ -492,7 +471,7 @@ def _check_params(search: dict[str, Any]) -> None:
         tuple(graphlib.TopologicalSorter(deps).static_order())
     except graphlib.CycleError as e:
         raise _FieldError(("search", e.args[1][0], "when"),
-                          f"conditions form a cycle: {' -> '.join(e.args[1])}") from None
+                          f"conditions form a cycle: {' -> '.join(e.args[1])}") from e
 
 
 def param_order(search: dict[str, Any]) -> list[str]:
@@ -504,297 +483,6 @@ def param_order(search: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading: YAML → lines map → overrides → pydantic → SpecError with file/field/line.
-# --------------------------------------------------------------------------------------------
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-# A spec is a few hundred values. YAML aliases can make a short file expand to billions
-# ("billion laughs"); anything past this many values (counted with aliases expanded) or this
-# deep is refused before it is built.
-_MAX_VALUES = 100_000
-_MAX_DEPTH = 50
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate keys instead of keeping the last one, and keys that
-    are not plain scalars (a `? [a, b]` key cannot name a field)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG:  # `<<: *base`: merged keys may be overridden
-                continue
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise yaml.constructor.ConstructorError(
-                    None, None, "a key must be a plain word, not a list or mapping",
-                    key_node.start_mark)
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key]})",
-                    key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def _check_size(node: yaml.Node | None) -> None:
-    """Refuse a document that expands (aliases included) past _MAX_VALUES or _MAX_DEPTH."""
-    sizes: dict[int, int] = {}  # per node, memoised: an alias costs one lookup, not a walk
-
-    def size(n: yaml.Node, depth: int) -> int:
-        if depth > _MAX_DEPTH:
-            raise yaml.MarkedYAMLError(problem=f"nested deeper than {_MAX_DEPTH} levels; "
-                                               f"a spec is a few levels deep",
-                                       problem_mark=n.start_mark)
-        if id(n) not in sizes:
-            kids = ([c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode) else
-                    n.value if isinstance(n, yaml.SequenceNode) else [])
-            sizes[id(n)] = 1 + sum(size(c, depth + 1) for c in kids)
-            if sizes[id(n)] > _MAX_VALUES:
-                raise yaml.MarkedYAMLError(problem=f"more than {_MAX_VALUES:,} values once "
-                                                   f"aliases are expanded",
-                                           problem_mark=n.start_mark)
-        return sizes[id(n)]
-
-    if node is not None:
-        size(node, 0)
-
-
-def _line_map(node: yaml.Node | None, path: tuple = (), out: dict | None = None,
-              seen: set[int] | None = None) -> dict:
-    out = {} if out is None else out
-    seen = set() if seen is None else seen
-    if node is None or id(node) in seen:  # an alias: its lines were mapped where it was defined
-        return out
-    seen.add(id(node))
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            if not isinstance(k, yaml.ScalarNode):
-                continue  # refused by the loader; no path to map
-            key = k.value
-            _line_map(v, (*path, key), out, seen)
-            out[(*path, key)] = k.start_mark.line + 1  # a field's line is its key's line
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _line_map(v, (*path, i), out, seen)
-    return out
-
-
-def _read_yaml(text: str, file: str) -> tuple[dict, dict]:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)  # parsed once: nodes with lines
-        _check_size(node)  # before anything is built from it
-        loader = _StrictLoader("")
-        try:
-            data = None if node is None else loader.construct_document(node)
-        finally:
-            loader.dispose()
-        lines = _line_map(node)
-    except RecursionError:
-        raise SpecError(f"YAML error: nested deeper than {_MAX_DEPTH} levels; a spec is a few "
-                        f"levels deep", file=file) from None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        problem = e.problem or e.context or "invalid YAML"
-        if "\\t" in problem or "\t" in problem:
-            problem += " (YAML indents with spaces, never tabs)"
-        if "could not determine a constructor" in problem:
-            problem = (f"{problem.split(' for the tag')[0]} for the tag in this spec: only "
-                       f"plain YAML is read (no !!python or other tags)")
-        raise SpecError(f"YAML error: {problem}", file=file,
-                        line=mark.line + 1 if mark else None) from None
-    except yaml.reader.ReaderError as e:  # a control character: binary, not a text file
-        char = f"0x{e.character:02x}" if isinstance(e.character, int) else repr(e.character)
-        raise SpecError(f"YAML error: {e.reason} (character {char} at offset {e.position}); "
-                        f"a spec is plain text", file=file,
-                        line=text[: e.position].count("\n") + 1) from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"YAML error: {' '.join(str(e).split())}", file=file) from None
-    if data is None:
-        raise SpecError("the spec is empty; it needs at least 'name:' (see "
-                        "search_spaces/resnet.yaml)", file=file)
-    if not isinstance(data, dict):
-        raise SpecError(f"the spec must be a mapping of sections, not a "
-                        f"{type(data).__name__}", file=file, line=lines.get((), 1))
-    return data, lines
-
-
-def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> set[tuple]:
-    """Apply `key.sub=value` overrides in place (values parsed as YAML scalars/lists).
-
-    Returns the set of paths overridden, so errors on them can say `--set` not a line.
-    """
-    done = set()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise SpecError(f"--set {item!r}: expected key=value, e.g. run.num_samples=4",
-                            file="--set")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        parts = key.strip().split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                section = ".".join(parts[: i + 1])
-                raise SpecError(f"--set {item!r}: '{section}' is not a section",
-                                file="--set", field=key)
-            node = nxt
-        node[parts[-1]] = value
-        done.add(tuple(parts))
-    return done
-
-
-def _allowed(err: dict) -> str:
-    t, ctx, msg = err["type"], err.get("ctx") or {}, err["msg"]
-    if t == "literal_error":
-        return f"allowed: {ctx.get('expected')}"
-    if t == "union_tag_invalid":
-        return f"unknown space; allowed: {', '.join(SPACES)}"
-    if t == "union_tag_not_found":
-        return f"missing 'space:'; allowed: {', '.join(SPACES)}"
-    if t == "missing":
-        return "this field is required"
-    if t.startswith("greater_than") or t.startswith("less_than"):
-        return msg.lower()
-    return msg[0].lower() + msg[1:] if msg else t
-
-
-def _error_from_validation(e: ValidationError, file: str, lines: dict, overridden: set,
-                           data: dict) -> SpecError:
-    # A misspelt key also makes its real name "missing": name the misspelling first.
-    errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
-    err = errs[0]
-    exc = (err.get("ctx") or {}).get("error")
-    if isinstance(exc, _FieldError):
-        loc, message = exc.loc, exc.message
-    else:
-        loc = tuple(err["loc"])
-        # Drop the discriminator tag pydantic puts into the location of tagged unions.
-        if loc[:1] == ("search",) and len(loc) > 2 and loc[2] in SPACES:
-            loc = loc[:2] + loc[3:]
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            loc = (*loc, "space")
-        loc, in_union = _drop_union_labels(loc)
-        message = (f"got {_short(_get(data, loc))}; allowed: a plain value (text, number, "
-                   f"true/false or null)" if in_union else _message(err, loc, data))
-    loc = tuple(loc)
-    field = ".".join(str(p) for p in loc) or None
-    line = None
-    if any(loc[: len(o)] == o for o in overridden):
-        file = f"{file} (with --set)"
-    else:
-        for n in range(len(loc), -1, -1):
-            if loc[:n] in lines:
-                line = lines[loc[:n]]
-                break
-    # One problem per place: a value no member of a union accepts is one problem, not four.
-    places = {_drop_union_labels(tuple(x["loc"]))[0] for x in errs}
-    more = f" ({len(places) - 1} more problem(s) after this one.)" if len(places) > 1 else ""
-    return SpecError(message + more, file=file, field=field, line=line)
-
-
-_UNION_LABEL = re.compile(r"bool|int|float|str|none|(list|nullable|union)\[.*\]")
-
-
-def _drop_union_labels(loc: tuple) -> tuple[tuple, bool]:
-    """`search.x.values.0.bool` → `search.x.values.0`: pydantic names the member of a union
-    of plain values (bool, int, …) it tried; that is no part of the user's field path."""
-    head, tail = loc[:3], [p for p in loc[3:]
-                           if not (isinstance(p, str) and _UNION_LABEL.fullmatch(p))]
-    return (*head, *tail), len(tail) < len(loc[3:])
-
-
-def _message(err: dict, loc: tuple, data: dict) -> str:
-    if err["type"] == "extra_forbidden":
-        parent = _SECTION_MODELS.get(loc[:-1])
-        if loc[:1] == ("search",) and len(loc) == 3:
-            parent = _SPACE_MODELS.get(_get(data, (*loc[:2], "space")))
-        allowed = list(parent.model_fields) if parent else []
-        near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        return f"unknown key; allowed: {', '.join(allowed)}.{hint}"
-    if err["type"] == "value_error":
-        msg = err["msg"].removeprefix("Value error, ")
-        return msg
-    value = _get(data, loc)
-    got = f"got {_short(value)}; " if value is not _MISSING else ""
-    return got + _allowed(err)
-
-
-def _short(value: Any) -> str:
-    """repr() of a value from the spec, cut short: an error stays one readable paragraph."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60
-    return r.repr(value)
-
-
-_MISSING = object()
-
-
-def _get(data: Any, loc: tuple) -> Any:
-    for p in loc:
-        in_dict = isinstance(data, dict) and p in data
-        in_list = isinstance(data, list) and isinstance(p, int) and p < len(data)
-        if in_dict or in_list:
-            data = data[p]
-        else:
-            return _MISSING
-    return data
-
-
-_SECTION_MODELS: dict[tuple, type[BaseModel]] = {
-    (): Spec, ("model",): ModelSpec, ("data",): DataSpec, ("train",): TrainSpec,
-    ("searcher",): SearcherSpec, ("scheduler",): SchedulerSpec, ("run",): RunSpec,
-    ("run", "resources"): Resources, ("promote",): PromoteSpec,
-}
-
-
-def parse_spec(text: str, *, file: str = "<spec>", overrides: list[str] | tuple = ()) -> Spec:
-    """Validate spec text (plus `--set` overrides); raise :class:`SpecError` when it is bad."""
-    data, lines = _read_yaml(text, file)
-    overridden = apply_overrides(data, overrides)
-    for path in overridden:  # an overridden field has no YAML line to blame
-        lines.pop(path, None)
-    # Unknown search-parameter keys: name the allowed keys for that space.
-    try:
-        return Spec.model_validate(data)
-    except ValidationError as e:
-        raise _error_from_validation(e, file, lines, overridden, data) from None
-
-
-def load_spec(path: str | Path, overrides: list[str] | tuple = ()) -> Spec:
-    """Read and validate a spec file; errors are :class:`SpecError` naming file/field/line."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise SpecError("file not found", file=str(path)) from None
-    except OSError as e:
-        raise SpecError(f"cannot read the file: {e.strerror}", file=str(path)) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise SpecError(f"the file is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                        f"{e.start}); save it as UTF-8", file=str(path), line=line) from None
-    return parse_spec(text, file=str(path), overrides=overrides)
-
-
-def spec_to_yaml(spec: Spec) -> str:
-    """The resolved spec as YAML: every default spelled out, loadable by :func:`parse_spec`."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-
-
-
-# --------------------------------------------------------------------------------------------
 # Before launch: do the trials fit the cluster? Secrets kept out of saved files and logs.
 # --------------------------------------------------------------------------------------------
 def check_fit(spec: Spec, cluster: Mapping[str, float], *, where: str = "the cluster") -> int:
@@ -803,7 +491,7 @@ def check_fit(spec: Spec, cluster: Mapping[str, float], *, where: str = "the clu
     `cluster` holds totals keyed like Ray's ``ray.cluster_resources()`` ("CPU", "GPU"); the
     search runs at most ``run.max_concurrent_trials`` of the trials that fit. When not even one
     trial fits, Ray would leave every trial PENDING forever (ray#24259): raises
-    :class:`SpecError` on `run.resources` naming what a trial asks and what `where` has.
+    :class:`UserError` on `run.resources` naming what a trial asks and what `where` has.
     Totals only: per-node packing (2 GPUs per trial on two 1-GPU nodes) is Ray's to judge.
     """
     res = spec.run.resources
@@ -814,7 +502,7 @@ def check_fit(spec: Spec, cluster: Mapping[str, float], *, where: str = "the clu
     if short:
         gpu_hint = (" (it has no GPU: set run.resources.gpu: 0, or run on a GPU cluster with "
                     "--address)" if "GPU" in short and have["GPU"] == 0 else "")
-        raise SpecError(
+        raise UserError(
             f"each trial asks for {res.cpu:g} CPU and {res.gpu:g} GPU, but {where} has "
             f"{have['CPU']:g} CPU and {have['GPU']:g} GPU{gpu_hint}; Ray would leave every "
             f"trial pending forever; allowed: cpu <= {have['CPU']:g}, gpu <= {have['GPU']:g}",
@@ -843,3 +531,18 @@ def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
 
     return {k: "***" if isinstance(k, str) and _SECRET_NAME.search(k) else clean(v)
             for k, v in mapping.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Names that moved out of this module, still importable from it while callers change their
+# imports (PEP 562). Resolved on first use, so importing the schema never imports the loader
+# (which imports the schema).
+# --------------------------------------------------------------------------------------------
+_MOVED = {"apply_overrides": "raytune_ft.spec_io", "load_spec": "raytune_ft.spec_io",
+          "parse_spec": "raytune_ft.spec_io", "spec_to_yaml": "raytune_ft.spec_io"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from raytune_ft.spec import Hyperparams, SpecError, load_spec, param_order, parse_spec, spec_to_yaml
+from raytune_ft.spec import Hyperparams, SpecError, param_order
+from raytune_ft.spec_io import load_spec, parse_spec, spec_to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,3 +133,46 @@ def test_condition_cycle_refused() -> None:
 def test_hyperparams_reject_bad_values() -> None:
     with pytest.raises(ValueError, match="lr"):
         Hyperparams(lr=0)
+
+
+@pytest.mark.parametrize("body, size, flip", [
+    ("", 32, False),  # digits: the source's natural size, no flip
+    ("model: {arch: resnet18, weights: DEFAULT}\n", 224, False),  # the weights' crop size
+    ("model: {arch: efficientnet_b3, weights: DEFAULT}\n", 300, False),
+    ("model: {arch: resnet18, weights: DEFAULT}\ndata: {image_size: 64, hflip: true}\n", 64, True),
+    ("data: {source: STL10, root: /tmp}\n", 96, True),
+    ("model: {weights: w.pth}\n", 32, False),  # a file has no metadata
+])
+def test_data_defaults_resolved_from_weights_or_source(body: str, size: int, flip: bool) -> None:
+    spec = parse_spec(BASE + body)
+    assert (spec.data.image_size, spec.data.hflip) == (size, flip)
+    assert parse_spec(spec_to_yaml(spec)) == spec  # spec.yaml in a run folder says what was used
+
+
+def test_schema_import_pulls_in_neither_torch_nor_the_loader() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, raytune_ft.spec; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'yaml', 'raytune_ft.spec_io') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_error_keeps_its_cause_for_debug() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(SpecError) as info:
+        parse_spec(BASE + "run:\n  num_samples: 0\n")
+    assert isinstance(info.value.__cause__, ValidationError)  # shown by --debug only
+    assert "\n" not in str(info.value)
+
+
+def test_loader_names_still_importable_from_spec() -> None:
+    # Moved to spec_io; kept importable from spec while callers change their imports.
+    from raytune_ft import spec, spec_io
+
+    assert spec.load_spec is spec_io.load_spec and spec.parse_spec is spec_io.parse_spec
+    with pytest.raises(AttributeError):
+        spec.no_such_name  # noqa: B018
