@@ -15,7 +15,7 @@ How it works (the way Syne Tune's simulator and tabular benchmarks do it):
    stopped there would have seen: the LR schedule depends on ``max_epochs`` only.
 2. **Replay** searches through the REAL code: Ray's ``OptunaSearch`` with our ``define_by_run``
    space and ``make_sampler`` sampler (TPE or random, the baseline enqueued first as rtft does),
-   and our ``_PersistentASHA`` (Ray's ``ASHAScheduler``) or Ray's ``FIFOScheduler``, driven by
+   and our ``PersistentASHA`` (Ray's ``ASHAScheduler``) or Ray's ``FIFOScheduler``, driven by
    a discrete-event loop with 2 trials in flight, called in the order Ray's TuneController calls
    them (scheduler.on_trial_result, searcher.on_trial_result / on_trial_complete). A sampled
    configuration is mapped to the **nearest pool configuration** (numeric knobs scaled to [0, 1],
@@ -62,7 +62,8 @@ from _common import (  # noqa: E402
     table,
 )
 
-from raytune_ft.spec import Spec, load_spec, parse_spec  # noqa: E402
+from raytune_ft.spec import Spec  # noqa: E402
+from raytune_ft.spec_io import load_spec, parse_spec  # noqa: E402
 
 # Every fine-tuning knob the trainer implements, searched at once ("the harder setting").
 LARGE_SEARCH = {
@@ -283,7 +284,7 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from raytune_ft.search import _PersistentASHA
+    from raytune_ft.search.schedulers import PersistentASHA
     from raytune_ft.space import baseline_params, define_by_run, make_sampler
 
     sampler_name, sched_type = METHODS[method]
@@ -299,7 +300,7 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
                             mode=s.mode, storage=storage, study_name=study_name)
     tmp = tempfile.TemporaryDirectory(prefix="rtft-replay-")
     if sched_type == "asha":
-        scheduler: Any = _PersistentASHA(
+        scheduler: Any = PersistentASHA(
             Path(tmp.name), protect_first=s.searcher.baseline_first,
             time_attr="training_iteration", max_t=s.max_t, metric=s.metric, mode=s.mode,
             grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)

@@ -51,7 +51,8 @@ from _common import (  # noqa: E402
     table,
 )
 
-from raytune_ft.spec import Spec, load_spec  # noqa: E402
+from raytune_ft.spec import Spec  # noqa: E402
+from raytune_ft.spec_io import load_spec  # noqa: E402
 
 WAYS = {"a": "(a) bare train()", "b": "(b) plain Ray Tune", "c": "(c) rtft run_search"}
 TARGETS = {"c/a": 1.10, "c/b": 1.03}
@@ -144,9 +145,9 @@ def way_b(spec: Spec, info: dict[str, Any]) -> None:
 
 def way_c(spec: Spec, info: dict[str, Any]) -> None:
     """rtft's run_search on the fixed spec."""
-    from raytune_ft import search
+    from raytune_ft.search import run as search_run
 
-    ensure = search._ensure_ray
+    ensure = search_run.ensure_ray
 
     def timed_ensure(*a: Any, **k: Any) -> bool:  # Ray's start-up, reported apart
         t0 = time.perf_counter()
@@ -155,14 +156,14 @@ def way_c(spec: Spec, info: dict[str, Any]) -> None:
         finally:
             info["ray_init_s"] = time.perf_counter() - t0
 
-    search._ensure_ray = timed_ensure
+    search_run.ensure_ray = timed_ensure
     starts: list[float] = []
 
     def echo(line: str) -> None:
         if " start  " in line:
             starts.append(time.time())
 
-    search.run_search(spec, echo=echo, quiet=False)
+    search_run.run_search(spec, echo=echo, quiet=False)
     info["trial_start_events"] = starts
 
 

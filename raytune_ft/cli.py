@@ -18,7 +18,9 @@ from typing import Any
 
 import click
 
-from raytune_ft.spec import Spec, SpecError, load_spec, spec_to_yaml
+from raytune_ft.errors import UserError
+from raytune_ft.spec import Spec
+from raytune_ft.spec_io import load_spec, spec_to_yaml
 
 EXIT_BAD_INPUT = 2
 
@@ -30,7 +32,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         debug = kwargs.get("debug", False)
         try:
             return fn(*args, **kwargs)
-        except SpecError as e:
+        except UserError as e:
             if kwargs.get("spec_file") is not None:
                 e.located(kwargs["spec_file"])
             if debug:
@@ -170,17 +172,15 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
 def _fit_line(spec: Spec, gpus: float | None, cpus: float | None, address: str | None,
               headers: tuple[str, ...]) -> str:
     """How many trials fit at once where the search would run (SpecError when none does)."""
-    import os
-
     from raytune_ft.spec import check_fit
 
     res = spec.run.resources
     if gpus is not None or cpus is not None:
         if cpus is None and res.gpu == 0:
-            raise SpecError("trials ask for no GPU, so --cluster-gpus alone says nothing; "
+            raise UserError("trials ask for no GPU, so --cluster-gpus alone says nothing; "
                             "allowed: add --cluster-cpus N", field="run.resources")
         if cpus is None and (gpus or 0.0) + 1e-9 < res.gpu:
-            raise SpecError(f"each trial asks for {res.gpu:g} GPU, but a cluster of {gpus:g} "
+            raise UserError(f"each trial asks for {res.gpu:g} GPU, but a cluster of {gpus:g} "
                             f"GPU has fewer; Ray would leave every trial pending forever; "
                             f"allowed: gpu <= {gpus:g}", field="run.resources")
         # CPUs not given: they do not limit (a GPU cluster's usual case).
@@ -199,9 +199,9 @@ def _fit_line(spec: Spec, gpus: float | None, cpus: float | None, address: str |
         have = cluster_resources(address, parse_headers(headers))
         where = f"the Ray cluster at {address} ({have['CPU']:g} CPU, {have['GPU']:g} GPU)"
     else:
-        import torch
+        from raytune_ft.preflight import local_resources
 
-        have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        have = local_resources()
         where = f"this machine ({have['CPU']:g} CPU, {have['GPU']:g} GPU)"
     n = check_fit(spec, have, where=where)
     at_once = min(n, spec.run.max_concurrent_trials)
@@ -225,16 +225,13 @@ def _space_table(spec: Spec) -> str:
 
 
 def _stages_table(spec: Spec) -> str:
-    from raytune_ft.models import build_model, count_params
-    from raytune_ft.spec import Hyperparams
+    from raytune_ft.preflight import model_shape
 
-    built = build_model(spec.model, 10, Hyperparams(), "none")
-    lines = [f"{spec.model.arch} stages (freeze_depth=k freezes the first k):"]
-    for i, s in enumerate(built.stages, 1):
-        lines.append(f"  {i:>2}. {s.name:<14} {sum(p.numel() for p in s.parameters()):>12,} "
-                     f"params")
-    lines.append(f"      head ({built.head_path}) replaced; total "
-                 f"{count_params(built.model):,} params")
+    shape = model_shape(spec)
+    lines = [f"{shape.arch} stages (freeze_depth=k freezes the first k):"]
+    for i, (name, n) in enumerate(shape.stages, 1):
+        lines.append(f"  {i:>2}. {name:<14} {n:>12,} params")
+    lines.append(f"      head ({shape.head_path}) replaced; total {shape.total_params:,} params")
     return "\n".join(lines)
 
 
@@ -312,7 +309,8 @@ def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
       rtft results rtft_runs/resnet18-digits
       rtft results rtft_runs/resnet18-digits --csv > trials.csv
     """
-    from raytune_ft.search import load_records, rung_summary, summary_rows, summary_table
+    from raytune_ft.runs import rung_summary, summary_rows, summary_table
+    from raytune_ft.search import load_records
 
     spec = load_spec(run_dir / "spec.yaml")
     records = load_records(run_dir, spec)
@@ -428,7 +426,7 @@ def jobs() -> None:
 def jobs_list(address: str | None, headers: tuple[str, ...], as_json: bool, debug: bool) -> None:
     """The cluster's jobs, newest first."""
     from raytune_ft import jobs as j
-    from raytune_ft.promote import text_table
+    from raytune_ft.runs import text_table
 
     rows = j.list_jobs(j.client(address, j.parse_headers(headers)))
     if as_json:

@@ -1,7 +1,7 @@
 """Run a search as a Ray Job on a cluster: `rtft submit` and `rtft jobs …`.
 
-This module and `search.py` are the only ones that import Ray (here: only the Jobs SDK, and
-only inside functions, so `import raytune_ft.jobs` stays cheap).
+This module and the `search` package are the only ones that import Ray (here: only the Jobs
+SDK, and only inside functions, so `import raytune_ft.jobs` stays cheap).
 
 What travels with a job (its `runtime_env`), and why it works both on a real cluster and on a
 local one:
@@ -15,9 +15,9 @@ local one:
 - `py_modules`: the `raytune_ft` package this command runs from, so the driver and every trial
   worker run exactly the code you submit from, whatever rtft version the cluster image has.
   With `ship_code=False` the cluster's installed rtft runs. The entrypoint is
-  `python -m raytune_ft.jobs search <spec> --set …`: `rtft search` run from a private copy of
-  the working dir (see `_job_main` for why); it needs no `rtft` script on the cluster. Either
-  way rtft's dependencies (torch, torchvision, optuna, …) must be on the cluster (its image,
+  `python -m raytune_ft.job_entry search <spec> --set …`: `rtft search` run from a private
+  copy of the working dir (see `job_entry` for why); it needs no `rtft` script on the cluster.
+  Either way rtft's dependencies (torch, torchvision, optuna, …) must be on the cluster (its image,
   or `pip=[…]`: Ray then builds a virtualenv per node from PyPI).
 - `env_vars`: only those you name (`--env`). They are visible to anyone who can read the
   dashboard; prefer credentials that live on the nodes (IAM roles, Kubernetes secrets).
@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.spec import Spec, SpecError, load_spec, redact
+from raytune_ft.spec import Spec, SpecError, redact
+from raytune_ft.spec_io import load_spec
 
 __all__ = ["HEADERS_ENV", "JobsError", "Submission", "client", "cluster_resources",
            "follow", "is_uri",
@@ -236,9 +237,9 @@ def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
 
             runtime_env["py_modules"] = [str(Path(raytune_ft.__file__).parent)]
             runtime_env["excludes"] = ["__pycache__", "*.pyc"]
-        # `python -m raytune_ft.jobs search …` is `rtft search …` run from a private copy of
-        # the working dir (see _job_main); it needs no `rtft` script on the cluster.
-        command = ["python", "-m", "raytune_ft.jobs", "search"]
+        # `python -m raytune_ft.job_entry search …` is `rtft search …` run from a private copy
+        # of the working dir (see job_entry); it needs no `rtft` script on the cluster.
+        command = ["python", "-m", "raytune_ft.job_entry", "search"]
         if pip:
             runtime_env["pip"] = list(pip)
         if env_vars:
@@ -382,9 +383,11 @@ def cluster_resources(address: str, headers: Mapping[str, str] | None = None
                       ) -> dict[str, float]:
     """Total CPU and GPU of the cluster's alive nodes, read from its dashboard (the state API
     behind `ray list nodes`), with the same address and headers as the Jobs API."""
+    from raytune_ft.search.ray_private import job_client_get
+
     c = client(address, headers)
     # The SDK's own request helper: it adds the auth headers, cookies and TLS settings.
-    r = _call(lambda: c._do_request("GET", "/api/v0/nodes?limit=10000"))
+    r = _call(lambda: job_client_get(c, "/api/v0/nodes?limit=10000"))
     try:
         r.raise_for_status()
         nodes = r.json()["data"]["result"]["result"]
@@ -402,39 +405,3 @@ def cluster_resources(address: str, headers: Mapping[str, str] | None = None
 def stop(c: Any, job_id: str) -> bool:
     """Ask the cluster to stop the job; False when it had already ended."""
     return bool(_call(c.stop_job, job_id))
-
-
-# --------------------------------------------------------------------------------------------
-# The job's entrypoint on the cluster
-# --------------------------------------------------------------------------------------------
-def _job_main(argv: Sequence[str]) -> int:
-    """`python -m raytune_ft.jobs ARGS…`: run `rtft ARGS…` in a private copy of the job's
-    working dir.
-
-    Seen with Ray 2.60: when a trial's runtime env is set up on the head node, Ray unpacks the
-    job's working_dir package again (`overwrite=True`: rmtree, then extract), so the driver's
-    current folder is deleted under it and Tune's final `os.path.relpath` (which calls
-    `os.getcwd()`) fails with FileNotFoundError after every trial has finished. A copy that
-    only this process owns cannot vanish; relative paths in the spec mean the same there.
-    """
-    from raytune_ft.cli import main
-
-    src = Path.cwd()
-    work = Path(tempfile.mkdtemp(prefix="rtft-job-cwd-"))
-    try:
-        shutil.copytree(src, work, dirs_exist_ok=True, symlinks=True)
-        os.chdir(work)
-        try:
-            main(args=list(argv), prog_name="rtft", standalone_mode=True)
-        except SystemExit as e:
-            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        return 0
-    finally:
-        os.chdir(src if src.exists() else "/")
-        shutil.rmtree(work, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(_job_main(sys.argv[1:]))

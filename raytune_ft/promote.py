@@ -12,14 +12,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,104 +28,20 @@ from torch import nn
 from raytune_ft.checkpoint import load_checkpoint
 from raytune_ft.data import Splits
 from raytune_ft.models import build_model, input_stats
-from raytune_ft.spec import METRICS, Hyperparams, ModelSpec, Spec
+from raytune_ft.runs import (  # re-exported: promotion's rule lives with the records
+    TrialRecord,
+    choose,
+    fmt,
+    ranked,
+    text_table,
+    trial_state,
+    trial_table,
+)
+from raytune_ft.spec import Hyperparams, ModelSpec, Spec
 from raytune_ft.train import evaluate
 
 __all__ = ["PromotedModel", "TrialRecord", "choose", "fmt", "load_promoted", "promote",
            "ranked", "text_table", "trial_state", "trial_table"]
-
-
-@dataclass
-class TrialRecord:
-    """What the search knows of one trial, free of Ray types."""
-
-    trial_id: str
-    params: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_checkpoint: str | None = None
-    error: str | None = None
-
-    @property
-    def epochs(self) -> int:
-        return max((int(h.get("epoch", 0)) for h in self.history), default=0)
-
-    @property
-    def diverged(self) -> bool:
-        return any(h.get("diverged") for h in self.history)
-
-    def best(self, metric: str) -> float | None:
-        """Best-so-far value of `metric` over the trial's epochs (not its last value)."""
-        vals = [h[metric] for h in self.history
-                if metric in h and not h.get("diverged") and _finite(h[metric])]
-        if not vals:
-            return None
-        return max(vals) if METRICS[metric] == "max" else min(vals)
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def trial_state(r: TrialRecord, max_t: int) -> str:
-    """completed / stopped@<epoch> (early-stopped by ASHA) / diverged / failed / oom /
-    pending."""
-    if r.diverged:
-        return "diverged"
-    if r.error:
-        return "oom" if "TrialOOMError" in r.error else "failed"
-    if r.epochs >= max_t:
-        return "completed"
-    return f"stopped@{r.epochs}" if r.epochs else "pending"
-
-
-def ranked(records: list[TrialRecord], metric: str) -> list[TrialRecord]:
-    """All trials, best-so-far metric first; trials without a value last."""
-    sign = -1.0 if METRICS[metric] == "max" else 1.0
-    return sorted(records, key=lambda r: (r.best(metric) is None,
-                                          sign * (r.best(metric) or 0.0), r.trial_id))
-
-
-def fmt(v: Any) -> str:
-    """A parameter value for tables: 3 significant digits for floats, '-' when absent."""
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def trial_table(records: list[TrialRecord], spec: Spec,
-                limit: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the trials, best first: id, state, epochs, best metric and each
-    searched (non-fixed) parameter. Text and HTML renderers share it."""
-    m = spec.metric
-    names = [n for n, p in spec.search.items() if p.space != "fixed"]  # fixed: same for all
-    head = ["trial", "state", "epochs", f"best {m}", *names]
-    rows = [[r.trial_id, trial_state(r, spec.max_t), str(r.epochs),
-             "-" if r.best(m) is None else f"{r.best(m):.4f}",
-             *[fmt(r.params.get(n)) for n in names]]
-            for r in ranked(records, m)[:limit]]
-    return head, rows
-
-
-def text_table(head: list[str], rows: list[list[str]], *, rule: bool = True) -> list[str]:
-    """Fixed-width lines of a table (header, optional rule, rows)."""
-    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
-             for row in [head, *rows]]
-    if rule:
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
-def choose(records: list[TrialRecord], metric: str, top_k: int = 1) -> list[TrialRecord]:
-    """The trials to promote, best first: among trials with a checkpoint that reached the
-    highest epoch any such trial reached, ranked by best-so-far metric."""
-    ok = [r for r in records if r.best_checkpoint and not r.diverged
-          and r.best(metric) is not None]
-    if not ok:
-        return []
-    top = max(r.epochs for r in ok)
-    eligible = [r for r in ok if r.epochs == top]
-    return ranked(eligible, metric)[:top_k]
 
 
 def _rebuild(config: dict[str, Any]) -> nn.Module:

@@ -18,7 +18,8 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from raytune_ft.promote import TrialRecord, ranked, trial_state, trial_table  # noqa: E402
-from raytune_ft.spec import METRICS, Spec, load_spec  # noqa: E402
+from raytune_ft.spec import METRICS, Spec  # noqa: E402
+from raytune_ft.spec_io import load_spec
 
 __all__ = ["write_report"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import graphlib
-import importlib
 import math
 import re
 from collections.abc import Mapping
@@ -531,18 +530,3 @@ def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
 
     return {k: "***" if isinstance(k, str) and _SECRET_NAME.search(k) else clean(v)
             for k, v in mapping.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Names that moved out of this module, still importable from it while callers change their
-# imports (PEP 562). Resolved on first use, so importing the schema never imports the loader
-# (which imports the schema).
-# --------------------------------------------------------------------------------------------
-_MOVED = {"apply_overrides": "raytune_ft.spec_io", "load_spec": "raytune_ft.spec_io",
-          "parse_spec": "raytune_ft.spec_io", "spec_to_yaml": "raytune_ft.spec_io"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytune_ft.spec import Hyperparams, Spec, parse_spec
+from raytune_ft.spec import Hyperparams, Spec
+from raytune_ft.spec_io import parse_spec
 
 TINY_SPEC = """\
 name: tiny

@@ -99,14 +99,14 @@ def test_schedulers_ask_ray_for_a_snapshot_when_trials_start_and_end(tmp_path: P
     our schedulers flag one (Ray's own force flag) when a trial starts, ends or fails."""
     from types import SimpleNamespace
 
-    from raytune_ft.search import _FIFO, _PersistentASHA
+    from raytune_ft.search.schedulers import FIFO, PersistentASHA
 
     def controller() -> SimpleNamespace:
         return SimpleNamespace(_checkpoint_manager=SimpleNamespace(_should_force_sync_up=False))
 
-    asha = _PersistentASHA(tmp_path, time_attr="training_iteration", max_t=4, metric="val_acc",
+    asha = PersistentASHA(tmp_path, time_attr="training_iteration", max_t=4, metric="val_acc",
                            mode="max", grace_period=1, reduction_factor=2)
-    for sched in (asha, _FIFO()):
+    for sched in (asha, FIFO()):
         trial = SimpleNamespace(trial_id="t1", config={})
         raw = controller()
         wrapped = SimpleNamespace(_tune_controller=raw)  # what Ray passes to on_trial_add

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from raytune_ft import spec as spec_mod
 from raytune_ft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from raytune_ft.spec import Spec, SpecError, check_fit, load_spec, parse_spec, redact
+from raytune_ft.spec import Spec, SpecError, check_fit, redact
+from raytune_ft.spec_io import load_spec, parse_spec, spec_to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
@@ -44,7 +45,7 @@ def _load_or_refuse(load: Any) -> Spec | SpecError:
         assert "\n" not in str(e), str(e)  # one paragraph
         return e
     assert isinstance(spec, Spec)
-    assert parse_spec(spec_mod.spec_to_yaml(spec)) == spec  # a valid spec round-trips
+    assert parse_spec(spec_to_yaml(spec)) == spec  # a valid spec round-trips
     return spec
 
 
@@ -147,24 +148,24 @@ def test_check_fit_refuses_what_would_stay_pending(resources: str, cluster: dict
 
 
 def test_storage_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from raytune_ft import search
+    from raytune_ft import preflight
 
-    search._check_writable(str(tmp_path / "new" / "runs"), "run.storage_path")  # created later
-    search._check_writable("s3://bucket/runs", "run.storage_path")  # URIs: storage's business
+    preflight.check_writable(str(tmp_path / "new" / "runs"), "run.storage_path")  # created later
+    preflight.check_writable("s3://bucket/runs", "run.storage_path")  # URIs: storage's business
     assert list(tmp_path.iterdir()) == []  # the probe left nothing
     (tmp_path / "f").write_text("x")
     with pytest.raises(SpecError, match="is a file") as info:
-        search._check_writable(str(tmp_path / "f" / "runs"), "promote.dir")
+        preflight.check_writable(str(tmp_path / "f" / "runs"), "promote.dir")
     assert info.value.field == "promote.dir"
     with pytest.raises(SpecError, match="not writable"):
-        search._check_writable("/sys/rtft-test", "run.storage_path")
+        preflight.check_writable("/sys/rtft-test", "run.storage_path")
 
     class Usage:
         free = 5 * 2**20
 
-    monkeypatch.setattr(search.shutil, "disk_usage", lambda p: Usage)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage)
     with pytest.raises(SpecError, match=r"the disk is full \(5 MB free"):
-        search._check_writable(str(tmp_path), "run.storage_path")
+        preflight.check_writable(str(tmp_path), "run.storage_path")
 
 
 def test_redact_hides_secret_values_keeps_names() -> None:
@@ -240,7 +241,7 @@ CHILD = r"""
 import json, os, signal, sys
 from raytune_ft import promote as P
 from raytune_ft.data import prepare
-from raytune_ft.spec import load_spec
+from raytune_ft.spec_io import load_spec
 
 spec_file, record_file, point = sys.argv[1:4]
 spec = load_spec(spec_file)
@@ -306,7 +307,7 @@ def test_sigkill_during_promotion_leaves_old_or_new_never_half(trained) -> None:
     models = Path(spec.promote.dir) / spec.name
     [v1] = promote(spec, [record], prepare(spec.data), echo=lambda s: None)
     spec_file = root / "spec.yaml"
-    spec_file.write_text(spec_mod.spec_to_yaml(spec))
+    spec_file.write_text(spec_to_yaml(spec))
     record_file = root / "record.json"
     record_file.write_text(json.dumps(record.__dict__, default=str))
 
@@ -344,8 +345,9 @@ def test_sigkill_during_promotion_leaves_old_or_new_never_half(trained) -> None:
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_truncated_trial_checkpoint_fails_that_trial_only(tmp_path: Path) -> None:
-    # The search runs in its own process: the fault hook is switched on by an environment
-    # variable, which the Ray workers of the Ray that process starts inherit.
+    # The search runs in its own process, with tests/plugins/faults on PYTHONPATH: its
+    # sitecustomize wraps the trainable's report seam (nothing of this is in raytune_ft), and
+    # the Ray workers of the Ray that process starts inherit the environment.
     spec_file = write_tiny_spec(tmp_path, n=2)
     faults = tmp_path / "faults"
     faults.mkdir()
@@ -353,7 +355,10 @@ def test_truncated_trial_checkpoint_fails_that_trial_only(tmp_path: Path) -> Non
         [sys.executable, "-m", "raytune_ft.cli", "search", str(spec_file), "--quiet",
          "--set", "run.max_failures=1", "--set", "scheduler.type=none",
          "--set", "search.freeze_depth=0"],
-        capture_output=True, text=True, env={**ENV, "RTFT_TEST_FAULTS": str(faults)},
+        capture_output=True, text=True, env={**ENV, "RTFT_TEST_FAULTS": str(faults),
+                                               "PYTHONPATH": os.pathsep.join(
+                                                   [str(ROOT / "tests" / "plugins" / "faults"),
+                                                    ENV["PYTHONPATH"]])},
         cwd=ROOT, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "promoted model:" in proc.stdout
@@ -371,7 +376,7 @@ def test_truncated_trial_checkpoint_fails_that_trial_only(tmp_path: Path) -> Non
 
 def test_results_read_a_current_trials_json_and_ignore_a_stale_one(tmp_path: Path) -> None:
     from raytune_ft.promote import TrialRecord
-    from raytune_ft.search import _records_from_json
+    from raytune_ft.runs import records_from_json
 
     run = tmp_path / "run"
     (run / "tune").mkdir(parents=True)
@@ -381,9 +386,9 @@ def test_results_read_a_current_trials_json_and_ignore_a_stale_one(tmp_path: Pat
                       "/ckpt", None)
     (run / "trials.json").write_text(json.dumps([rec.__dict__]))
     os.utime(state, (1e9, 1e9))  # Ray's state older than trials.json: the run is finished
-    assert _records_from_json(run) == [rec]
+    assert records_from_json(run) == [rec]
     os.utime(run / "trials.json", (1e9 - 5, 1e9 - 5))  # a resume ran since: read Ray's state
-    assert _records_from_json(run) is None
+    assert records_from_json(run) is None
 
 
 # --------------------------------------------------------------------------------------------

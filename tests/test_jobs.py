@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_tiny_spec
 
-from raytune_ft import jobs
+from raytune_ft import job_entry, jobs
 from raytune_ft.cli import main
 from raytune_ft.spec import SpecError
 
@@ -70,7 +70,7 @@ def test_prepare_ships_the_spec_and_relative_files_only(tmp_path: Path,
         assert sub.runtime_env["working_dir"] == str(sub.staging)
         assert Path(sub.runtime_env["py_modules"][0]).name == "raytune_ft"
         argv = shlex.split(sub.entrypoint)
-        assert argv[:5] == ["python", "-m", "raytune_ft.jobs", "search", "tiny.yaml"]
+        assert argv[:5] == ["python", "-m", "raytune_ft.job_entry", "search", "tiny.yaml"]
         assert argv[5:] == ["--set", "model.weights=sub/w.pth", "--set", "run.num_samples=3"]
         assert sub.runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == SECRET  # sent…
         assert SECRET not in json.dumps(sub.printable_env())                  # …never shown
@@ -135,7 +135,7 @@ def test_jobs_cli_unreachable_address_is_one_line(tmp_path: Path) -> None:
 def test_job_entry_runs_rtft_in_a_private_copy(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The entrypoint copies the working dir and runs there: Ray may re-extract the original
-    under the running driver (see jobs._job_main)."""
+    under the running driver (see job_entry.main)."""
     (tmp_path / "x.txt").write_text("here")
     monkeypatch.chdir(tmp_path)
     seen: dict[str, str] = {}
@@ -147,19 +147,19 @@ def test_job_entry_runs_rtft_in_a_private_copy(tmp_path: Path,
         raise SystemExit(3)
 
     monkeypatch.setattr("raytune_ft.cli.main", fake_main)
-    assert jobs._job_main(["search", "tiny.yaml"]) == 3
+    assert job_entry.main(["search", "tiny.yaml"]) == 3
     assert seen["cwd"] != str(tmp_path) and seen["x"] == "here"
     assert seen["args"] == "search tiny.yaml"
     assert Path.cwd() == tmp_path and not Path(seen["cwd"]).exists()  # cleaned up
 
 
 def test_search_with_http_address_explains_itself() -> None:
-    from raytune_ft.search import _ensure_ray
+    from raytune_ft.search.cluster import ensure_ray
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         pytest.skip("a Ray is already running in this process")
     with pytest.raises(SpecError, match="rtft submit SPEC --address http://head:8265"):
-        _ensure_ray("http://head:8265", print)
+        ensure_ray("http://head:8265", print)
 
 
 @pytest.mark.parametrize("args, expect", [

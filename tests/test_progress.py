@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from raytune_ft.search import _Progress
-from raytune_ft.spec import load_spec
+from raytune_ft.search.callbacks import Progress
+from raytune_ft.spec_io import load_spec
 
 SPEC = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "resnet.yaml")
 
@@ -19,7 +19,7 @@ class _Trial:
         self.last_result = {"epoch": epoch, "best_val_acc": 0.5}
 
 
-def _drive(p: _Progress) -> None:
+def _drive(p: Progress) -> None:
     a, b = _Trial("a"), _Trial("b", epoch=4)
     p.on_trial_start(0, [], a)
     p.on_trial_start(0, [], b)
@@ -31,7 +31,7 @@ def _drive(p: _Progress) -> None:
 
 @pytest.mark.parametrize("live, quiet", [(True, False), (False, False), (False, True)])
 def test_progress_modes(capsys: pytest.CaptureFixture, live: bool, quiet: bool) -> None:
-    _drive(_Progress(SPEC, print, quiet, live=live))
+    _drive(Progress(SPEC, print, quiet, live=live))
     out = capsys.readouterr().out
     assert "a stopped by ASHA after epoch 1" in out and "b completed after epoch 4" in out
     assert ("\x1b[" in out) == live  # redrawn in place only on a terminal

@@ -84,7 +84,7 @@ def test_promote_writes_a_versioned_folder_that_reloads(tmp_path: Path) -> None:
     assert acc == pytest.approx(metrics["test"]["acc"])
     assert metrics["val"]["best_val_acc"] == max(h["val_acc"] for h in history)
     # The promoted spec fixes every parameter: the trial can be re-run alone.
-    from raytune_ft.spec import load_spec
+    from raytune_ft.spec_io import load_spec
 
     again = load_spec(first / "spec.yaml")
     assert again.search["head_hidden"].value == 8 and again.run.num_samples == 1

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 from pathlib import Path
 
-from raytune_ft.search import _PersistentASHA
+import pytest
+
+from raytune_ft.search.schedulers import PersistentASHA
 
 
 class _T:
@@ -14,14 +17,15 @@ class _T:
         self.trial_id = tid
 
 
-def _asha(run_dir: Path, protect_first: bool = False) -> _PersistentASHA:
-    return _PersistentASHA(run_dir, protect_first=protect_first, time_attr="training_iteration",
-                           max_t=4, metric="val_acc", mode="max", grace_period=1,
-                           reduction_factor=2)
+def _asha(run_dir: Path, protect_first: bool = False, metric: str = "val_acc",
+          mode: str = "max", max_t: int = 4) -> PersistentASHA:
+    return PersistentASHA(run_dir, protect_first=protect_first, time_attr="training_iteration",
+                          max_t=max_t, metric=metric, mode=mode, grace_period=1,
+                          reduction_factor=2)
 
 
-def _result(epoch: int, acc: float) -> dict:
-    return {"training_iteration": epoch, "val_acc": acc}
+def _result(epoch: int, acc: float, metric: str = "val_acc") -> dict:
+    return {"training_iteration": epoch, metric: acc}
 
 
 def test_rungs_survive_a_restart_from_the_pickled_scheduler(tmp_path: Path) -> None:
@@ -47,3 +51,63 @@ def test_the_first_trial_is_never_stopped_early(tmp_path: Path) -> None:
     assert asha.on_trial_result(None, _T("b"), _result(1, 0.8)) == "STOP"
     assert asha.on_trial_result(None, _T("baseline"), _result(1, 0.1)) == "CONTINUE"
     assert asha.on_trial_result(None, _T("baseline"), _result(4, 0.1)) == "STOP"  # max_t
+
+
+def _stream(n_trials: int, seed: int) -> list[tuple[str, int, float]]:
+    """Results as ASHA sees them with 4 trials at a time: interleaved epochs, made-up values."""
+    rng = random.Random(seed)
+    quality = {f"t{i}": rng.random() for i in range(n_trials)}
+    running, out, nxt = {}, [], 0
+    while nxt < n_trials or running:
+        while len(running) < 4 and nxt < n_trials:
+            running[f"t{nxt}"] = 0
+            nxt += 1
+        tid = rng.choice(sorted(running))
+        running[tid] += 1
+        out.append((tid, running[tid], quality[tid] + 0.1 * running[tid] + rng.gauss(0, 0.05)))
+        if running[tid] >= 8 or rng.random() < 0.2:  # ended (max_t, or stopped: see below)
+            del running[tid]
+    return out
+
+
+@pytest.mark.parametrize("metric, mode", [("val_acc", "max"), ("val_loss", "min")])
+def test_a_scheduler_rebuilt_from_the_run_folder_decides_as_the_uninterrupted_one(
+        tmp_path: Path, metric: str, mode: str) -> None:
+    """Crash after k results, rebuild from the folder, feed the rest: same decisions."""
+    stream = _stream(30, seed=1)
+    ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
+    ref_dir.mkdir()
+    crash_dir.mkdir()
+    ref = _asha(ref_dir, True, metric, mode, max_t=8)
+    fresh = pickle.dumps(_asha(crash_dir, True, metric, mode, max_t=8))
+    live = pickle.loads(fresh)
+    seen: set[str] = set()
+    k = len(stream) // 2
+    for i, (tid, epoch, v) in enumerate(stream):
+        for s in (ref, live):
+            if tid not in seen:
+                s.on_trial_add(None, _T(tid))
+        seen.add(tid)
+        if i == k:  # the driver dies; the next one restores the pickled, empty scheduler
+            live = pickle.loads(fresh)
+        value = v if mode == "max" else -v
+        assert (live.on_trial_result(None, _T(tid), _result(epoch, value, metric))
+                == ref.on_trial_result(None, _T(tid), _result(epoch, value, metric))), i
+    assert live.rungs() == ref.rungs()
+    assert (crash_dir / "asha_decisions.jsonl").read_text() == \
+        (ref_dir / "asha_decisions.jsonl").read_text()
+
+
+def test_rungs_and_decisions_agree_in_sign_for_a_metric_to_minimise(tmp_path: Path) -> None:
+    asha = _asha(tmp_path, metric="val_loss", mode="min")
+    for tid, loss in (("a", 0.5), ("b", 0.7), ("c", 0.2)):
+        asha.on_trial_add(None, _T(tid))
+        asha.on_trial_result(None, _T(tid), _result(1, loss, "val_loss"))
+    logged = {json.loads(x)["trial"]: json.loads(x)["value"]
+              for x in (tmp_path / "asha_decisions.jsonl").read_text().splitlines()}
+    assert asha.rungs()[1.0] == logged == {"a": 0.5, "b": 0.7, "c": 0.2}
+    # The worst loss so far is stopped at the rung, the best goes on.
+    asha.on_trial_add(None, _T("d"))
+    asha.on_trial_add(None, _T("e"))
+    assert asha.on_trial_result(None, _T("d"), _result(1, 0.9, "val_loss")) == "STOP"
+    assert asha.on_trial_result(None, _T("e"), _result(1, 0.1, "val_loss")) == "CONTINUE"

@@ -12,7 +12,7 @@ from conftest import write_tiny_spec
 from raytune_ft.cli import main
 from raytune_ft.data import prepare
 from raytune_ft.promote import load_promoted
-from raytune_ft.spec import load_spec
+from raytune_ft.spec_io import load_spec
 from raytune_ft.train import evaluate
 
 pytestmark = pytest.mark.slow

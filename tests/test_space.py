@@ -14,7 +14,8 @@ from raytune_ft.space import (
     rung_plan,
     sample_params,
 )
-from raytune_ft.spec import SPACES, parse_spec
+from raytune_ft.spec import SPACES
+from raytune_ft.spec_io import parse_spec
 
 SPEC = """\
 name: s

@@ -167,12 +167,3 @@ def test_error_keeps_its_cause_for_debug() -> None:
         parse_spec(BASE + "run:\n  num_samples: 0\n")
     assert isinstance(info.value.__cause__, ValidationError)  # shown by --debug only
     assert "\n" not in str(info.value)
-
-
-def test_loader_names_still_importable_from_spec() -> None:
-    # Moved to spec_io; kept importable from spec while callers change their imports.
-    from raytune_ft import spec, spec_io
-
-    assert spec.load_spec is spec_io.load_spec and spec.parse_spec is spec_io.parse_spec
-    with pytest.raises(AttributeError):
-        spec.no_such_name  # noqa: B018

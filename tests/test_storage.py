@@ -150,14 +150,14 @@ class _FakeRay:
 
 def test_shared_storage_check_names_the_node_that_cannot_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from raytune_ft import search
+    from raytune_ft.search import cluster
     from raytune_ft.spec import SpecError
 
-    monkeypatch.setattr(search, "ray", _FakeRay({"a": True, "b": False}))
+    monkeypatch.setattr(cluster, "ray", _FakeRay({"a": True, "b": False}))
     created = tmp_path / "runs"
     lines: list[str] = []
     with pytest.raises(SpecError) as e:
-        search.check_shared_storage(created, lines.append, created)
+        cluster.check_shared_storage(created, lines.append, created)
     assert e.value.field == "run.storage_path"
     assert "10.0.0.2" in str(e.value) and "10.0.0.1" not in str(e.value)
     assert "s3://" in str(e.value) and "2 nodes" in str(e.value)
@@ -166,10 +166,10 @@ def test_shared_storage_check_names_the_node_that_cannot_read(
 
 def test_shared_storage_check_passes_when_every_node_reads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from raytune_ft import search
+    from raytune_ft.search import cluster
 
-    monkeypatch.setattr(search, "ray", _FakeRay({"a": True, "b": True}))
+    monkeypatch.setattr(cluster, "ray", _FakeRay({"a": True, "b": True}))
     lines: list[str] = []
-    search.check_shared_storage(tmp_path, lines.append)
+    cluster.check_shared_storage(tmp_path, lines.append)
     assert lines == [f"storage: {tmp_path} is shared by all 2 nodes"]
     assert list(tmp_path.iterdir()) == []  # the probe file is removed

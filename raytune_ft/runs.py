@@ -1,0 +1,219 @@
+"""A run folder without Ray: where it lives, its trial records, how trials rank.
+
+Everything that reads a finished run (`rtft results`, the report, promotion) goes through
+here and never starts Ray: the records come from the run's `trials.json`. Reading Ray's own
+experiment state, when `trials.json` is missing or stale, is `search.records`' job.
+
+Records: :class:`TrialRecord` is what the search knows of one trial, free of Ray types.
+Ranking: trials are ranked by their *best-so-far* value of the metric, never their last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytune_ft.paths import is_uri
+from raytune_ft.spec import METRICS, Spec
+
+__all__ = ["HISTORY_KEYS", "RUN_FILES", "TUNE_DIR", "Echo", "RunLocation", "TrialRecord",
+           "choose", "fmt", "ranked", "records_from_json", "run_location",
+           "rung_summary", "summary_rows", "summary_table", "text_table", "trial_state",
+           "trial_table", "write_records"]
+
+Echo = Callable[[str], None]
+# Ray's experiment folder inside our run folder. Ray re-uploads its own folder from a staging
+# copy at every snapshot, which would roll back files we keep there (the Optuna journal, ASHA's
+# rungs) to their state at restore: ours live beside it, never inside.
+TUNE_DIR = "tune"
+# rtft's own run files. With an s3:// or gs:// storage_path they are written to a local staging
+# folder on the driver's machine (the Optuna journal is appended on every ask and tell, ASHA's
+# rungs change on every decision: too chatty for object storage) and uploaded to the run's URI
+# after every finished trial and at the end (search.storage).
+RUN_FILES = ("spec.yaml", "data.json", "trials.json", "optuna.journal", "asha_rungs.json",
+             "asha_decisions.jsonl")
+# Per-epoch metrics kept in TrialRecord.history (Ray adds many bookkeeping columns).
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "best_val_acc", "best_val_loss",
+                "lr", "images_per_s", "diverged", "time_total_s", "timestamp")
+
+
+# --------------------------------------------------------------------------------------------
+# Where a run lives
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunLocation:
+    """Where a run lives: `local` holds rtft's files (the run folder itself, or with a URI
+    storage_path its staging copy); `remote` is the run's URI (s3://bucket/prefix/<name>)."""
+
+    local: Path
+    remote: str | None = None
+
+    @property
+    def root(self) -> str:
+        """The run folder as the user named it: a path, or a URI."""
+        return self.remote or str(self.local)
+
+    @property
+    def tune_path(self) -> str:
+        """Ray's experiment folder (or URI)."""
+        return f"{self.root}/{TUNE_DIR}"
+
+
+def run_location(spec: Spec) -> RunLocation:
+    """The run folder of `spec`; for a URI storage_path, its local staging folder under the
+    rtft cache ($RTFT_CACHE/staging/<hash of the URI>/<name>) and the URI."""
+    storage = spec.run.storage_path
+    if is_uri(storage):
+        from raytune_ft.models import cache_dir
+
+        remote = f"{storage.rstrip('/')}/{spec.name}"
+        digest = hashlib.sha1(remote.encode()).hexdigest()[:12]
+        return RunLocation(cache_dir() / "staging" / digest / spec.name, remote)
+    return RunLocation(Path(storage).expanduser().resolve() / spec.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Trial records and ranking
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrialRecord:
+    """What the search knows of one trial, free of Ray types."""
+
+    trial_id: str
+    params: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_checkpoint: str | None = None
+    error: str | None = None
+
+    @property
+    def epochs(self) -> int:
+        return max((int(h.get("epoch", 0)) for h in self.history), default=0)
+
+    @property
+    def diverged(self) -> bool:
+        return any(h.get("diverged") for h in self.history)
+
+    def best(self, metric: str) -> float | None:
+        """Best-so-far value of `metric` over the trial's epochs (not its last value)."""
+        vals = [h[metric] for h in self.history
+                if metric in h and not h.get("diverged") and _finite(h[metric])]
+        if not vals:
+            return None
+        return max(vals) if METRICS[metric] == "max" else min(vals)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def trial_state(r: TrialRecord, max_t: int) -> str:
+    """completed / stopped@<epoch> (early-stopped by ASHA) / diverged / failed / oom /
+    pending."""
+    if r.diverged:
+        return "diverged"
+    if r.error:
+        return "oom" if "TrialOOMError" in r.error else "failed"
+    if r.epochs >= max_t:
+        return "completed"
+    return f"stopped@{r.epochs}" if r.epochs else "pending"
+
+
+def ranked(records: list[TrialRecord], metric: str) -> list[TrialRecord]:
+    """All trials, best-so-far metric first; trials without a value last."""
+    sign = -1.0 if METRICS[metric] == "max" else 1.0
+    return sorted(records, key=lambda r: (r.best(metric) is None,
+                                          sign * (r.best(metric) or 0.0), r.trial_id))
+
+
+def fmt(v: Any) -> str:
+    """A parameter value for tables: 3 significant digits for floats, '-' when absent."""
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def trial_table(records: list[TrialRecord], spec: Spec,
+                limit: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the trials, best first: id, state, epochs, best metric and each
+    searched (non-fixed) parameter. Text and HTML renderers share it."""
+    m = spec.metric
+    names = [n for n, p in spec.search.items() if p.space != "fixed"]  # fixed: same for all
+    head = ["trial", "state", "epochs", f"best {m}", *names]
+    rows = [[r.trial_id, trial_state(r, spec.max_t), str(r.epochs),
+             "-" if r.best(m) is None else f"{r.best(m):.4f}",
+             *[fmt(r.params.get(n)) for n in names]]
+            for r in ranked(records, m)[:limit]]
+    return head, rows
+
+
+def text_table(head: list[str], rows: list[list[str]], *, rule: bool = True) -> list[str]:
+    """Fixed-width lines of a table (header, optional rule, rows)."""
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+             for row in [head, *rows]]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def choose(records: list[TrialRecord], metric: str, top_k: int = 1) -> list[TrialRecord]:
+    """The trials to promote, best first: among trials with a checkpoint that reached the
+    highest epoch any such trial reached, ranked by best-so-far metric."""
+    ok = [r for r in records if r.best_checkpoint and not r.diverged
+          and r.best(metric) is not None]
+    if not ok:
+        return []
+    top = max(r.epochs for r in ok)
+    eligible = [r for r in ok if r.epochs == top]
+    return ranked(eligible, metric)[:top_k]
+
+
+
+def records_from_json(run_dir: Path) -> list[TrialRecord] | None:
+    """The run's trials.json, when no search has touched the run since it was written: the
+    same records run_search built, without re-reading every trial's results (Ray's
+    ExperimentAnalysis takes seconds over a few hundred trials). None: read Ray's state."""
+    path, states = run_dir / "trials.json", list((run_dir / TUNE_DIR).glob("experiment_state*"))
+    if not path.exists() or not states:
+        return None
+    if path.stat().st_mtime < max(s.stat().st_mtime for s in states):
+        return None  # a resumed search ran since, or one is running
+    try:
+        return [TrialRecord(**r) for r in json.loads(path.read_text())]
+    except (ValueError, TypeError):  # hand-edited or from another version: Ray's state decides
+        return None
+
+
+def write_records(run_dir: Path, records: list[TrialRecord]) -> None:
+    """Write `trials.json`: what `rtft results`, the report and promotion read back."""
+    (run_dir / "trials.json").write_text(json.dumps([r.__dict__ for r in records], indent=1,
+                                                    default=str))
+
+
+def summary_rows(records: list[TrialRecord], spec: Spec) -> list[dict[str, Any]]:
+    """One flat dict per trial, best first: id, state, epochs, best metric, every parameter."""
+    m = spec.metric
+    return [{"trial": r.trial_id, "state": trial_state(r, spec.max_t), "epochs": r.epochs,
+             f"best_{m}": r.best(m), **{n: r.params.get(n) for n in spec.search},
+             "error": r.error} for r in ranked(records, m)]
+
+
+def summary_table(records: list[TrialRecord], spec: Spec, limit: int = 10) -> str:
+    """The trials sorted by best-so-far metric, as a fixed-width text table."""
+    return "\n".join(text_table(*trial_table(records, spec, limit)))
+
+
+def rung_summary(records: list[TrialRecord], spec: Spec) -> str:
+    """How many trials ended at each epoch, and why."""
+    counts: dict[str, int] = {}
+    for r in records:
+        s = trial_state(r, spec.max_t)
+        counts[s] = counts.get(s, 0) + 1
+    order = sorted(counts, key=lambda s: (s != "completed", s))
+    return ", ".join(f"{counts[s]} {s}" for s in order)
+

@@ -1,0 +1,45 @@
+"""The search on Ray Tune: the only package (with `jobs.py`) that imports Ray.
+
+| module        | its one job                                                            |
+|---------------|------------------------------------------------------------------------|
+| `run`         | `run_search`: the steps of a search, the Tuner, the run lock           |
+| `trainable`   | what runs in a Ray worker for one trial (calls `train.train`)          |
+| `callbacks`   | progress lines, failure budget, TensorBoard, uploads of run files      |
+| `schedulers`  | ASHA with persistent rungs; snapshots when trials start or end         |
+| `cluster`     | start or join Ray, cluster resources, the shared-storage probe         |
+| `storage`     | s3:// / gs:// run locations: upload, download, checkpoints             |
+| `records`     | Ray's results as plain `TrialRecord` s                                  |
+| `ray_private` | every use of Ray's private state, with the Ray version it was checked on |
+
+Names are imported lazily: `import raytune_ft.search.ray_private` (jobs.py) or reading a
+module's docstring does not import Ray and torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SearchOutcome": "run", "run_search": "run",
+    "load_records": "records", "localize_checkpoints": "storage",
+    "cluster_resources": "cluster",
+}
+__all__ = sorted(_EXPORTS)
+# Run folders written by rtft 0.1.0 (when this was one module, search.py) hold a pickled Tuner
+# that names these classes: `Tuner.restore` finds them here.
+_PICKLED_BEFORE_0_2 = {
+    "_PersistentASHA": ("schedulers", "PersistentASHA"), "_FIFO": ("schedulers", "FIFO"),
+    "_Progress": ("callbacks", "Progress"), "_FailureBudget": ("callbacks", "FailureBudget"),
+    "_TensorBoard": ("callbacks", "TensorBoard"),
+    "_UploadRunFiles": ("callbacks", "UploadRunFiles"), "_trainable": ("trainable", "run_trial"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    if name in _PICKLED_BEFORE_0_2:
+        module, new = _PICKLED_BEFORE_0_2[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), new)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,85 @@
+"""Every place rtft reads or writes Ray's private state, in one file.
+
+Checked against Ray 2.60 (the range pinned in pyproject.toml). Ray gives no public way to do
+these four things; each function says why it is needed. On a Ray upgrade, run
+`pytest tests/search/test_ray_private.py`: it fails, naming this file, when an installed Ray
+lacks an attribute used here.
+
+- ASHA's rung records (`ASHAScheduler._brackets[0]._rungs`, `_trial_info`): Ray's
+  `Tuner.restore` brings the scheduler back with empty rungs (ray#30838), so we persist them.
+- The controller's `_checkpoint_manager._should_force_sync_up`: snapshot Ray's trial table
+  when a trial starts or ends, not on every controller step (bench/overhead.py --profile).
+- `TBXLoggerCallback._trial_writer`: write HParams listing every searched parameter (ray#40053).
+- `JobSubmissionClient._do_request`: the SDK's request helper (auth headers, cookies, TLS) for
+  the dashboard's node list, which the Jobs SDK does not expose.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CHECKED_RAY = ("2.60",)
+
+# (class path, attribute, what it is) for tests/search/test_ray_private.py. Attributes set in
+# __init__ are checked on an instance.
+USED: tuple[tuple[str, str, str], ...] = (
+    ("ray.tune.schedulers.ASHAScheduler", "_brackets", "instance"),
+    ("ray.tune.schedulers.ASHAScheduler", "_trial_info", "instance"),
+    ("ray.tune.schedulers.ASHAScheduler", "_time_attr", "instance"),
+    ("ray.tune.schedulers.ASHAScheduler", "_metric", "instance"),
+    ("ray.tune.schedulers.ASHAScheduler", "_mode", "instance"),
+    ("ray.tune.schedulers.ASHAScheduler", "_max_t", "instance"),
+    ("ray.tune.schedulers.async_hyperband._Bracket", "_rungs", "instance"),
+    ("ray.tune.execution.tune_controller.TuneController", "_checkpoint_manager", "instance"),
+    ("ray.tune.execution.experiment_state._ExperimentCheckpointManager",
+     "_should_force_sync_up", "instance"),
+    ("ray.tune.logger.TBXLoggerCallback", "_trial_writer", "instance"),
+    ("ray.tune.logger.TBXLoggerCallback", "_try_log_hparams", "class"),
+    ("ray.job_submission.JobSubmissionClient", "_do_request", "class"),
+)
+
+
+# ASHA -------------------------------------------------------------------------------------
+def asha_rungs(scheduler: Any) -> list[tuple[float, dict[str, float]]]:
+    """ASHA's rungs, lowest bracket: (milestone, {trial_id: recorded value}), as Ray keeps
+    them (for mode=min Ray stores values sign-flipped: larger is always better)."""
+    return scheduler._brackets[0]._rungs
+
+
+def asha_adopt(scheduler: Any, trial_id: str) -> None:
+    """Make sure ASHA knows `trial_id`: a trial restored after a crash may not have been
+    re-added to a bracket, and Ray's ASHA raises on a trial it does not know."""
+    scheduler._trial_info.setdefault(trial_id, scheduler._brackets[0])
+
+
+def asha_settings(scheduler: Any) -> tuple[str, str, str, float]:
+    """(time_attr, metric, mode, max_t) as ASHA keeps them: for a scheduler pickled by
+    rtft 0.1.0, which did not keep its own copies."""
+    return scheduler._time_attr, scheduler._metric, scheduler._mode, scheduler._max_t
+
+
+def asha_forget(scheduler: Any, trial_id: str) -> None:
+    """Drop `trial_id` from ASHA's bookkeeping (Ray's own on_trial_remove asserts it is there)."""
+    scheduler._trial_info.pop(trial_id, None)
+
+
+# Ray's experiment snapshots ---------------------------------------------------------------
+def snapshot_at_step_end(tune_controller: Any) -> None:
+    """Ask Ray to snapshot its trial table at the end of the current controller step. The flag
+    is the one Ray's own checkpoint-count rule sets, honoured by the step's closing snapshot."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    manager = getattr(controller, "_checkpoint_manager", None)
+    if manager is not None and hasattr(manager, "_should_force_sync_up"):
+        manager._should_force_sync_up = True
+
+
+# TensorBoard ------------------------------------------------------------------------------
+def tbx_file_writer(callback: Any, trial: Any) -> Any:
+    """The tensorboardX file writer Ray's TBXLoggerCallback keeps for `trial`."""
+    return callback._trial_writer[trial].file_writer
+
+
+# Jobs API ---------------------------------------------------------------------------------
+def job_client_get(client: Any, path: str) -> Any:
+    """GET `path` on the dashboard with the Jobs SDK's own request helper."""
+    return client._do_request("GET", path)

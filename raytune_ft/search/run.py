@@ -1,0 +1,242 @@
+"""`run_search`: the steps of a search, top to bottom.
+
+1. check everything that can be wrong with the input, before Ray or any file (`preflight`);
+2. prepare what every trial shares: the pretrained backbone, the data;
+3. lock the run folder, start or join Ray, check the cluster, write the run's spec;
+4. run the Tuner (a new one, or one restored from the run folder);
+5. write trials.json, upload run files, promote the best trial(s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from raytune_ft import preflight
+from raytune_ft.data import Splits, prepare
+from raytune_ft.errors import UserError
+from raytune_ft.pretrain import ensure_backbone
+from raytune_ft.promote import promote
+from raytune_ft.runs import (
+    TUNE_DIR,
+    Echo,
+    RunLocation,
+    TrialRecord,
+    run_location,
+    rung_summary,
+    summary_table,
+    write_records,
+)
+from raytune_ft.search.callbacks import FailureBudget, Progress, TensorBoard, UploadRunFiles
+from raytune_ft.search.cluster import check_cluster_fit, check_shared_storage, ensure_ray
+from raytune_ft.search.records import records_from_results
+from raytune_ft.search.schedulers import FIFO, PersistentASHA
+from raytune_ft.search.storage import (
+    download_run_files,
+    localize_checkpoints,
+    tune_exists,
+    upload_run_files,
+)
+from raytune_ft.search.trainable import trainable_for
+from raytune_ft.space import baseline_params, define_by_run, make_sampler
+from raytune_ft.spec import Spec
+from raytune_ft.spec_io import load_spec, spec_to_yaml
+
+
+@dataclass
+class SearchOutcome:
+    """What a finished search leaves: its folder, its trials, the promoted model folders."""
+
+    run_dir: Path
+    records: list[TrialRecord]
+    promoted: list[Path] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
+               quiet: bool = False, resume: bool = False) -> SearchOutcome:
+    """Run the whole search for `spec` and promote the best trial(s).
+
+    `resume`: continue the interrupted run of the same name (finished trials are kept, running
+    ones restart from their last checkpoint, the searcher and ASHA's rungs are restored).
+    """
+    t0 = time.monotonic()
+    loc = run_location(spec)  # with an s3:// or gs:// storage_path: a local staging folder
+    local = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
+    preflight.before_launch(spec, local=local)
+    ensure_backbone(spec, echo=echo)
+    splits = prepare(spec.data)
+    preflight.check_model(spec, splits.num_classes)
+    echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
+         f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
+    restore = _check_run_folder(spec, loc, resume, echo)
+    created = preflight.first_missing(loc.local)  # removed again if the cluster refuses
+    with _run_lock(loc.local):
+        started = ensure_ray(address, echo)
+        try:
+            if not local:  # a cluster, or a Ray this process already runs: ask it
+                check_cluster_fit(spec, created)
+            if loc.remote is None:
+                check_shared_storage(loc.local.parent, echo, created)
+            _write_run_files(spec, loc, splits, echo)
+            records = _fit(spec, loc, splits, echo, quiet, restore)
+        finally:
+            if started:
+                ray.shutdown()
+    write_records(loc.local, records)
+    upload_run_files(loc)
+    localize_checkpoints(records, spec)
+    echo("")
+    echo(f"{len(records)} trials: {rung_summary(records, spec)}")
+    echo(summary_table(records, spec))
+    promoted = promote(spec, records, splits, echo=echo)
+    return SearchOutcome(loc.local, records, promoted, time.monotonic() - t0)
+
+
+def _check_run_folder(spec: Spec, loc: RunLocation, resume: bool, echo: Echo) -> bool:
+    """Whether to restore an existing run (True) or start a new one; refuses a new search over
+    an existing run, and a resume with a spec other than the run's own."""
+    exists = tune_exists(loc)
+    if exists and not resume:
+        raise UserError(f"a run named {spec.name!r} already exists in {loc.local.parent}; pass "
+                        f"--resume to continue it, or --set name=... for a new run", field="name")
+    if not exists:
+        if resume:
+            echo(f"nothing to resume in {loc.local}: starting a new run")
+        return False
+    download_run_files(loc)  # a resume on another machine: rtft's files from the URI
+    saved = loc.local / "spec.yaml"
+    if saved.exists() and _comparable(load_spec(saved)) != _comparable(spec):
+        raise UserError(f"--resume with a spec that differs from the run's own {saved}; "
+                        f"resume with that file", field="name")
+    return True
+
+
+def _comparable(spec: Spec) -> dict:
+    """The spec without what may differ between two places the same run is opened from."""
+    d = spec.model_dump(mode="json")
+    d["run"].pop("storage_path")
+    return d
+
+
+def _write_run_files(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo) -> None:
+    run_dir = loc.local
+    (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
+    (run_dir / "data.json").write_text(json.dumps(splits.fingerprint, indent=1))
+    echo(f"results: {loc.root}" + (f"  (rtft's files staged in {run_dir})"
+                                   if loc.remote else ""))
+    echo(f"watch:   tensorboard --logdir {loc.root} --host 127.0.0.1")
+
+
+def _fit(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool,
+         restore: bool) -> list[TrialRecord]:
+    """Run Ray's Tuner to the end (a new one, or the run's own restored) and read its trials."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning (TPE options)
+        if restore:
+            echo("resuming: finished trials are kept, running ones restart from their "
+                 "last checkpoint")
+            tuner = tune.Tuner.restore(loc.tune_path, trainable=trainable_for(spec, splits),
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = _tuner(spec, loc, splits, echo, quiet)
+        results = tuner.fit()
+    return records_from_results(results, spec.metric, spec.mode)
+
+
+def _searcher(spec: Spec, run_dir: Path) -> tuple[ConcurrencyLimiter, bool]:
+    """Ray's OptunaSearch over the run's journal-backed study; True when the study is new."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress lines say enough
+    # The Optuna study lives in the run folder as an append-only journal: every ask and tell is
+    # on disk at once, whatever happens to the driver.
+    journal = run_dir / "optuna.journal"
+    fresh = not journal.exists()
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    if fresh and spec.searcher.baseline_first:
+        # Ray ignores points_to_evaluate with a define-by-run space (ray#35319): enqueue the
+        # baseline in the study itself, which OptunaSearch then loads.
+        study = optuna.create_study(study_name=spec.name, storage=storage,
+                                    direction="maximize" if spec.mode == "max" else "minimize")
+        study.enqueue_trial(baseline_params(spec), skip_if_exists=True)
+    searcher = ConcurrencyLimiter(
+        OptunaSearch(space=define_by_run(spec), sampler=make_sampler(spec),
+                     metric=spec.metric, mode=spec.mode, storage=storage,
+                     study_name=spec.name),
+        max_concurrent=spec.run.max_concurrent_trials)
+    return searcher, fresh
+
+
+def _tuner(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool) -> tune.Tuner:
+    searcher, fresh = _searcher(spec, loc.local)
+    sch = spec.scheduler
+    # metric/mode go to the searcher and scheduler themselves: Ray does not pass TuneConfig's
+    # through a ConcurrencyLimiter.
+    scheduler = (PersistentASHA(loc.local, protect_first=fresh and spec.searcher.baseline_first,
+                                time_attr="training_iteration", max_t=spec.max_t,
+                                metric=spec.metric, mode=spec.mode,
+                                grace_period=sch.grace_period,
+                                reduction_factor=sch.reduction_factor)
+                 if sch.type == "asha" else FIFO())
+    budget = FailureBudget(spec.run.max_failed_trials, echo)
+    uploads = [UploadRunFiles(loc)] if loc.remote else []
+    return tune.Tuner(
+        trainable_for(spec, splits),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler,
+            num_samples=spec.run.num_samples,
+            # One worker process serves trial after trial: no process start and no re-import
+            # of torch per trial. run_trial sets every piece of per-trial process state
+            # (threads, seeds, cuDNN, logging) itself and frees GPU memory on OOM.
+            reuse_actors=True,
+            trial_name_creator=lambda t: t.trial_id,
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=loc.remote or str(loc.local),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=spec.run.checkpoints_to_keep,
+                checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
+            failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
+            verbose=0, stop=budget,
+            callbacks=[Progress(spec, echo, quiet), TensorBoard(spec), budget, *uploads]),
+    )
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """One search per run folder at a time: a second one is refused, never interleaved."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".rtft.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"the run {run_dir} is in use by another rtft search ({holder}); "
+                            f"wait for it, or choose another name with --set name=...",
+                            field="name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+

@@ -1,0 +1,155 @@
+"""Our Tune schedulers: ASHA whose rungs survive a driver crash, and snapshots of Ray's trial
+table whenever a trial starts or ends. What they need of Ray's private state is in
+:mod:`raytune_ft.search.ray_private`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from raytune_ft.search.ray_private import (
+    asha_adopt,
+    asha_forget,
+    asha_rungs,
+    asha_settings,
+    snapshot_at_step_end,
+)
+
+
+class SnapshotOnTrialEnd:
+    """Scheduler mixin: Ray snapshots its trial table at the end of the controller step in which
+    a trial starts, ends or fails.
+
+    With only Ray's periodic snapshot (>= 10 s), a driver killed just after a trial ended would
+    forget that, and a resume would run it again. Snapshotting at every controller step instead
+    (~10 a second, TUNE_GLOBAL_CHECKPOINT_S=0) cost ~14 ms of driver CPU each: half the
+    driver's CPU time in a search (bench/overhead.py --profile). Ray hands these hooks the
+    controller (wrapped in on_trial_add); the flag is the one Ray's own checkpoint-count rule
+    sets, honoured by the step's closing snapshot.
+    """
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)  # type: ignore[misc]
+        snapshot_at_step_end(tune_controller)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)  # type: ignore[misc]
+        snapshot_at_step_end(tune_controller)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_error(tune_controller, trial)  # type: ignore[misc]
+        snapshot_at_step_end(tune_controller)
+
+
+class FIFO(SnapshotOnTrialEnd, FIFOScheduler):
+    """Ray's FIFO scheduler (no early stopping), with snapshots when trials end."""
+
+
+class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
+    """ASHA whose rung records survive a driver crash, written append-only.
+
+    Ray's `Tuner.restore` brings back the scheduler as it was pickled at the start, with empty
+    rungs (ray#30838): after a resume, trials would be judged against nothing. This one appends
+    every decision to `asha_decisions.jsonl` (trial, epoch, the metric's value in its own units,
+    action) and, on its first call after a restore, rebuilds the rungs by replaying that log
+    through ASHA itself: the same results in the same order leave the same rungs, so a resumed
+    search decides every later result as the uninterrupted one would. One short line per
+    result, never a rewrite: the cost per result does not grow with the number of trials.
+
+    Run folders written before this (rtft <= 0.1.0) also hold `asha_rungs.json`, a snapshot of
+    the rungs; only its `protected` entry is still read, the log holds everything else.
+    """
+
+    LOG = "asha_decisions.jsonl"
+
+    def __init__(self, run_dir: Path, protect_first: bool = False, *, time_attr: str,
+                 metric: str, mode: str, max_t: int, **kwargs: Any) -> None:
+        super().__init__(time_attr=time_attr, metric=metric, mode=mode, max_t=max_t, **kwargs)
+        self._run_dir = str(run_dir)
+        self._t_attr, self._m_name, self._last_t = time_attr, metric, max_t
+        self._sign = -1.0 if mode == "min" else 1.0  # how Ray stores values in its rungs
+        self._loaded = False
+        # The first trial is the enqueued default fine-tune: a reference that runs to max_t.
+        # A full fine-tune starts slowly (warmup, low LR), so a rung at epoch 1 would judge it
+        # on the part of its curve that says least.
+        self._protect_first = protect_first
+        self._protected: str | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A scheduler pickled by rtft 0.1.0 lacks our own copies of its settings.
+        self.__dict__.update(state)
+        if "_t_attr" not in state:
+            self._t_attr, self._m_name, mode, self._last_t = asha_settings(self)
+            self._sign = -1.0 if mode == "min" else 1.0
+
+    def _load_once(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        run_dir = Path(self._run_dir)
+        legacy = run_dir / "asha_rungs.json"
+        if legacy.exists():
+            self._protected = json.loads(legacy.read_text()).get("protected")
+        log = run_dir / self.LOG
+        if not log.exists():
+            return
+        for line in log.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except ValueError:  # a line cut short by a crash mid-write: nothing was decided
+                continue
+            if d.get("protected"):
+                self._protected = d["trial"]
+            asha_adopt(self, d["trial"])
+            ASHAScheduler.on_trial_result(self, None, _Replayed(d["trial"]),
+                                          {self._t_attr: d["epoch"], self._m_name: d["value"]})
+
+    def _log(self, trial: Any, result: dict, action: str) -> None:
+        entry = {"trial": trial.trial_id, "epoch": result.get(self._t_attr),
+                 "value": result.get(self._m_name), "action": action}
+        if trial.trial_id == self._protected:
+            entry["protected"] = True
+        with open(Path(self._run_dir) / self.LOG, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._load_once()
+        if self._protect_first and self._protected is None:
+            self._protected = trial.trial_id
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._load_once()
+        # A trial restored after a crash may not have been re-added to a bracket.
+        asha_adopt(self, trial.trial_id)
+        action = super().on_trial_result(tune_controller, trial, result)
+        if trial.trial_id == self._protected and result.get(self._t_attr, 0) < self._last_t:
+            action = "CONTINUE"  # recorded at the rung like any trial, but never stopped
+        if self._t_attr in result and self._m_name in result:
+            self._log(trial, result, action)
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._load_once()
+        asha_adopt(self, trial.trial_id)
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        asha_forget(self, trial.trial_id)
+
+    def rungs(self) -> dict[float, dict[str, float]]:
+        """{milestone: {trial_id: value}}, values in the metric's own units (Ray keeps them
+        sign-flipped for mode=min), lowest milestone first."""
+        self._load_once()
+        return {float(m): {t: self._sign * v for t, v in rec.items()}
+                for m, rec in sorted(asha_rungs(self))}
+
+
+class _Replayed:
+    """A trial as ASHA sees it when the log is replayed: only its id matters."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id

@@ -1,0 +1,85 @@
+"""The trainable: what runs in a Ray worker for one trial. It calls our plain trainer.
+
+Ray stays out of the trainer: :func:`raytune_ft.train.train` reports through a `report`
+callback, which here becomes `tune.report` with a Ray Checkpoint of the epoch's folder.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from raytune_ft.data import Splits
+from raytune_ft.models import absolute_weights
+from raytune_ft.space import hparams_for
+from raytune_ft.spec import Spec
+from raytune_ft.train import train
+
+
+class TrialOOMError(RuntimeError):
+    """CUDA ran out of memory in a trial; the message names the batch size."""
+
+
+def make_report(checkpoint: Any) -> Any:
+    """The trainer's `report` callback for one trial: metrics and the epoch's checkpoint
+    folder go to Tune. `checkpoint` is the trial's restored checkpoint (None on a first run);
+    it is unused here, and is the seam where tests wrap the callback (tests/plugins)."""
+    del checkpoint
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        ckpt = tune.Checkpoint.from_directory(str(folder)) if folder else None
+        tune.report(metrics, checkpoint=ckpt)
+
+    return report
+
+
+def run_trial(config: dict[str, Any], spec_json: dict, data: Splits) -> None:
+    """One trial: train with `config`'s parameters, resuming from Tune's checkpoint if any."""
+    for name in ("ray.train", "ray.tune"):  # one "checkpoint created" line per epoch is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    spec = Spec.model_validate(spec_json)
+    hp = hparams_for(spec, config)
+    threads = max(1, int(spec.run.resources.cpu))
+    checkpoint = tune.get_checkpoint()
+    report = make_report(checkpoint)
+    try:
+        if checkpoint is None:
+            train(hp, spec=spec, data=data, report=report, num_threads=threads)
+            return
+        with checkpoint.as_directory() as folder:  # a retried trial resumes where it stopped
+            train(hp, spec=spec, data=data, report=report, num_threads=threads,
+                  resume_from=folder)
+    except torch.cuda.OutOfMemoryError:
+        pass  # handled below: out here the traceback no longer pins the trial's tensors
+    else:
+        return
+    # Free this trial's GPU memory before the error reaches Ray, so the next trial on this
+    # GPU (possibly in this same worker) starts clean (ray#23971).
+    gc.collect()
+    torch.cuda.empty_cache()
+    raise TrialOOMError(f"CUDA out of memory with batch_size {hp.batch_size}; try a smaller "
+                        f"batch or fewer trials per GPU (run.resources.gpu)")
+
+
+# Ray records the trainable's name in a run's tuner.pkl, and Tuner.restore refuses a trainable
+# of another name: runs written by rtft 0.1.0 recorded "_trainable", so that name stays.
+run_trial.__name__ = run_trial.__qualname__ = "_trainable"
+_trainable = run_trial
+
+
+def trainable_for(spec: Spec, splits: Splits) -> Any:
+    """`run_trial` bound to this search's spec and data (the data goes into Ray's object store
+    once, without its test split), with the spec's resources per trial."""
+    res = spec.run.resources
+    spec_json = spec.model_dump(mode="json")
+    # Trials run in their own folders: a weights file named relative to where rtft was
+    # started must reach them as an absolute path.
+    spec_json["model"]["weights"] = absolute_weights(spec.model.weights)
+    return tune.with_resources(
+        tune.with_parameters(run_trial, spec_json=spec_json, data=splits.without_test()),
+        {"cpu": res.cpu, "gpu": res.gpu})
