@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from raytune_ft.errors import first_line
+
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 STATE = "state.pt"
@@ -53,9 +55,8 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
         raise CheckpointError(f"checkpoint {folder} is incomplete: {e.filename} missing") from e
     except Exception as e:  # truncated zip, refused pickle, bad JSON
         # First line only: torch's refusal of a pickle runs to a page of advice.
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"checkpoint {folder} cannot be read ({type(e).__name__}: "
-                              f"{first})") from e
+                              f"{first_line(e)})") from e
     if not {"model", "optimizer", "epoch"} <= set(state):
         raise CheckpointError(f"checkpoint {folder} is not an rtft checkpoint")
     return state, config

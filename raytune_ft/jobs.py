@@ -30,6 +30,8 @@ Auth: Ray >= 2.60 turns on token authentication by default. The Jobs SDK adds th
 itself when `RAY_AUTH_MODE=token` and the token is in `RAY_AUTH_TOKEN`/`RAY_AUTH_TOKEN_PATH`/
 `~/.ray/auth_token`; otherwise pass headers (`--header 'Authorization: Bearer …'`, or
 `RTFT_JOB_HEADERS` / Ray's `RAY_JOB_HEADERS` as a JSON object). Header values are never printed.
+Parsing headers and `--env`, and redacting them, is :mod:`raytune_ft.job_env`; every failure
+here is a :class:`~raytune_ft.errors.JobsError` (a UserError: one line, cause kept for --debug).
 """
 
 from __future__ import annotations
@@ -47,97 +49,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.spec import Spec, SpecError, redact
+from raytune_ft.errors import JobsError, SpecError, first_line
+
+# Headers, env vars and redaction live in job_env (standard library only); re-exported here,
+# where the CLI and the tests have always found them.
+from raytune_ft.job_env import (
+    HEADERS_ENV,
+    describe_headers,
+    parse_env,
+    parse_headers,
+    redact,
+)
+from raytune_ft.paths import is_uri
+from raytune_ft.spec import Spec
 from raytune_ft.spec_io import load_spec
 
-__all__ = ["HEADERS_ENV", "JobsError", "Submission", "client", "cluster_resources",
-           "follow", "is_uri",
-           "job_info", "list_jobs", "logs", "parse_env", "parse_headers", "prepare", "stop",
-           "submit", "TERMINAL"]
+__all__ = ["HEADERS_ENV", "TERMINAL", "JobsError", "Submission", "client", "cluster_resources",
+           "describe_headers", "follow", "job_info", "list_jobs", "logs", "parse_env",
+           "parse_headers", "prepare", "redact", "stop", "submit"]
 
 Echo = Callable[[str], None]
-HEADERS_ENV = "RTFT_JOB_HEADERS"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Address environment variables, in the order Ray's own job CLI reads them.
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-
-
-class JobsError(RuntimeError):
-    """The Jobs API could not do what was asked (unreachable, refused, unknown job)."""
-
-
-def is_uri(path: str) -> bool:
-    """True for a storage URI such as s3://bucket/x or gs://bucket/x (not a local path)."""
-    return "://" in path
-
-
-# --------------------------------------------------------------------------------------------
-# Headers and environment variables
-# --------------------------------------------------------------------------------------------
-def _header_lines(text: str, origin: str) -> dict[str, str]:
-    text = text.strip()
-    if not text:
-        return {}
-    if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise JobsError(f"{origin}: not a JSON object ({e.msg}); allowed: "
-                            f'{{"Authorization": "Bearer …"}} or "Name: value" lines') from None
-        if not isinstance(data, dict):
-            raise JobsError(f"{origin}: a JSON object of header names to values is needed")
-        return {str(k): str(v) for k, v in data.items()}
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.strip():
-            out.update(_one_header(line, origin))
-    return out
-
-
-def _one_header(value: str, origin: str) -> dict[str, str]:
-    name, sep, rest = value.partition(":")
-    if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
-        # The value is not echoed: it may be a token pasted in the wrong place.
-        raise JobsError(f"{origin}: a header must look like 'Name: value' (e.g. "
-                        f"'Authorization: Bearer <token>'); got something without a name and "
-                        f"a colon")
-    return {name.strip(): rest.strip()}
-
-
-def parse_headers(values: Sequence[str] = (),
-                  env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """HTTP headers for the Jobs API: `RAY_JOB_HEADERS`, then `RTFT_JOB_HEADERS` (a JSON object
-    or `Name: value` lines), then each `--header 'Name: value'`; later ones win."""
-    env = os.environ if env is None else env
-    out: dict[str, str] = {}
-    for var in ("RAY_JOB_HEADERS", HEADERS_ENV):
-        if env.get(var):
-            out.update(_header_lines(env[var], f"${var}"))
-    for v in values:
-        out.update(_one_header(v, "--header"))
-    return out
-
-
-def parse_env(values: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`--env NAME=VALUE` or `--env NAME` (copied from this environment) → env_vars."""
-    env = os.environ if env is None else env
-    out: dict[str, str] = {}
-    for v in values:
-        name, sep, value = v.partition("=")
-        if not name or not name.replace("_", "a").isalnum():
-            raise JobsError(f"--env: {name!r} is not an environment variable name")
-        if not sep:
-            if name not in env:
-                raise JobsError(f"--env {name}: not set in this environment; give "
-                                f"--env {name}=VALUE")
-            value = env[name]
-        out[name] = value
-    return out
-
-
-def describe_headers(headers: Mapping[str, str]) -> str:
-    """Header names only, never their values: safe to print."""
-    return ", ".join(f"{k}: ***" for k in headers) or "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,11 +116,11 @@ def _stage(src: Path, rel: Path, staging: Path) -> None:
 def _relative_to_cwd(p: Path, cwd: Path, what: str, field_name: str) -> Path:
     try:
         return p.resolve().relative_to(cwd)
-    except ValueError:
+    except ValueError as e:
         raise SpecError(f"{what} {str(p)!r} is a relative path outside the current folder, "
                         f"which cannot be shipped with the job; allowed: a path under the "
                         f"current folder, or an absolute path that exists on every cluster "
-                        f"node", field=field_name) from None
+                        f"node", field=field_name) from e
 
 
 def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
@@ -275,21 +209,17 @@ def client(address: str | None, headers: Mapping[str, str] | None = None) -> Any
             return JobSubmissionClient(address, headers=dict(headers or {}))
     except Exception as e:  # connection refused, auth, no cluster: one readable line
         raise JobsError(f"cannot reach the Ray Jobs API at {address or '(auto-detect)'}: "
-                        f"{_short(e)}{_auth_hint(e)}") from None
+                        f"{_reason(e)}") from e
 
 
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def _auth_hint(e: BaseException) -> str:
+def _reason(e: BaseException) -> str:
+    """The first line of `e`, and how to authenticate when it says the cluster refused us."""
     text = str(e)
     if "401" in text or "403" in text or "uthenticat" in text:
-        return ("; the cluster wants its auth token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
-                "(or ~/.ray/auth_token), or pass --header 'Authorization: Bearer <token>' "
-                f"(or ${HEADERS_ENV})")
-    return ""
+        return (f"{first_line(e)}; the cluster wants its auth token: set RAY_AUTH_MODE=token "
+                f"and RAY_AUTH_TOKEN (or ~/.ray/auth_token), or pass --header 'Authorization: "
+                f"Bearer <token>' (or ${HEADERS_ENV})")
+    return first_line(e)
 
 
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -298,7 +228,7 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
     except JobsError:
         raise
     except Exception as e:
-        raise JobsError(f"{_short(e)}{_auth_hint(e)}") from None
+        raise JobsError(_reason(e)) from e
 
 
 def submit(spec_file: str | Path, address: str | None, overrides: Sequence[str] = (), *,
@@ -344,7 +274,7 @@ def follow(c: Any, job_id: str, echo: Echo = print, *, poll_s: float = 1.0) -> s
     try:
         asyncio.run(tail())
     except Exception as e:  # the stream may drop (head restart): fall back to polling
-        echo(f"(log stream ended: {_short(e)}; waiting for the job's status)")
+        echo(f"(log stream ended: {first_line(e)}; waiting for the job's status)")
     while True:  # the stream ends when the driver exits; the status follows shortly after
         status = str(_call(c.get_job_status, job_id))
         if status in TERMINAL:
@@ -392,8 +322,7 @@ def cluster_resources(address: str, headers: Mapping[str, str] | None = None
         r.raise_for_status()
         nodes = r.json()["data"]["result"]["result"]
     except Exception as e:
-        raise JobsError(f"cannot read the nodes of {address}: {_short(e)}{_auth_hint(e)}"
-                        ) from None
+        raise JobsError(f"cannot read the nodes of {address}: {_reason(e)}") from e
     total = {"CPU": 0.0, "GPU": 0.0}
     for n in nodes:
         if n.get("state") == "ALIVE":

@@ -1,8 +1,8 @@
 """torchvision classifiers prepared for fine-tuning: weights, new head, stages, freezing.
 
-One small table per family says where the head is and what the stages from the input are,
-so the spec's knobs (`freeze_depth`, `reinit_blocks`, `activation_scope`) mean the same thing
-for every architecture.
+Where each family's head is and what its stages are (and the factory protocol for networks
+from outside torchvision) is :mod:`raytune_ft.families`; this module loads the weights, puts
+on the new head and applies the knobs there.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raytune_ft.errors import UserError
-from raytune_ft.spec import Hyperparams, ModelSpec
+from raytune_ft.errors import UserError, first_line
+from raytune_ft.families import Stage, factory_model, family
+from raytune_ft.knobs import Hyperparams
+from raytune_ft.spec import ModelSpec
 from raytune_ft.weights import absolute, classify, torchvision_weights, weights_meta
 
 __all__ = [
@@ -77,117 +79,6 @@ def resolve_weights(weights: str, arch: str, image_size: int) -> str:
                         f"(expected {path}); run `rtft pretrain SPEC` (rtft search does it "
                         f"automatically)", field="model.weights")
     return str(path)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A group of modules (and loose parameters) counted as one step of `freeze_depth`."""
-
-    name: str
-    modules: tuple[nn.Module, ...]
-    params: tuple[nn.Parameter, ...] = ()
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules for p in m.parameters()] + list(self.params)
-
-    def blocks(self) -> list[nn.Module]:
-        """Re-initialisable units: a container's children, or the modules themselves."""
-        out: list[nn.Module] = []
-        for m in self.modules:
-            kids = list(m.children()) if isinstance(m, (nn.Sequential, nn.ModuleList)) else []
-            out.extend(kids or [m])
-        return out
-
-
-@dataclass(frozen=True)
-class _Family:
-    head: Callable[[nn.Module], str]  # dotted path of the final Linear to replace
-    stages: Callable[[nn.Module], list[Stage]]
-
-
-def _seq_stages(container: nn.Module, prefix: str) -> list[Stage]:
-    return [Stage(f"{prefix}[{i}]", (m,)) for i, m in enumerate(container.children())]
-
-
-def _last_linear(seq: str) -> Callable[[nn.Module], str]:
-    def find(model: nn.Module) -> str:
-        sub = model.get_submodule(seq)
-        idx = [i for i, m in enumerate(sub.children()) if isinstance(m, nn.Linear)][-1]
-        return f"{seq}.{idx}"
-    return find
-
-
-_RESNET = _Family(
-    head=lambda m: "fc",
-    stages=lambda m: [Stage("stem", (m.conv1, m.bn1)), *[
-        Stage(f"layer{i}", (getattr(m, f"layer{i}"),)) for i in range(1, 5)]],
-)
-_FAMILIES: list[tuple[tuple[str, ...], _Family]] = [
-    (("resnet", "resnext", "wide_resnet"), _RESNET),
-    (("regnet",), _Family(
-        head=lambda m: "fc",
-        stages=lambda m: [Stage("stem", (m.stem,)), *_seq_stages(m.trunk_output, "trunk")])),
-    (("efficientnet", "mobilenet", "mnasnet"), _Family(
-        head=_last_linear("classifier"),
-        stages=lambda m: _seq_stages(m.features, "features") if hasattr(m, "features")
-        else _seq_stages(m.layers, "layers"))),
-    (("convnext",), _Family(head=_last_linear("classifier"),
-                            stages=lambda m: _seq_stages(m.features, "features"))),
-    (("vit",), _Family(
-        head=lambda m: "heads.head",
-        stages=lambda m: [Stage("patch_embed", (m.conv_proj,),
-                                (m.class_token, m.encoder.pos_embedding)),
-                          *_seq_stages(m.encoder.layers, "block")])),
-]
-
-
-def _family(arch: str) -> _Family:
-    for prefixes, fam in _FAMILIES:
-        if arch.startswith(prefixes):
-            return fam
-    known = ", ".join(p for ps, _ in _FAMILIES for p in ps)
-    raise UserError(f"no head/stage table for architecture {arch!r}; supported families: "
-                    f"{known}, or model.factory for any other network", field="model.arch")
-
-
-# --------------------------------------------------------------------------------------------
-# Factory protocol (`model.factory: "package.module:function"`), for networks from outside
-# torchvision (timm, in-house code):
-#   - the function is called with the spec's `model:` section as a plain dict (arch, weights,
-#     options, ...) and returns an `nn.Module` that produces logits;
-#   - the module's attribute `rtft_head` (optional) is the dotted path of its final
-#     `nn.Linear`, which rtft replaces; default: the last `nn.Linear` in the module;
-#   - `rtft_stages` (optional) lists dotted paths of its stages from the input, which
-#     `freeze_depth`, `reinit_blocks` and `layer_decay` count; default: its top-level children
-#     other than the one holding the head.
-# --------------------------------------------------------------------------------------------
-def _factory_model(model: ModelSpec) -> tuple[nn.Module, str, Callable[[nn.Module], list[Stage]]]:
-    import importlib
-
-    mod_name, _, fn_name = (model.factory or "").partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"cannot import {model.factory!r}: {e}; allowed: an importable "
-                        f"'package.module:function'", field="model.factory") from e
-    net = fn(model.model_dump(mode="json"))
-    if not isinstance(net, nn.Module):
-        raise UserError(f"{model.factory} returned a {type(net).__name__}, not an nn.Module",
-                        field="model.factory")
-    head = getattr(net, "rtft_head", None) or next(
-        (n for n, m in reversed(list(net.named_modules())) if isinstance(m, nn.Linear)), None)
-    if head is None or not isinstance(net.get_submodule(head), nn.Linear):
-        raise UserError(f"{model.factory}: no nn.Linear head found (set `rtft_head` on the "
-                        f"module to the dotted path of its final nn.Linear)",
-                        field="model.factory")
-    paths = getattr(net, "rtft_stages", None)
-    if paths is None:
-        top = head.split(".")[0]
-        paths = [n for n, _ in net.named_children() if n != top]
-
-    def stages(m: nn.Module) -> list[Stage]:
-        return [Stage(p, (m.get_submodule(p),)) for p in paths]
-    return net, head, stages
 
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -278,7 +169,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused (code in the file) or not a torch file at all
         raise UserError(f"weights file {str(p)!r} cannot be loaded as plain tensors "
-                        f"(torch.load weights_only=True): {str(e).splitlines()[0]}",
+                        f"(torch.load weights_only=True): {first_line(e)}",
                         field="model.weights") from e
     for key in ("state_dict", "model"):  # common wrappers around a state dict
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -346,9 +237,9 @@ def build_model(model: ModelSpec | str, num_classes: int, hp: Hyperparams,
     if isinstance(model, str):
         model = ModelSpec(arch=model)
     if model.factory:
-        net, head_path, stage_fn = _factory_model(model)
+        net, head_path, stage_fn = factory_model(model)
     else:
-        fam = _family(model.arch)
+        fam = family(model.arch)
         net = get_model(model.arch, weights=None)
         head_path, stage_fn = fam.head(net), fam.stages
     ref = classify(weights)

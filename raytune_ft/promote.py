@@ -27,6 +27,7 @@ from torch import nn
 
 from raytune_ft.checkpoint import load_checkpoint
 from raytune_ft.data import Splits
+from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import build_model, input_stats
 from raytune_ft.runs import (  # re-exported: promotion's rule lives with the records
     TrialRecord,
@@ -37,7 +38,7 @@ from raytune_ft.runs import (  # re-exported: promotion's rule lives with the re
     trial_state,
     trial_table,
 )
-from raytune_ft.spec import Hyperparams, ModelSpec, Spec
+from raytune_ft.spec import ModelSpec, Spec
 from raytune_ft.train import evaluate
 
 __all__ = ["PromotedModel", "TrialRecord", "choose", "fmt", "load_promoted", "promote",
@@ -203,7 +204,7 @@ def load_promoted(path: str | Path, *, verify: bool = True) -> PromotedModel:
         config = json.loads((p / "config.json").read_text())
         metrics = json.loads((p / "metrics.json").read_text())
     except (OSError, ValueError) as e:
-        raise PromotedModelError(f"{p} is not a promoted rtft model: {e}") from None
+        raise PromotedModelError(f"{p} is not a promoted rtft model: {e}") from e
     weights = p / "model.safetensors"
     if verify and _sha256(weights) != metrics.get("sha256"):
         raise PromotedModelError(f"{weights}: sha256 does not match metrics.json; the file is "

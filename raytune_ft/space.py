@@ -13,7 +13,8 @@ from typing import Any
 
 import optuna
 
-from raytune_ft.spec import Hyperparams, Spec, param_order
+from raytune_ft.knobs import Hyperparams, param_order
+from raytune_ft.spec import Spec
 
 __all__ = ["SUGGEST", "baseline_params", "define_by_run", "hparams_for", "make_sampler",
            "rung_plan"]

@@ -2,51 +2,61 @@
 that span fields. Every other module takes a :class:`Spec` (or the :class:`Hyperparams` of one
 trial) and may trust it.
 
-Reading spec files (YAML, `--set`, error lines) is :mod:`raytune_ft.spec_io`; what a
-`model.weights` value names is :mod:`raytune_ft.weights`. Importing this module imports neither
-torch nor torchvision (validating a model section reads torchvision's registry, lazily).
+The knobs a trial is trained with and the `search:` parameters that vary them are
+:mod:`raytune_ft.knobs`; reading spec files (YAML, `--set`, error lines) is
+:mod:`raytune_ft.spec_io`; what a `model.weights` value names is :mod:`raytune_ft.weights`.
+Importing this module imports neither torch nor torchvision (validating a model section reads
+torchvision's registry, lazily).
 """
 
 from __future__ import annotations
 
 import difflib
-import graphlib
 import math
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 # SpecError is re-exported: `from raytune_ft.spec import SpecError` keeps working.
 from raytune_ft.errors import SpecError, UserError
+
+# The knobs and search parameters were defined here before knobs.py; re-exported so
+# `from raytune_ft.spec import Hyperparams, IntRange, param_order, …` keeps working where it
+# is still written (preflight, pretrain, spec_io, tests, bench). New code imports from knobs.
+from raytune_ft.job_env import redact  # likewise: redact lives with the Jobs code
+from raytune_ft.knobs import (
+    ACTIVATIONS,
+    INITS,
+    SPACES,
+    Choice,
+    FieldError,
+    Fixed,
+    Hyperparams,
+    IntRange,
+    LogUniform,
+    Scalar,
+    SearchParam,
+    Strict,
+    Uniform,
+    check_params,
+    param_order,
+)
+from raytune_ft.knobs import SPACE_MODELS as _SPACE_MODELS  # noqa: F401  (spec_io)
+from raytune_ft.knobs import FieldError as _FieldError  # noqa: F401  (spec_io)
+from raytune_ft.knobs import allowed as _allowed  # noqa: F401  (spec_io)
 from raytune_ft.weights import weights_meta
 
 __all__ = [
-    "ACTIVATIONS", "INITS", "METRICS", "SOURCES", "SPACES",
-    "DataSpec", "Hyperparams", "ModelSpec", "PromoteSpec", "Resources", "RunSpec",
-    "SchedulerSpec", "SearcherSpec", "Spec", "SpecError", "TrainSpec", "UserError",
-    "check_fit", "param_order", "redact",
+    "ACTIVATIONS", "BUILTIN_SOURCES", "INITS", "METRICS", "SOURCES", "SPACES",
+    "DataSpec", "ModelSpec", "PromoteSpec", "Resources", "RunSpec", "SchedulerSpec",
+    "SearcherSpec", "Spec", "SpecError", "TrainSpec", "UserError", "check_fit",
+    # re-exported from knobs / job_env (see above)
+    "Choice", "Fixed", "Hyperparams", "IntRange", "LogUniform", "Scalar", "SearchParam",
+    "Uniform", "param_order", "redact",
 ]
 
-ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh")
-INITS = (
-    "default",
-    "xavier_uniform",
-    "xavier_normal",
-    "kaiming_uniform",
-    "kaiming_normal",
-    "orthogonal",
-    "trunc_normal",
-)
 BUILTIN_SOURCES = ("digits", "mnist")
 # Every `data.source`: its natural image size (when neither the spec nor the weights' metadata
 # give one) and whether a horizontal flip keeps the label (never for digits or signs).
@@ -64,135 +74,10 @@ SOURCES: dict[str, tuple[int, bool]] = {
 METRICS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
 
 
-class _Strict(BaseModel):
-    # No inf/NaN anywhere: `gpu: .inf` or `lr: {low: .nan}` is a typo, never a setting.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-# --------------------------------------------------------------------------------------------
-# The knobs one trial is trained with. `search:` may vary any of these; the rest keep defaults.
-# --------------------------------------------------------------------------------------------
-class Hyperparams(_Strict):
-    """Every fine-tuning choice the trainer implements, with the defaults of a plain fine-tune."""
-
-    lr: float = Field(1e-3, gt=0, le=10)
-    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0, le=1)
-    batch_size: int = Field(64, ge=1, le=65536)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    head_dropout: float = Field(0.0, ge=0, lt=1)
-    head_hidden: int = Field(0, ge=0, le=65536)
-    activation: Literal["relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh"] = "relu"
-    activation_scope: Literal["head", "all"] = "head"
-    init: Literal[
-        "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
-        "orthogonal", "trunc_normal",
-    ] = "default"
-    reinit_blocks: int = Field(0, ge=0, le=64)
-    freeze_depth: int = Field(0, ge=0, le=64)
-    # Epoch (1-based) from which the whole backbone trains; 0 keeps frozen stages frozen.
-    unfreeze_at_epoch: int = Field(0, ge=0, le=10000)
-    backbone_lr_mult: float = Field(1.0, gt=0, le=100)
-    warmup_epochs: float = Field(0.0, ge=0, le=10000)
-    # timm-style layer-wise LR decay: stage i of S (from the input) trains at
-    # lr * layer_decay ** (S - i); 1 turns it off. Multiplies with backbone_lr_mult.
-    layer_decay: float = Field(1.0, gt=0, le=1)
-    augment: Literal["none", "light", "strong"] = "light"
-    # Mixup / CutMix Beta(alpha, alpha); 0 turns each off (both on: one of them per batch).
-    mixup_alpha: float = Field(0.0, ge=0, le=10)
-    cutmix_alpha: float = Field(0.0, ge=0, le=10)
-    grad_clip: float = Field(0.0, ge=0)
-
-
-_INT_KNOBS = {n for n, f in Hyperparams.model_fields.items() if f.annotation is int}
-
-
-# --------------------------------------------------------------------------------------------
-# Search parameters, tagged by `space:` (Ludwig-style).
-# --------------------------------------------------------------------------------------------
-Scalar = Union[bool, int, float, str, None]
-
-
-class _Param(_Strict):
-    # `when: {optimizer: sgd}` or `when: {optimizer: [sgd, adam]}`: sampled only then.
-    when: dict[str, Union[Scalar, list[Scalar]]] | None = None
-
-    def candidates(self) -> dict[str, Any]:
-        """The values of this parameter that must be valid knob values, keyed by field."""
-        raise NotImplementedError
-
-
-class _FloatRange(_Param):
-    low: float
-    high: float
-
-    @model_validator(mode="after")
-    def _ordered(self) -> _FloatRange:
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        return self
-
-    def candidates(self) -> dict[str, Any]:
-        return {"low": self.low, "high": self.high}
-
-
-class LogUniform(_FloatRange):
-    space: Literal["loguniform"]
-    low: float = Field(gt=0)
-    high: float = Field(gt=0)
-
-
-class Uniform(_FloatRange):
-    space: Literal["uniform"]
-
-
-class IntRange(_Param):
-    space: Literal["int"]
-    low: int
-    high: int
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if not self.low <= self.high:
-            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
-        if self.log and self.low < 1:
-            raise ValueError("log: true needs low >= 1")
-        return self
-
-    def candidates(self) -> dict[str, Any]:
-        return {"low": self.low, "high": self.high}
-
-
-class Choice(_Param):
-    space: Literal["choice"]
-    values: list[Scalar] = Field(min_length=1)
-
-    def candidates(self) -> dict[str, Any]:
-        return {f"values.{i}": v for i, v in enumerate(self.values)}
-
-
-class Fixed(_Param):
-    space: Literal["fixed"]
-    value: Scalar
-
-    def candidates(self) -> dict[str, Any]:
-        return {"value": self.value}
-
-
-SearchParam = Annotated[
-    Union[LogUniform, Uniform, IntRange, Choice, Fixed], Field(discriminator="space")
-]
-SPACES = ("loguniform", "uniform", "int", "choice", "fixed")
-_SPACE_MODELS = {"loguniform": LogUniform, "uniform": Uniform, "int": IntRange, "choice": Choice,
-                 "fixed": Fixed}
-
-
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     arch: str = "resnet18"
     # torchvision weights name (DEFAULT, IMAGENET1K_V1), a local .pth/.safetensors file or
     # promoted model folder, `rtft:mnist` (a backbone rtft pretrains itself, offline), or none.
@@ -220,7 +105,7 @@ class ModelSpec(_Strict):
         if self.arch not in known:
             near = difflib.get_close_matches(self.arch, known, n=3)
             hint = f" Did you mean {', '.join(near)}?" if near else ""
-            raise _FieldError(
+            raise FieldError(
                 ("model", "arch"),
                 f"unknown architecture {self.arch!r}; allowed: a torchvision classification "
                 f"model name such as resnet18, resnet50, efficientnet_b0, convnext_tiny, "
@@ -228,7 +113,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class DataSpec(_Strict):
+class DataSpec(Strict):
     source: str = "digits"  # a key of SOURCES
     # imagefolder: a folder of class folders; torchvision datasets: their root folder.
     root: str | None = None
@@ -267,11 +152,11 @@ class DataSpec(_Strict):
         if self.source not in BUILTIN_SOURCES and not self.root:
             what = ("a folder of class folders" if self.source == "imagefolder"
                     else f"the folder holding the torchvision {self.source} files")
-            raise _FieldError(("data", "root"), f"source: {self.source} needs data.root "
-                                                f"({what})")
+            raise FieldError(("data", "root"), f"source: {self.source} needs data.root "
+                                               f"({what})")
         if (self.val_root or self.test_root) and self.source != "imagefolder":
-            raise _FieldError(("data", "val_root" if self.val_root else "test_root"),
-                              "separate val/test folders are for source: imagefolder only")
+            raise FieldError(("data", "val_root" if self.val_root else "test_root"),
+                             "separate val/test folders are for source: imagefolder only")
         return self
 
     @property
@@ -280,14 +165,14 @@ class DataSpec(_Strict):
         return SOURCES[self.source][1] if self.hflip is None else self.hflip
 
 
-class TrainSpec(_Strict):
+class TrainSpec(Strict):
     max_epochs: int = Field(4, ge=1, le=100000)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
-class SearcherSpec(_Strict):
+class SearcherSpec(Strict):
     sampler: Literal["tpe", "random", "cmaes", "gp", "qmc"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(5, ge=0)
@@ -296,14 +181,14 @@ class SearcherSpec(_Strict):
     baseline_first: bool = True
 
 
-class SchedulerSpec(_Strict):
+class SchedulerSpec(Strict):
     type: Literal["asha", "none"] = "asha"
     max_t: int | None = Field(None, ge=1)  # default: train.max_epochs
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, ge=2)
 
 
-class Resources(_Strict):
+class Resources(Strict):
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
 
@@ -316,7 +201,7 @@ class Resources(_Strict):
         return v
 
 
-class RunSpec(_Strict):
+class RunSpec(Strict):
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     resources: Resources = Resources()
@@ -326,12 +211,12 @@ class RunSpec(_Strict):
     max_failed_trials: int | None = Field(None, ge=1)  # end the search after this many
 
 
-class PromoteSpec(_Strict):
+class PromoteSpec(Strict):
     top_k: int = Field(1, ge=1)
     dir: str = "./models"
 
 
-class Spec(_Strict):
+class Spec(Strict):
     """A whole search spec. Read one with :func:`raytune_ft.spec_io.load_spec` (a file) or
     :func:`raytune_ft.spec_io.parse_spec` (text)."""
 
@@ -391,98 +276,20 @@ class Spec(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:
-        _check_params(self.search)
+        check_params(self.search)
         if self.scheduler.max_t is not None and self.scheduler.max_t > self.train.max_epochs:
-            raise _FieldError(("scheduler", "max_t"),
-                              f"max_t ({self.scheduler.max_t}) exceeds train.max_epochs "
-                              f"({self.train.max_epochs}); allowed: 1..{self.train.max_epochs}")
+            raise FieldError(("scheduler", "max_t"),
+                             f"max_t ({self.scheduler.max_t}) exceeds train.max_epochs "
+                             f"({self.train.max_epochs}); allowed: 1..{self.train.max_epochs}")
         if self.scheduler.type == "asha" and self.scheduler.grace_period > self.max_t:
-            raise _FieldError(("scheduler", "grace_period"),
-                              f"grace_period ({self.scheduler.grace_period}) exceeds max_t "
-                              f"({self.max_t}); allowed: 1..{self.max_t}")
+            raise FieldError(("scheduler", "grace_period"),
+                             f"grace_period ({self.scheduler.grace_period}) exceeds max_t "
+                             f"({self.max_t}); allowed: 1..{self.max_t}")
         return self
 
 
-class _FieldError(ValueError):
-    """Raised inside validators to point at a field other than the one being validated."""
-
-    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
-        self.loc = loc
-        self.message = message
-        super().__init__(message)
-
-
-def _allowed(err: dict) -> str:
-    """`allowed: …` for one pydantic error (a dict of ``ValidationError.errors()``). Here, not
-    in spec_io, because the search-space check below words its errors the same way."""
-    t, ctx, msg = err["type"], err.get("ctx") or {}, err["msg"]
-    if t == "literal_error":
-        return f"allowed: {ctx.get('expected')}"
-    if t == "union_tag_invalid":
-        return f"unknown space; allowed: {', '.join(SPACES)}"
-    if t == "union_tag_not_found":
-        return f"missing 'space:'; allowed: {', '.join(SPACES)}"
-    if t == "missing":
-        return "this field is required"
-    if t.startswith("greater_than") or t.startswith("less_than"):
-        return msg.lower()
-    return msg[0].lower() + msg[1:] if msg else t
-
-
-def _check_params(search: dict[str, Any]) -> None:
-    knobs = list(Hyperparams.model_fields)
-    for name, param in search.items():
-        if name not in knobs:
-            near = difflib.get_close_matches(name, knobs, n=1)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise _FieldError(("search", name),
-                              f"unknown parameter; allowed: {', '.join(knobs)}.{hint}")
-        if name in _INT_KNOBS and param.space in ("uniform", "loguniform"):
-            raise _FieldError(("search", name, "space"),
-                              f"'{name}' is a whole number; use space: int, choice or fixed")
-        for key, value in param.candidates().items():
-            try:
-                Hyperparams.model_validate({name: value})
-            except ValidationError as e:
-                err = e.errors()[0]
-                raise _FieldError(("search", name, *key.split(".")),
-                                  f"{value!r} is not a valid {name}: {_allowed(err)}") from e
-    deps: dict[str, set[str]] = {}
-    for name, param in search.items():
-        deps[name] = set()
-        for parent, wanted in (param.when or {}).items():
-            loc = ("search", name, "when", parent)
-            if parent not in search:
-                raise _FieldError(loc, f"condition names '{parent}', which is not a search "
-                                       f"parameter; allowed: {', '.join(sorted(search))}")
-            pp = search[parent]
-            options = pp.values if pp.space == "choice" else [pp.value] if pp.space == "fixed" \
-                else None
-            if options is None:
-                raise _FieldError(loc, f"conditions need a choice or fixed parameter, and "
-                                       f"'{parent}' is {pp.space}")
-            for w in wanted if isinstance(wanted, list) else [wanted]:
-                if w not in options:
-                    raise _FieldError(loc, f"{w!r} is never a value of '{parent}'; allowed: "
-                                           f"{', '.join(map(repr, options))}")
-            deps[name].add(parent)
-    try:
-        tuple(graphlib.TopologicalSorter(deps).static_order())
-    except graphlib.CycleError as e:
-        raise _FieldError(("search", e.args[1][0], "when"),
-                          f"conditions form a cycle: {' -> '.join(e.args[1])}") from e
-
-
-def param_order(search: dict[str, Any]) -> list[str]:
-    """Parameter names with every condition's parent before the parameters it gates."""
-    deps = {n: set((p.when or {}).keys()) for n, p in search.items()}
-    order = list(graphlib.TopologicalSorter(deps).static_order())
-    # Keep the spec's order where conditions allow: stable for humans and for seeds.
-    return sorted(order, key=lambda n: (order.index(n) if deps[n] else -1, list(search).index(n)))
-
-
 # --------------------------------------------------------------------------------------------
-# Before launch: do the trials fit the cluster? Secrets kept out of saved files and logs.
+# Before launch: do the trials fit the cluster?
 # --------------------------------------------------------------------------------------------
 def check_fit(spec: Spec, cluster: Mapping[str, float], *, where: str = "the cluster") -> int:
     """How many trials of `spec` fit at once on `cluster`, by resources alone.
@@ -507,26 +314,3 @@ def check_fit(spec: Spec, cluster: Mapping[str, float], *, where: str = "the clu
             f"trial pending forever; allowed: cpu <= {have['CPU']:g}, gpu <= {have['GPU']:g}",
             field="run.resources")
     return int(min(math.floor(have[k] / ask[k] + eps) for k in ask if ask[k] > 0))
-
-
-# Environment variable names whose values are secrets (matched anywhere in the name, any case).
-_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|^AWS_|^RAY_AUTH",
-                          re.IGNORECASE)
-
-
-def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of `mapping` whose secret-looking keys (TOKEN, KEY, SECRET, PASSWORD, AWS_*,
-    RAY_AUTH*, …) have their values replaced by "***", in nested mappings and lists too.
-
-    For everything written or printed that may hold environment variables (a runtime_env's
-    `env_vars`, a submitted job's settings): the names stay visible, the values never do.
-    """
-    def clean(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return redact(value)
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    return {k: "***" if isinstance(k, str) and _SECRET_NAME.search(k) else clean(v)
-            for k, v in mapping.items()}

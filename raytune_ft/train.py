@@ -33,8 +33,9 @@ from raytune_ft.data import (
     iter_batches,
     normalize,
 )
+from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import build_model, freeze_stages, input_stats, param_groups, resolve_weights
-from raytune_ft.spec import METRICS, Hyperparams, Spec
+from raytune_ft.spec import METRICS, Spec
 
 __all__ = ["DIVERGED", "TrainResult", "evaluate", "pick_device", "train", "trial_config"]
 

@@ -15,7 +15,7 @@ from conftest import write_tiny_spec
 
 from raytune_ft import job_entry, jobs
 from raytune_ft.cli import main
-from raytune_ft.spec import SpecError
+from raytune_ft.errors import SpecError
 
 SECRET = "s3cr3t-t0ken-value"
 
@@ -123,6 +123,24 @@ def test_submit_cli_bad_input_exits_2_before_contacting_anything(tmp_path: Path)
     r = CliRunner().invoke(main, ["submit", str(spec), "--address", "http://127.0.0.1:9",
                                   "--header", SECRET])
     assert r.exit_code == 2 and SECRET not in r.output
+
+
+def test_jobs_error_is_a_user_error_that_no_spec_file_locates() -> None:
+    from raytune_ft.errors import UserError
+
+    e = jobs.JobsError("cannot reach the Ray Jobs API at http://x:8265: refused")
+    assert isinstance(e, UserError) and isinstance(e, RuntimeError)
+    assert str(e.located("tiny.yaml")) == "cannot reach the Ray Jobs API at http://x:8265: refused"
+    assert e.file is None and e.line is None
+
+
+def test_jobs_errors_keep_their_cause_for_debug() -> None:
+    with pytest.raises(jobs.JobsError) as e:
+        jobs.parse_headers([], env={"RTFT_JOB_HEADERS": "{not json"})
+    assert isinstance(e.value.__cause__, json.JSONDecodeError)
+    with pytest.raises(jobs.JobsError, match="^cannot reach the Ray Jobs API") as e:
+        jobs.client("http://127.0.0.1:9")
+    assert e.value.__cause__ is not None and "\n" not in str(e.value)
 
 
 def test_jobs_cli_unreachable_address_is_one_line(tmp_path: Path) -> None:

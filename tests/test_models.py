@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from raytune_ft.errors import SpecError
+from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import (
     build_model,
     freeze_stages,
@@ -16,7 +18,6 @@ from raytune_ft.models import (
     param_groups,
     resolve_weights,
 )
-from raytune_ft.spec import Hyperparams, SpecError
 
 FAMILIES = [  # arch, stage count, head path, input size the test feeds
     ("resnet18", 5, "fc", 32),
@@ -284,3 +285,17 @@ def test_relative_weights_file_made_absolute_for_trials(tmp_path: Path, backbone
     assert absolute_weights(backbone_file.name) == str(backbone_file.resolve())
     assert [absolute_weights(w) for w in ("none", "IMAGENET1K_V1", "rtft:mnist")] == \
         ["none", "IMAGENET1K_V1", "rtft:mnist"]
+
+
+def test_architecture_without_a_family_table_names_the_supported_ones() -> None:
+    with pytest.raises(SpecError, match="no head/stage table for architecture 'alexnet'") as e:
+        build_model("alexnet", 3, Hyperparams())
+    assert e.value.field == "model.arch" and "convnext" in str(e.value)
+
+
+def test_unloadable_weights_file_quotes_the_first_line_of_why(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a torch file\n")
+    with pytest.raises(SpecError, match="cannot be loaded as plain tensors") as e:
+        load_state_file(bad)
+    assert "\n" not in str(e.value) and e.value.__cause__ is not None

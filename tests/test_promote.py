@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_spec
 
 from raytune_ft.data import prepare
+from raytune_ft.knobs import Hyperparams
 from raytune_ft.promote import (
     PromotedModelError,
     TrialRecord,
@@ -18,7 +19,6 @@ from raytune_ft.promote import (
     promote,
     trial_state,
 )
-from raytune_ft.spec import Hyperparams
 from raytune_ft.train import evaluate, train
 
 
@@ -104,3 +104,9 @@ def test_promote_writes_a_versioned_folder_that_reloads(tmp_path: Path) -> None:
     (first / "model.safetensors").write_bytes(blob[:-8] + b"\0" * 8)
     with pytest.raises(PromotedModelError, match="sha256"):
         load_promoted(first)
+
+
+def test_not_a_promoted_folder_keeps_its_cause_for_debug(tmp_path: Path) -> None:
+    with pytest.raises(PromotedModelError, match="is not a promoted rtft model") as e:
+        load_promoted(tmp_path)
+    assert isinstance(e.value.__cause__, FileNotFoundError)

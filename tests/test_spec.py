@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from raytune_ft.spec import Hyperparams, SpecError, param_order
+from raytune_ft.errors import SpecError
+from raytune_ft.knobs import Hyperparams, param_order
 from raytune_ft.spec_io import load_spec, parse_spec, spec_to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +168,43 @@ def test_error_keeps_its_cause_for_debug() -> None:
         parse_spec(BASE + "run:\n  num_samples: 0\n")
     assert isinstance(info.value.__cause__, ValidationError)  # shown by --debug only
     assert "\n" not in str(info.value)
+
+
+def test_int_range_may_hold_one_value_a_float_range_may_not() -> None:
+    spec = parse_spec(BASE + "search:\n  batch_size: {space: int, low: 32, high: 32}\n")
+    assert (spec.search["batch_size"].low, spec.search["batch_size"].high) == (32, 32)
+    with pytest.raises(SpecError, match=r"low \(64\) must not exceed high \(32\)"):
+        parse_spec(BASE + "search:\n  batch_size: {space: int, low: 64, high: 32}\n")
+    with pytest.raises(SpecError, match=r"low \(0.5\) must be below high \(0.5\)"):
+        parse_spec(BASE + "search:\n  momentum: {space: uniform, low: 0.5, high: 0.5}\n")
+    with pytest.raises(SpecError, match="log: true needs low >= 1"):
+        parse_spec(BASE + "search:\n  head_hidden: {space: int, low: 0, high: 8, log: true}\n")
+
+
+def test_knobs_are_the_same_objects_through_spec() -> None:
+    from raytune_ft import knobs, spec
+
+    assert spec.Hyperparams is knobs.Hyperparams and spec.param_order is knobs.param_order
+    assert spec.ACTIVATIONS == ("relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh")
+    assert spec.INITS[0] == "default" and "trunc_normal" in spec.INITS
+
+
+def test_error_names_a_location_only_when_it_has_one() -> None:
+    from raytune_ft.errors import UserError
+
+    assert str(UserError("the cluster is gone")) == "the cluster is gone"
+    assert str(UserError("bad", field="run.resources")) == "<spec>: field 'run.resources': bad"
+    assert str(UserError("bad", file="a.yaml")) == "a.yaml: bad"
+    assert str(UserError("two\nlines")) == "two\\nlines"  # still one paragraph
+
+
+@pytest.mark.parametrize("message, first", [
+    ("\n  boom\nsecond line\n", "boom"),
+    ("one line", "one line"),
+    ("", "KeyError"),
+])
+def test_first_line_of_an_exception(message: str, first: str) -> None:
+    from raytune_ft.errors import first_line
+
+    exc = KeyError() if not message else RuntimeError(message)
+    assert first_line(exc) == first

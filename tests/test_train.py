@@ -10,7 +10,7 @@ from conftest import tiny_spec
 
 from raytune_ft.checkpoint import CheckpointError, load_checkpoint
 from raytune_ft.data import prepare
-from raytune_ft.spec import Hyperparams
+from raytune_ft.knobs import Hyperparams
 from raytune_ft.train import DIVERGED, evaluate, train
 
 
