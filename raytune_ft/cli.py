@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from raytune_ft.errors import UserError
+from raytune_ft.preflight import Fit, ModelShape
 from raytune_ft.spec import Spec
 from raytune_ft.spec_io import load_spec, spec_to_yaml
 
@@ -145,8 +146,11 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
 def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
              cluster_gpus: float | None, cluster_cpus: float | None, address: str | None,
              headers: tuple[str, ...]) -> None:
-    """Check SPEC_FILE; print the resolved spec, the search space, the ASHA rung plan and
-    how many trials fit at once (on this machine, a given cluster size, or --address).
+    """Dry-run the search in SPEC_FILE: every check `rtft search` makes before it starts Ray
+    (the spec, where results go, the data folders, the weights, the model, how many trials
+    fit), writing and downloading nothing. Prints the resolved spec, the search space, the ASHA
+    rung plan, the model's stages and how many trials fit at once (on this machine, a given
+    cluster size, or --address).
 
     \b
     Examples:
@@ -154,10 +158,13 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
       rtft validate search_spaces/resnet.yaml --set run.resources.gpu=0.5 --cluster-gpus 8
       rtft validate search_spaces/resnet.yaml --address http://127.0.0.1:8265
     """
+    from raytune_ft import preflight
     from raytune_ft.space import rung_plan
 
     spec = load_spec(spec_file, overrides)
-    fit_line = _fit_line(spec, cluster_gpus, cluster_cpus, address, headers)
+    on = preflight.machines(spec, gpus=cluster_gpus, cpus=cluster_cpus, address=address,
+                            headers=headers)
+    plan = preflight.dry_run(spec, on)
     click.echo(f"# {spec_file}: valid\n")
     click.echo(spec_to_yaml(spec))
     click.echo(_space_table(spec))
@@ -165,49 +172,17 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
                if spec.scheduler.type == "asha" else "\nNo early stopping:")
     for epoch, n in rung_plan(spec):
         click.echo(f"  epoch {epoch:>4}: {n:>4} trial(s)")
-    click.echo("\n" + _stages_table(spec))
-    click.echo("\n" + fit_line)
+    click.echo(f"\ndata:    {plan.data}\nweights: {plan.weights}")
+    click.echo("\n" + _stages_table(plan.model))
+    if plan.fit is not None:
+        click.echo("\n" + _fit_line(spec, plan.fit))
 
 
-def _fit_line(spec: Spec, gpus: float | None, cpus: float | None, address: str | None,
-              headers: tuple[str, ...]) -> str:
-    """How many trials fit at once where the search would run (SpecError when none does)."""
-    from raytune_ft.spec import check_fit
-
+def _fit_line(spec: Spec, fit: Fit) -> str:
     res = spec.run.resources
-    if gpus is not None or cpus is not None:
-        if cpus is None and res.gpu == 0:
-            raise UserError("trials ask for no GPU, so --cluster-gpus alone says nothing; "
-                            "allowed: add --cluster-cpus N", field="run.resources")
-        if cpus is None and (gpus or 0.0) + 1e-9 < res.gpu:
-            raise UserError(f"each trial asks for {res.gpu:g} GPU, but a cluster of {gpus:g} "
-                            f"GPU has fewer; Ray would leave every trial pending forever; "
-                            f"allowed: gpu <= {gpus:g}", field="run.resources")
-        # CPUs not given: they do not limit (a GPU cluster's usual case).
-        enough = res.cpu * (int((gpus or 0.0) / res.gpu + 1e-9) if res.gpu else 1)
-        have = {"CPU": cpus if cpus is not None else enough, "GPU": gpus or 0.0}
-        parts = ([f"{gpus:g} GPU"] if gpus is not None else []) + \
-            ([f"{cpus:g} CPU"] if cpus is not None else [])
-        where = "a cluster of " + ", ".join(parts)
-    elif address:
-        from raytune_ft.jobs import parse_headers
-
-        if address.startswith(("http://", "https://")):
-            from raytune_ft.jobs import cluster_resources
-        else:
-            from raytune_ft.search import cluster_resources  # type: ignore[assignment]
-        have = cluster_resources(address, parse_headers(headers))
-        where = f"the Ray cluster at {address} ({have['CPU']:g} CPU, {have['GPU']:g} GPU)"
-    else:
-        from raytune_ft.preflight import local_resources
-
-        have = local_resources()
-        where = f"this machine ({have['CPU']:g} CPU, {have['GPU']:g} GPU)"
-    n = check_fit(spec, have, where=where)
-    at_once = min(n, spec.run.max_concurrent_trials)
-    return (f"resources: each trial asks {res.cpu:g} CPU + {res.gpu:g} GPU; {n} trial(s) fit "
-            f"at once on {where}; with run.max_concurrent_trials = "
-            f"{spec.run.max_concurrent_trials}, {at_once} run at a time")
+    return (f"resources: each trial asks {res.cpu:g} CPU + {res.gpu:g} GPU; {fit.fits} trial(s) "
+            f"fit at once on {fit.where}; with run.max_concurrent_trials = "
+            f"{spec.run.max_concurrent_trials}, {fit.at_once} run at a time")
 
 
 def _space_table(spec: Spec) -> str:
@@ -224,14 +199,12 @@ def _space_table(spec: Spec) -> str:
     return "\n".join(lines)
 
 
-def _stages_table(spec: Spec) -> str:
-    from raytune_ft.preflight import model_shape
-
-    shape = model_shape(spec)
+def _stages_table(shape: ModelShape) -> str:
     lines = [f"{shape.arch} stages (freeze_depth=k freezes the first k):"]
     for i, (name, n) in enumerate(shape.stages, 1):
         lines.append(f"  {i:>2}. {name:<14} {n:>12,} params")
-    lines.append(f"      head ({shape.head_path}) replaced; total {shape.total_params:,} params")
+    lines.append(f"      head ({shape.head_path}) replaced; total {shape.total_params:,} params; "
+                 f"reinit_blocks counts {shape.blocks} blocks")
     return "\n".join(lines)
 
 

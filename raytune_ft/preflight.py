@@ -1,8 +1,15 @@
-"""Every check `rtft search` makes before it starts Ray, in one place, without Ray.
+"""Every check `rtft search` makes before it starts Ray, in one place.
 
-`rtft validate` runs the same checks (:func:`before_launch`), so "validate passes" means
-"search launches". What needs a running cluster (its resources when joining one, whether
-its storage is shared) is checked in :mod:`raytune_ft.search.cluster` once joined.
+:func:`dry_run` makes all of them that write nothing, download nothing and pretrain nothing:
+`rtft validate` prints the :class:`Plan` it returns, and `rtft search` calls it first, so
+"validate passes" means "search launches". A dry run names what only a search then builds:
+an `rtft:` backbone (pretrained on first use), torchvision weights (from the hub cache or
+downloaded), the whole dataset (decoded); :func:`check_pretrained` loads those weights once in
+the search's driver. What needs a running cluster (its resources when joining one, whether its
+storage is shared) is checked in :mod:`raytune_ft.search.cluster` once joined.
+
+Ray is imported here only to read the resources of a cluster named with `rtft validate
+--address`.
 """
 
 from __future__ import annotations
@@ -16,36 +23,83 @@ from pathlib import Path
 from raytune_ft.errors import UserError
 from raytune_ft.paths import is_uri
 from raytune_ft.spec import Hyperparams, Spec, check_fit
+from raytune_ft.weights import classify, torchvision_weights
+
+__all__ = ["Fit", "Machines", "ModelShape", "Plan", "check_pretrained", "check_writable",
+           "dry_run", "first_missing", "local_resources", "machines", "this_machine"]
 
 
-def before_launch(spec: Spec, *, local: bool) -> None:
-    """The checks that need neither data nor a model: where results and models go, and, for
-    a local Ray (`local`), whether one trial fits this machine."""
-    if is_uri(spec.promote.dir):
-        raise UserError(f"{spec.promote.dir!r}: promoted models are written to a local or "
-                        f"mounted folder; allowed: a path (on a cluster job, one on shared "
-                        f"storage)", field="promote.dir")
-    check_writable(spec.run.storage_path, "run.storage_path")
-    check_writable(spec.promote.dir, "promote.dir")
-    if local:  # the Ray we would start gets this machine's CPUs and GPUs
-        check_fit(spec, local_resources(), where="this machine")
+# --------------------------------------------------------------------------------------------
+# Where the trials would run
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Machines:
+    """Where the trials would run: total resources keyed like ``ray.cluster_resources()``
+    ("CPU", "GPU") and the words that name the place in messages."""
+
+    resources: dict[str, float]
+    where: str
 
 
-def check_model(spec: Spec, num_classes: int) -> None:
-    """Build the model with the spec's weights once in the driver: a missing weights file or
-    one that does not fit the architecture is refused before any trial starts."""
-    from raytune_ft.models import build_model, resolve_weights
+@dataclass(frozen=True)
+class Fit:
+    """How many trials run at once on :class:`Machines`: `fits` by resources alone,
+    `at_once` once `run.max_concurrent_trials` caps them."""
 
-    weights = resolve_weights(spec.model.weights, spec.model.arch, spec.data.image_size)
-    built = build_model(spec.model, num_classes, Hyperparams(), weights)
-    depth = spec.search.get("freeze_depth")
-    top = max(depth.candidates().values(), default=0) if depth is not None else 0
-    if isinstance(top, int) and top > len(built.stages):
-        raise UserError(f"{spec.model.arch} has {len(built.stages)} stages "
-                        f"({', '.join(s.name for s in built.stages)}); allowed: 0.."
-                        f"{len(built.stages)}", field="search.freeze_depth")
+    where: str
+    fits: int
+    at_once: int
 
 
+def local_resources() -> dict[str, float]:
+    """What a local Ray started here would offer, keyed like ray.cluster_resources()."""
+    import torch  # only here: counting GPUs is the one thing this needs torch for
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def this_machine() -> Machines:
+    """This machine, as the local Ray that `rtft search` starts would see it."""
+    have = local_resources()
+    return Machines(have, f"this machine ({have['CPU']:g} CPU, {have['GPU']:g} GPU)")
+
+
+def machines(spec: Spec, *, gpus: float | None = None, cpus: float | None = None,
+             address: str | None = None, headers: tuple[str, ...] = ()) -> Machines:
+    """Where `rtft validate` checks the fit: a cluster of the given size (`--cluster-gpus`,
+    `--cluster-cpus`), the running cluster at `address` (its resources are read), else this
+    machine."""
+    res = spec.run.resources
+    if gpus is not None or cpus is not None:
+        if cpus is None and res.gpu == 0:
+            raise UserError("trials ask for no GPU, so --cluster-gpus alone says nothing; "
+                            "allowed: add --cluster-cpus N", field="run.resources")
+        if cpus is None and (gpus or 0.0) + 1e-9 < res.gpu:
+            raise UserError(f"each trial asks for {res.gpu:g} GPU, but a cluster of {gpus:g} "
+                            f"GPU has fewer; Ray would leave every trial pending forever; "
+                            f"allowed: gpu <= {gpus:g}", field="run.resources")
+        # CPUs not given: they do not limit (a GPU cluster's usual case).
+        enough = res.cpu * (int((gpus or 0.0) / res.gpu + 1e-9) if res.gpu else 1)
+        parts = ([f"{gpus:g} GPU"] if gpus is not None else []) + \
+            ([f"{cpus:g} CPU"] if cpus is not None else [])
+        return Machines({"CPU": cpus if cpus is not None else enough, "GPU": gpus or 0.0},
+                        "a cluster of " + ", ".join(parts))
+    if address:
+        from raytune_ft.jobs import parse_headers
+
+        if address.startswith(("http://", "https://")):
+            from raytune_ft.jobs import cluster_resources
+        else:
+            from raytune_ft.search import cluster_resources  # type: ignore[assignment]
+        have = cluster_resources(address, parse_headers(headers))
+        return Machines(have, f"the Ray cluster at {address} ({have['CPU']:g} CPU, "
+                              f"{have['GPU']:g} GPU)")
+    return this_machine()
+
+
+# --------------------------------------------------------------------------------------------
+# Where results go
+# --------------------------------------------------------------------------------------------
 # Room for a few checkpoints and run files; a search that fills the disk mid-way loses trials.
 _MIN_FREE_BYTES = 200 * 2**20
 
@@ -53,7 +107,8 @@ _MIN_FREE_BYTES = 200 * 2**20
 def check_writable(path: str, field: str) -> None:
     """Refuse, before launch, a local folder that cannot be created or written (a file in the
     way, no permission, a read-only mount) or whose disk is nearly full. URIs (s3://, gs://)
-    are left to the storage layer. Nothing is left behind: the probe file is removed."""
+    are left to the storage layer. Nothing is left behind: the probe file is removed, and the
+    folder itself is not created."""
     if "://" in path:
         return
     target = Path(path).expanduser().absolute()
@@ -69,19 +124,12 @@ def check_writable(path: str, field: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise UserError(f"{str(target)!r} is not writable ({e.strerror} in {base}); allowed: "
-                        f"a folder you can write to", field=field) from None
+                        f"a folder you can write to", field=field) from e
     free = shutil.disk_usage(base).free
     if free < _MIN_FREE_BYTES:
         raise UserError(f"{str(target)!r}: the disk is full ({free / 2**20:.0f} MB free in "
                         f"{base}); allowed: a folder on a disk with at least "
                         f"{_MIN_FREE_BYTES // 2**20} MB free", field=field)
-
-
-def local_resources() -> dict[str, float]:
-    """What a local Ray started here would offer, keyed like ray.cluster_resources()."""
-    import torch  # only here: counting GPUs is the one thing this needs torch for
-
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def first_missing(path: Path) -> Path | None:
@@ -92,23 +140,147 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
+def _check_outputs(spec: Spec) -> None:
+    if is_uri(spec.promote.dir):
+        raise UserError(f"{spec.promote.dir!r}: promoted models are written to a local or "
+                        f"mounted folder; allowed: a path (on a cluster job, one on shared "
+                        f"storage)", field="promote.dir")
+    check_writable(spec.run.storage_path, "run.storage_path")
+    check_writable(spec.promote.dir, "promote.dir")
 
+
+# --------------------------------------------------------------------------------------------
+# The weights and the model
+# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelShape:
     """What `rtft validate` shows of the model: its stages (what `freeze_depth` counts) with
-    their parameter counts, the head that is replaced, and the total."""
+    their parameter counts, the blocks `reinit_blocks` counts, the head that is replaced, and
+    the total."""
 
     arch: str
     stages: list[tuple[str, int]]
+    blocks: int
     head_path: str
     total_params: int
 
 
-def model_shape(spec: Spec, num_classes: int = 10) -> ModelShape:
-    """The spec's model built without weights, described (stages, head, parameters)."""
+def _check_weights_name(spec: Spec) -> str:
+    """Check what a weights value names without loading it, and say what it is (one line).
+    A file is only named here; :func:`_check_model` loads it."""
+    from raytune_ft.models import recipe_path
+
+    m, ref = spec.model, classify(spec.model.weights)
+    if ref.kind == "none":
+        return "none (the backbone starts from random weights)"
+    if ref.kind == "recipe":
+        path = recipe_path(ref.recipe, m.arch, spec.data.image_size)  # refuses unknown recipes
+        return (f"{ref.value}, cached at {path}" if path.exists() else
+                f"{ref.value}, not built yet: rtft search pretrains it once (cached at {path})")
+    if ref.kind == "torchvision":
+        if m.factory:  # the factory network is not torchvision's `arch`: its names do not apply
+            raise UserError(f"{m.weights!r}: a model.factory network takes weights from a file "
+                            f"(.pth, .safetensors, promoted folder) or none",
+                            field="model.weights")
+        w = torchvision_weights(m.arch, m.weights)  # the name only: nothing is downloaded
+        return f"torchvision {m.arch} {w.name} (from the hub cache, else downloaded by search)"
+    what = "promoted model" if ref.kind == "promoted" else "file"
+    return f"{what} {ref.value} (loaded as plain tensors: it fits {m.arch})"
+
+
+def _check_ranges(spec: Spec, stages: list[str], blocks: int) -> None:
+    """Refuse `freeze_depth` / `reinit_blocks` values past what the architecture has: the
+    trainer would clamp them silently, so part of the search would repeat the same trial."""
+    limits = {
+        "freeze_depth": (len(stages), f"{len(stages)} stages ({', '.join(stages)})"),
+        "reinit_blocks": (blocks, f"{blocks} re-initialisable blocks in its {len(stages)} "
+                                  f"stages"),
+    }
+    for knob, (top, what) in limits.items():
+        param = spec.search.get(knob)
+        if param is None:
+            continue
+        for key, value in param.candidates().items():
+            if isinstance(value, int) and value > top:
+                which = "" if key == "value" else f" ({key})"
+                raise UserError(f"{knob} {value}{which} is more than {spec.model.arch} has: "
+                                f"{spec.model.arch} has {what}; allowed: 0..{top}",
+                                field=f"search.{knob}")
+
+
+def _check_model(spec: Spec, num_classes: int) -> ModelShape:
+    """Build the model once (no weights, or the spec's weights file, loaded as plain tensors
+    and fitted to the architecture) and check the knobs that count its stages and blocks."""
     from raytune_ft.models import build_model, count_params
 
-    built = build_model(spec.model, num_classes, Hyperparams(), "none")
+    ref = classify(spec.model.weights)
+    # A file (or a URI, which no loader reads and so is refused as missing) is loaded here;
+    # named weights are loaded by check_pretrained, in the search only.
+    weights = spec.model.weights if ref.is_path else "none"
+    built = build_model(spec.model, num_classes, Hyperparams(), weights)
+    names = [s.name for s in built.stages]
+    blocks = sum(len(s.blocks()) for s in built.stages)
+    _check_ranges(spec, names, blocks)
     return ModelShape(spec.model.arch,
                       [(s.name, sum(p.numel() for p in s.parameters())) for s in built.stages],
-                      built.head_path, count_params(built.model))
+                      blocks, built.head_path, count_params(built.model))
+
+
+def check_pretrained(spec: Spec, num_classes: int) -> None:
+    """In the search's driver, before any trial: load the weights a dry run could only name
+    (the `rtft:` backbone, built by then; torchvision weights, from the hub cache or
+    downloaded) into the model once, so a download that fails or a backbone that does not fit
+    is refused before Ray starts. Files were loaded by :func:`dry_run` already."""
+    from raytune_ft.models import build_model, resolve_weights
+
+    if classify(spec.model.weights).kind not in ("recipe", "torchvision"):
+        return
+    weights = resolve_weights(spec.model.weights, spec.model.arch, spec.data.image_size)
+    build_model(spec.model, num_classes, Hyperparams(), weights)
+
+
+# --------------------------------------------------------------------------------------------
+# The dry run
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """What a dry run found, for `rtft validate` to print: the data and weights in a line each,
+    the model's shape, and how many trials fit at once (None: the search checks that once it
+    has joined its cluster)."""
+
+    data: str
+    weights: str
+    model: ModelShape
+    fit: Fit | None
+
+
+# Builds the model for a source whose class count is known only once its files are read (a
+# torchvision dataset): the head's size changes no check.
+_SOME_CLASSES = 10
+
+
+def dry_run(spec: Spec, on: Machines | None) -> Plan:
+    """Every check `rtft search` makes before it starts Ray, writing, downloading and
+    pretraining nothing; raises :class:`UserError` naming the field.
+
+    In order, cheapest first: the results folders can be written; one trial fits `on` (None:
+    a cluster the search joins, checked then); the weights name something that exists (an
+    `rtft:` recipe, torchvision weights of the architecture); the data is where the spec says
+    (no image is read); the model builds, a weights file loads as plain tensors and fits it,
+    and `freeze_depth` / `reinit_blocks` stay within its stages and blocks.
+    """
+    from raytune_ft.sources import check_source
+
+    _check_outputs(spec)
+    fit = None
+    if on is not None:
+        fits = check_fit(spec, on.resources, where=on.where)
+        fit = Fit(on.where, fits, min(fits, spec.run.max_concurrent_trials))
+    weights = _check_weights_name(spec)
+    num_classes = check_source(spec.data)
+    shape = _check_model(spec, num_classes or _SOME_CLASSES)
+    d = spec.data
+    where = f" in {Path(d.root).expanduser().resolve()}" if d.root else " (built in)"
+    found = (f": {num_classes} classes" if num_classes is not None
+             else " (its files are read by rtft search)")
+    return Plan(f"{d.source}{where}{found}", weights, shape, fit)

@@ -1,4 +1,5 @@
-"""The command line: validate, and bad input → one paragraph, exit 2, nothing written."""
+"""The command line: validate (the search's dry run), and bad input → one paragraph, exit 2,
+nothing written."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from raytune_ft.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_validate_prints_space_rungs_and_stages() -> None:
+def test_validate_prints_space_rungs_and_stages(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # its results folders are relative: checked here, not made
     res = CliRunner().invoke(main, ["validate", str(ROOT / "search_spaces" / "resnet.yaml")])
     assert res.exit_code == 0, res.output
     assert "momentum           uniform    [0.8, 0.99]  when optimizer=sgd" in res.output
@@ -33,25 +36,43 @@ def test_bad_input_exits_2_with_one_paragraph(args: list[str], words: str) -> No
     assert res.output.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["validate", "search"])
 @pytest.mark.parametrize("weights, words", [
     ("/nonexistent/w.pth", "weights file '/nonexistent/w.pth' not found"),
     ("IMAGENET9K", "has no weights 'IMAGENET9K'"),
 ])
-def test_search_refuses_bad_weights_before_writing_anything(tmp_path: Path, weights: str,
-                                                            words: str) -> None:
+def test_bad_weights_are_refused_before_writing_anything(tmp_path: Path, command: str,
+                                                         weights: str, words: str) -> None:
     spec_file = write_tiny_spec(tmp_path, weights=weights)
-    res = CliRunner().invoke(main, ["search", str(spec_file)])
+    res = CliRunner().invoke(main, [command, str(spec_file)])
     assert res.exit_code == 2, res.output
     assert words in res.output and "line 2" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
 
 
-def test_freeze_depth_beyond_the_stages_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["validate", "search"])
+@pytest.mark.parametrize("knob, value, allowed", [
+    ("freeze_depth", "{space: int, low: 0, high: 9}", "allowed: 0..5"),
+    ("reinit_blocks", "{space: choice, values: [0, 11]}", "allowed: 0..10"),
+])
+def test_knobs_beyond_the_model_are_refused(tmp_path: Path, command: str, knob: str,
+                                            value: str, allowed: str) -> None:
     spec_file = write_tiny_spec(tmp_path)
-    res = CliRunner().invoke(main, ["search", str(spec_file), "--set",
-                                    "search.freeze_depth={space: int, low: 0, high: 9}"])
-    assert res.exit_code == 2 and "allowed: 0..5" in res.output
+    res = CliRunner().invoke(main, [command, str(spec_file), "--set", f"search.{knob}={value}"])
+    assert res.exit_code == 2 and allowed in res.output and f"'search.{knob}'" in res.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_validate_writes_nothing_and_says_what_it_checked(tmp_path: Path,
+                                                          backbone_file: Path) -> None:
+    spec_file = write_tiny_spec(tmp_path, weights=str(backbone_file))
+    res = CliRunner().invoke(main, ["validate", str(spec_file)])
+    assert res.exit_code == 0, res.output
+    assert "data:    digits (built in): 10 classes" in res.output
+    assert f"weights: file {backbone_file} (loaded as plain tensors: it fits resnet18)" \
+        in res.output
+    assert "reinit_blocks counts 10 blocks" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no runs/, models/
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -70,12 +91,41 @@ def test_resume_needs_a_run_folder_with_its_spec(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "spec.yaml" in res.output and "file not found" in res.output
 
 
+def _images(root: Path) -> Path:
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(root / c / "0.png")
+    return root
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml")))
-def test_every_shipped_search_space_validates(name: str) -> None:
-    # Weights and datasets need not exist to validate (nothing is downloaded or read); the GPU
-    # examples are checked against the GPU machine they are written for.
-    res = CliRunner().invoke(main, ["validate", str(ROOT / "search_spaces" / name),
-                                    "--cluster-gpus", "1", "--cluster-cpus", "16"])
+def test_every_shipped_search_space_validates(name: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Weights are checked by name (nothing is downloaded), the data where the spec points
+    # (no image is read): the examples that read a dataset get a folder for it. The GPU
+    # examples are checked against the GPU machine they are written for. Relative results
+    # folders land in an empty working folder, where nothing may appear.
+    monkeypatch.chdir(tmp_path)
+    spec = ROOT / "search_spaces" / name
+    sets = ["--set", f"data.root={_images(tmp_path / 'data')}"] \
+        if "\n  root: " in spec.read_text() else []
+    before = sorted(tmp_path.rglob("*"))
+    res = CliRunner().invoke(main, ["validate", str(spec), "--cluster-gpus", "1",
+                                    "--cluster-cpus", "16", *sets])
     assert res.exit_code == 0, res.output
     assert "stages (freeze_depth=k freezes the first k)" in res.output
     assert "image_size: " in res.output and "image_size: null" not in res.output
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_shipped_search_space_without_its_data_is_refused(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["validate", str(ROOT / "search_spaces" /
+                                                    "resnet50_imagefolder.yaml"),
+                                    "--set", f"data.root={tmp_path / 'none'}",
+                                    "--cluster-gpus", "1", "--cluster-cpus", "16"])
+    assert res.exit_code == 2 and "field 'data.root'" in res.output
+    assert "is not a folder" in res.output

@@ -75,10 +75,12 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     t0 = time.monotonic()
     loc = run_location(spec)  # with an s3:// or gs:// storage_path: a local staging folder
     local = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
-    preflight.before_launch(spec, local=local)
+    # The same dry run as `rtft validate` (on this machine's resources when Ray starts here),
+    # then what only a search does: pretrain, read all the data, load named weights.
+    preflight.dry_run(spec, preflight.this_machine() if local else None)
     ensure_backbone(spec, echo=echo)
     splits = prepare(spec.data)
-    preflight.check_model(spec, splits.num_classes)
+    preflight.check_pretrained(spec, splits.num_classes)
     echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
          f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
     restore = _check_run_folder(spec, loc, resume, echo)

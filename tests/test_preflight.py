@@ -1,0 +1,244 @@
+"""preflight: the dry run `rtft validate` prints and `rtft search` makes first.
+
+It refuses what a search would refuse (weights, data folders, ranges past the model's stages
+and blocks, results folders, resources), writes nothing, downloads nothing, pretrains nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_spec
+
+from raytune_ft import preflight
+from raytune_ft.errors import UserError
+from raytune_ft.models import recipe_path
+from raytune_ft.sources import check_source
+from raytune_ft.spec import DataSpec
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TWO_CPUS = preflight.Machines({"CPU": 2.0, "GPU": 0.0}, "two CPUs")
+
+
+def _tree(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(root / c / "0.png")
+    return root
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(root.rglob("*"))
+
+
+def test_dry_run_describes_the_model_data_and_fit(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)
+    plan = preflight.dry_run(spec, TWO_CPUS)
+    assert [name for name, _ in plan.model.stages] == ["stem", "layer1", "layer2", "layer3",
+                                                        "layer4"]
+    assert plan.model.blocks == 10 and plan.model.head_path == "fc"
+    assert plan.model.total_params == 11_181_642  # resnet18 with a 10-class head
+    assert plan.data == "digits (built in): 10 classes"
+    assert plan.weights.startswith("none")
+    assert plan.fit == preflight.Fit("two CPUs", fits=2, at_once=2)
+    assert preflight.dry_run(spec, None).fit is None  # a cluster: checked once joined
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path / "new")  # storage and promote.dir under new/
+    preflight.dry_run(spec, TWO_CPUS)
+    assert not (tmp_path / "new").exists() and _files(tmp_path) == []
+
+
+def test_a_trial_too_big_for_the_machines_is_refused(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)
+    one_cpu = preflight.Machines({"CPU": 0.5, "GPU": 0.0}, "half a CPU")
+    with pytest.raises(UserError, match="half a CPU has 0.5 CPU") as e:
+        preflight.dry_run(spec, one_cpu)
+    assert e.value.field == "run.resources"
+
+
+@pytest.mark.parametrize("search, words", [
+    ("freeze_depth: {space: int, low: 0, high: 50}", "freeze_depth 50 (high)"),
+    ("freeze_depth: {space: choice, values: [0, 6]}", "freeze_depth 6 (values.1)"),
+    ("freeze_depth: 6", "freeze_depth 6 is more"),
+    ("reinit_blocks: {space: int, low: 0, high: 11}", "reinit_blocks 11 (high)"),
+    ("reinit_blocks: 11", "reinit_blocks 11 is more"),
+])
+def test_ranges_past_the_stages_or_blocks_are_refused(tmp_path: Path, search: str,
+                                                      words: str) -> None:
+    knob = search.split(":")[0]
+    with pytest.raises(UserError, match=r"allowed: 0\.\.(5|10)$") as e:
+        preflight.dry_run(_with_search(tmp_path, search), TWO_CPUS)
+    assert words in str(e.value) and e.value.field == f"search.{knob}"
+    assert ("5 stages (stem, layer1, layer2, layer3, layer4)" if knob == "freeze_depth"
+            else "10 re-initialisable blocks in its 5 stages") in str(e.value)
+
+
+@pytest.mark.parametrize("search", ["freeze_depth: {space: int, low: 0, high: 5}",
+                                    "reinit_blocks: {space: choice, values: [0, 10]}"])
+def test_ranges_up_to_the_count_pass(tmp_path: Path, search: str) -> None:
+    preflight.dry_run(_with_search(tmp_path, search), TWO_CPUS)
+
+
+def _with_search(tmp_path: Path, line: str):  # noqa: ANN202 - a Spec
+    """The tiny spec with one more search parameter (its search section ends the text)."""
+    from conftest import TINY_SPEC
+
+    from raytune_ft.spec_io import parse_spec
+
+    text = TINY_SPEC.format(root=tmp_path, n=4, weights="none")
+    head, _, tail = text.partition("searcher:")
+    head = "\n".join(ln for ln in head.splitlines() if not ln.startswith("  freeze_depth:"))
+    return parse_spec(f"{head}\n  {line}\nsearcher:{tail}", file="tiny.yaml")
+
+
+def test_a_factory_model_counts_its_own_stages(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    from raytune_ft.spec_io import parse_spec
+
+    base = ("name: f\nmodel: {factory: 'rtft_fixture_models:tiny_net', weights: %s}\n"
+            f"run: {{storage_path: {tmp_path}/runs}}\npromote: {{dir: {tmp_path}/m}}\n")
+    spec = parse_spec(base % "none" + "search:\n  freeze_depth: {space: int, low: 0, high: 4}\n")
+    with pytest.raises(UserError, match=r"3 stages \(stem, body, pool\); allowed: 0\.\.3"):
+        preflight.dry_run(spec, TWO_CPUS)
+    # A torchvision weights name means nothing to a factory network: refused by name.
+    with pytest.raises(UserError, match="model.factory network takes weights from a file"):
+        preflight.dry_run(parse_spec(base % "DEFAULT"), TWO_CPUS)
+
+
+# -- weights -------------------------------------------------------------------------------
+def test_a_weights_file_is_loaded_and_fitted(tmp_path: Path, backbone_file: Path) -> None:
+    plan = preflight.dry_run(tiny_spec(tmp_path, weights=str(backbone_file)), TWO_CPUS)
+    assert plan.weights == f"file {backbone_file} (loaded as plain tensors: it fits resnet18)"
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(UserError, match="do not fit this architecture"):
+        preflight.dry_run(tiny_spec(tmp_path, weights=str(wrong)), TWO_CPUS)
+    with pytest.raises(UserError, match="not found") as e:
+        preflight.dry_run(tiny_spec(tmp_path, weights=str(tmp_path / "nope.pth")), TWO_CPUS)
+    assert e.value.field == "model.weights"
+
+
+def test_torchvision_weights_are_checked_by_name_and_loaded_by_search_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.models._api as api
+
+    fetched: list[str] = []
+
+    def offline(url: str, *args: object, **kwargs: object) -> dict:
+        fetched.append(url)
+        raise OSError("no network")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    plan = preflight.dry_run(tiny_spec(tmp_path, weights="IMAGENET1K_V1"), TWO_CPUS)
+    assert "torchvision resnet18 IMAGENET1K_V1" in plan.weights and fetched == []
+    with pytest.raises(UserError, match="resnet18 has no weights 'IMAGENET1K_V2'") as e:
+        preflight.dry_run(tiny_spec(tmp_path, weights="IMAGENET1K_V2"), TWO_CPUS)
+    assert isinstance(e.value.__cause__, KeyError)  # --debug shows what torchvision said
+    # The search loads them once in its driver: without network, refused before Ray starts.
+    with pytest.raises(UserError, match="cannot get resnet18 weights IMAGENET1K_V1"):
+        preflight.check_pretrained(tiny_spec(tmp_path, weights="IMAGENET1K_V1"), 10)
+    assert len(fetched) == 1
+
+
+def test_an_rtft_recipe_is_named_never_pretrained(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTFT_CACHE", str(tmp_path / "cache"))  # empty, whatever ran before
+    spec = tiny_spec(tmp_path, weights="rtft:mnist")
+    plan = preflight.dry_run(spec, TWO_CPUS)
+    cached = recipe_path("mnist", "resnet18", 16)
+    assert "not built yet" in plan.weights and str(cached) in plan.weights
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(UserError, match="unknown rtft backbone 'rtft:imagenet'"):
+        preflight.dry_run(tiny_spec(tmp_path, weights="rtft:imagenet"), TWO_CPUS)
+
+
+# -- data ----------------------------------------------------------------------------------
+def test_check_source_counts_class_folders_without_reading_images(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "train", ("a", "b", "c"))
+    (root / "a" / "1.png").write_bytes(b"not a png at all")  # not opened: search skips it
+    assert check_source(DataSpec(source="imagefolder", root=str(root))) == 3
+    assert check_source(DataSpec(source="digits")) == 10
+    _tree(tmp_path / "val", ("a", "b"))  # a class may be missing from val
+    assert check_source(DataSpec(source="imagefolder", root=str(root),
+                                 val_root=str(tmp_path / "val"))) == 3
+
+
+@pytest.mark.parametrize("make, field, words", [
+    (lambda r: None, "data.root", "is not a folder"),
+    (lambda r: (r.mkdir(), (r / "x.png").write_bytes(b"")), "data.root", "0 class folder(s)"),
+    (lambda r: _tree(r, ("only",)), "data.root", "1 class folder(s)"),
+    (lambda r: (_tree(r), (r / "eel").mkdir()), "data.root", "class folder(s) eel hold no"),
+    (lambda r: (_tree(r), _tree(r.parent / "val", ("cat", "cow"))), "data.val_root",
+     "class folder(s) cow that data.root does not"),
+])
+def test_check_source_refuses_a_bad_image_folder(tmp_path: Path, make, field: str,  # noqa: ANN001
+                                                 words: str) -> None:
+    root = tmp_path / "train"
+    make(root)
+    val = str(tmp_path / "val") if field == "data.val_root" else None
+    with pytest.raises(UserError) as e:
+        check_source(DataSpec(source="imagefolder", root=str(root), val_root=val))
+    assert words in str(e.value) and e.value.field == field
+
+
+def test_the_search_refuses_a_bad_folder_in_the_same_words(tmp_path: Path) -> None:
+    from raytune_ft.data import prepare
+
+    _tree(tmp_path / "train", ("only",))
+    d = DataSpec(source="imagefolder", root=str(tmp_path / "train"))
+    with pytest.raises(UserError) as light:
+        check_source(d)
+    with pytest.raises(UserError) as full:
+        prepare(d)
+    assert str(light.value) == str(full.value)
+
+
+def test_check_source_of_a_torchvision_dataset(tmp_path: Path) -> None:
+    assert check_source(DataSpec(source="CIFAR10", root=str(tmp_path))) is None
+    missing = str(tmp_path / "nope")
+    with pytest.raises(UserError, match="torchvision's CIFAR10 files"):
+        check_source(DataSpec(source="CIFAR10", root=missing))
+    assert check_source(DataSpec(source="CIFAR10", root=missing, download=True)) is None
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="is not a folder"):  # downloading cannot fix that
+        check_source(DataSpec(source="CIFAR10", root=str(tmp_path / "a_file"), download=True))
+    assert not (tmp_path / "nope").exists()
+
+
+# -- where results go, where trials run ------------------------------------------------------
+def test_an_unwritable_folder_keeps_its_cause(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(UserError, match="is a file"):
+        preflight.dry_run(tiny_spec(tmp_path / "f"), TWO_CPUS)
+    with pytest.raises(UserError, match="not writable") as e:
+        preflight.check_writable("/sys/rtft-test", "run.storage_path")
+    assert isinstance(e.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize("gpus, cpus, expect", [
+    (4.0, None, ({"CPU": 8.0, "GPU": 4.0}, "a cluster of 4 GPU")),  # 0.5 GPU, 1 CPU a trial
+    (4.0, 3.0, ({"CPU": 3.0, "GPU": 4.0}, "a cluster of 4 GPU, 3 CPU")),
+    (None, 6.0, ({"CPU": 6.0, "GPU": 0.0}, "a cluster of 6 CPU")),
+])
+def test_machines_of_a_given_size(tmp_path: Path, gpus: float | None, cpus: float | None,
+                                  expect: tuple) -> None:
+    spec = tiny_spec(tmp_path)
+    spec = spec.model_copy(update={"run": spec.run.model_copy(update={
+        "resources": spec.run.resources.model_copy(update={"gpu": 0.5})})})
+    on = preflight.machines(spec, gpus=gpus, cpus=cpus)
+    assert (on.resources, on.where) == expect
+
+
+def test_machines_default_to_this_one(tmp_path: Path) -> None:
+    on = preflight.machines(tiny_spec(tmp_path))
+    assert on.resources == preflight.local_resources()
+    assert on.where.startswith("this machine (")
+    with pytest.raises(UserError, match="--cluster-gpus alone says nothing"):
+        preflight.machines(tiny_spec(tmp_path), gpus=2.0)
