@@ -88,12 +88,16 @@ LARGE_SEARCH = {
     "augment": {"space": "choice", "values": ["none", "light", "strong"]},
     "grad_clip": {"space": "choice", "values": [0.0, 1.0]},
 }
-METHODS = {  # name → (sampler, scheduler)
-    "tpe+asha": ("tpe", "asha"),
-    "random full": ("random", "none"),
-    "random+asha": ("random", "asha"),
-    "tpe (no asha)": ("tpe", "none"),
+METHODS = {  # name → (sampler, scheduler, telling, warm-started from the sibling pool)
+    "random full": ("random", "none", "last", False),
+    "random+asha": ("random", "asha", "last", False),
+    "tpe+asha (ray: last)": ("tpe", "asha", "last", False),
+    "tpe+asha": ("tpe", "asha", "fidelity", False),
+    "gp+asha": ("gp", "asha", "fidelity", False),
+    "cmaes+asha": ("cmaes", "asha", "fidelity", False),
+    "tpe+asha warm": ("tpe", "asha", "fidelity", True),
 }
+WARM_TOP = 3  # configurations a warm start enqueues from the earlier run (searcher.warm_start_top)
 GOOD_PP = 0.005  # "good": within 0.5 percentage points of the best val_acc found
 START_S = 1.0  # simulated per-trial start-up (bench/overhead.py measures ours)
 
@@ -101,16 +105,28 @@ START_S = 1.0  # simulated per-trial start-up (bench/overhead.py measures ours)
 # --------------------------------------------------------------------------------------------
 # Specs: the default task with its own space, and with every knob searched
 # --------------------------------------------------------------------------------------------
-def spaces(smoke: bool) -> dict[str, Spec]:
-    """{'default': resnet.yaml, 'large': resnet.yaml with LARGE_SEARCH} (tiny task in smoke)."""
-    overrides = SMOKE_OVERRIDES + ["train.max_epochs=2"] if smoke else []
+def spaces(smoke: bool, max_epochs: int = 8) -> dict[str, Spec]:
+    """The pools' spaces, all at `max_epochs` (rungs 1, 2, 4, 8 at the default 8):
+
+    - 'default': resnet.yaml's own space on its task (digits);
+    - 'large': every fine-tuning knob searched at once, same task;
+    - 'sibling': resnet.yaml's space on a sibling task, the source of the warm-start
+      experiments: other digits (split_seed 1) and half the training images (250). (The
+      `mnist` source would be the same 5,000 images the rtft:mnist backbone was pretrained
+      on: an easy task whose curves say little.)
+
+    In smoke mode: the tiny task, 2 epochs."""
+    overrides = (SMOKE_OVERRIDES + ["train.max_epochs=2"] if smoke
+                 else [f"train.max_epochs={max_epochs}"])
     default = load_spec(DEFAULT_SPEC, overrides)
     raw = yaml.safe_load(DEFAULT_SPEC.read_text())
     raw["search"] = LARGE_SEARCH
     if smoke:
         raw["search"]["unfreeze_at_epoch"] = {"space": "int", "low": 0, "high": 1}
     large = parse_spec(yaml.safe_dump(raw), file="large-space", overrides=overrides)
-    return {"default": default, "large": large}
+    sibling = load_spec(DEFAULT_SPEC, [*overrides, "data.split_seed=1",
+                                       *([] if smoke else ["data.train_limit=250"])])
+    return {"default": default, "large": large, "sibling": sibling}
 
 
 def with_method(spec: Spec, sampler: str, scheduler: str, seed: int) -> Spec:
@@ -195,6 +211,8 @@ def record_pool(path: Path, specs: dict[str, Spec], sizes: dict[str, int],
                 have[(e["space"], e["index"])] = e
     todo = [(name, i, p) for name, ps in want.items() for i, p in enumerate(ps)
             if (name, i) not in have or have[(name, i)]["params"] != p]
+    # Interleaved: a recording stopped part-way leaves every space's first configurations.
+    todo.sort(key=lambda job: (job[1] / max(1, len(want[job[0]])), job[0]))
     if todo:
         print(f"recording {len(todo)} learning curves into {path} ({workers} at a time)",
               flush=True)
@@ -275,19 +293,33 @@ class Nearest:
         return min(range(len(self.vecs)), key=lambda i: dist(self.vecs[i]))
 
 
+def pool_records(pool: list[dict[str, Any]]) -> list[Any]:
+    """A recorded pool as the TrialRecords an earlier rtft run would have left."""
+    from raytune_ft.runs import TrialRecord
+
+    return [TrialRecord(f"p{i:04d}", dict(e["params"]),
+                        [{"epoch": c["epoch"], "val_acc": c["val_acc"], "val_loss": c["val_loss"],
+                          "best_val_acc": max(x["val_acc"] for x in e["curve"][:k + 1]),
+                          "diverged": c["diverged"]} for k, c in enumerate(e["curve"])],
+                        None, e["error"])
+            for i, e in enumerate(pool)]
+
+
 def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
            budget_epochs: int | None = None, num_trials: int | None = None,
-           concurrency: int = 2) -> dict[str, Any]:
+           concurrency: int = 2, warm_from: list[dict[str, Any]] | None = None
+           ) -> dict[str, Any]:
     """One simulated search: the trace of (epochs so far, simulated seconds, val_acc)."""
     import numpy as np
     import optuna
     from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
+    from raytune_ft import warm_start
     from raytune_ft.search.schedulers import PersistentASHA
+    from raytune_ft.search.searcher import FidelityOptunaSearch
     from raytune_ft.space import baseline_params, define_by_run, make_sampler
 
-    sampler_name, sched_type = METHODS[method]
+    sampler_name, sched_type, telling, warm = METHODS[method]
     s = with_method(spec, sampler_name, sched_type, seed)
     np.random.seed(seed)  # ASHA's bracket draw uses numpy's global RNG (one bracket: no-op)
     storage = optuna.storages.InMemoryStorage()
@@ -296,8 +328,13 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
                                 direction="maximize" if s.mode == "max" else "minimize")
     if s.searcher.baseline_first:
         study.enqueue_trial(baseline_params(s), skip_if_exists=True)
-    searcher = OptunaSearch(space=define_by_run(s), sampler=make_sampler(s), metric=s.metric,
-                            mode=s.mode, storage=storage, study_name=study_name)
+    if warm and warm_from:  # the earlier run's best, as searcher.warm_start enqueues them
+        src = warm_start.Source(Path("sibling"), s.metric, s.max_t, pool_records(warm_from))
+        for cfg in warm_start.plan(s, [src], top=WARM_TOP, prior=False).enqueue:
+            study.enqueue_trial(cfg, skip_if_exists=True)
+    searcher = FidelityOptunaSearch(space=define_by_run(s), sampler=make_sampler(s),
+                                    metric=s.metric, mode=s.mode, storage=storage,
+                                    study_name=study_name, max_t=s.max_t, telling=telling)
     tmp = tempfile.TemporaryDirectory(prefix="rtft-replay-")
     if sched_type == "asha":
         scheduler: Any = PersistentASHA(
@@ -342,21 +379,25 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
         point = curve[r["epoch"]]
         r["epoch"] += 1
         epochs += 1
+        best = max(c["val_acc"] for c in curve[:r["epoch"]])
         result = {"training_iteration": r["epoch"], "epoch": r["epoch"],
-                  "val_acc": point["val_acc"], "val_loss": point["val_loss"]}
+                  "val_acc": point["val_acc"], "val_loss": point["val_loss"],
+                  "best_val_acc": best, "diverged": point.get("diverged", False)}
         trace.append((epochs, now, point[s.metric]))
         action = scheduler.on_trial_result(None, r["trial"], result)
         last = r["epoch"] >= len(curve) or point.get("diverged")
-        if action == "STOP" or last:
+        if action == "STOP" or last:  # as Ray's controller: the last result only completes
             scheduler.on_trial_complete(None, r["trial"], result)
             searcher.on_trial_complete(tid, result=result)
             del running[tid]
         else:
             searcher.on_trial_result(tid, result)
             r["t_next"] = now + curve[r["epoch"]]["seconds"]
+    states = [t.state.name for t in study.trials]
     tmp.cleanup()
     return {"trace": trace, "trials": started, "epochs": epochs, "seconds": now,
-            "distinct_configs": len(set(picked))}
+            "distinct_configs": len(set(picked)),
+            "told": {k: states.count(k) for k in ("COMPLETE", "PRUNED", "FAIL")}}
 
 
 def to_target(trace: list[tuple[int, float, float]], target: float) -> tuple[float, float]:
@@ -367,37 +408,103 @@ def to_target(trace: list[tuple[int, float, float]], target: float) -> tuple[flo
     return math.inf, math.inf
 
 
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(25th, 50th, 75th) percentiles; inf where more than that share never got there."""
+    import numpy as np
+
+    if not xs:
+        return (math.nan,) * 3  # type: ignore[return-value]
+    a = np.array(xs, dtype=float)
+    return tuple(float(np.percentile(a, q, method="lower")) for q in (25, 50, 75))  # type: ignore[return-value]
+
+
+def best_so_far(trace: list[tuple[int, float, float]], budget: int) -> list[float]:
+    """The best value reported after each of `budget` epochs (NaN before the first)."""
+    out, best, k = [], -math.inf, 0
+    for e in range(1, budget + 1):
+        while k < len(trace) and trace[k][0] <= e:
+            best = max(best, trace[k][2])
+            k += 1
+        out.append(best if best > -math.inf else math.nan)
+    return out
+
+
 def efficiency_tables(specs: dict[str, Spec], pools: dict[str, list[dict]], seeds: int,
                       budget_trials: int) -> dict[str, Any]:
-    """Replay every method × seed on every space; epochs and seconds to a good model."""
+    """Replay every method × seed on the default and large spaces: epochs and simulated
+    seconds to within GOOD_PP of the pool's best, and the regret when the budget is spent."""
     out: dict[str, Any] = {}
-    for name, spec in specs.items():
-        pool = pools[name]
+    for name in [n for n in ("default", "large") if n in specs]:
+        spec, pool = specs[name], pools[name]
         budget = budget_trials * spec.max_t
-        runs = {m: [replay(spec, pool, m, seed, budget_epochs=budget) for seed in range(seeds)]
-                for m in METHODS}
-        best = max(v for rs in runs.values() for r in rs for _, _, v in r["trace"])
-        target = best - GOOD_PP
-        rows = {}
-        for m, rs in runs.items():
+        pool_best = max(c["val_acc"] for e in pool for c in e["curve"])
+        target = pool_best - GOOD_PP
+        rows, curves = {}, {}
+        for m in METHODS:
+            if METHODS[m][3] and not pools.get("sibling"):
+                continue  # no earlier run to warm-start from
+            t0 = time.perf_counter()
+            rs = [replay(spec, pool, m, seed, budget_epochs=budget,
+                         warm_from=pools.get("sibling")) for seed in range(seeds)]
             hits = [to_target(r["trace"], target) for r in rs]
+            ends = [max(v for _, _, v in r["trace"][:budget]) for r in rs]
+            ep, sec = quartiles([h[0] for h in hits]), quartiles([h[1] for h in hits])
             rows[m] = {"epochs_to_good": [h[0] for h in hits],
                        "seconds_to_good": [round(h[1], 1) for h in hits],
-                       "median_epochs": median([h[0] for h in hits]),
-                       "median_seconds": median([h[1] for h in hits]),
+                       "epochs_q25_median_q75": ep, "seconds_q25_median_q75": sec,
+                       "median_epochs": ep[1], "median_seconds": sec[1],
                        "reached": sum(math.isfinite(h[0]) for h in hits),
+                       "regret_median": median([pool_best - b for b in ends]),
+                       "regret_q75": quartiles([pool_best - b for b in ends])[2],
                        "trials": median([r["trials"] for r in rs]),
                        "distinct_configs": median([r["distinct_configs"] for r in rs]),
-                       "best": median([max(v for _, _, v in r["trace"]) for r in rs])}
-        ref = rows["random full"]["median_epochs"]
-        for r in rows.values():
-            r["vs_random_full"] = (r["median_epochs"] / ref
-                                   if math.isfinite(ref) and ref > 0 else None)
-        out[name] = {"pool_size": len(pool), "pool_best": max(
-            (c["val_acc"] for e in pool for c in e["curve"]), default=None),
-            "best_found": best, "target": target, "budget_epochs": budget, "seeds": seeds,
-            "methods": rows}
+                       "told": {k: median([r["told"][k] for r in rs])
+                                for k in ("COMPLETE", "PRUNED", "FAIL")},
+                       "replay_s": round(time.perf_counter() - t0, 1)}
+            per_seed = [best_so_far(r["trace"], budget) for r in rs]
+            curves[m] = [median([c[e] for c in per_seed if not math.isnan(c[e])])
+                         for e in range(budget)]
+            print(f"  {name}: {m}: median {ep[1]} epochs to good ({rows[m]['reached']}/"
+                  f"{seeds} reached), {rows[m]['replay_s']} s", flush=True)
+        for ref_name, key in (("random full", "vs_random_full"), ("random+asha", "vs_random_asha"),
+                              ("tpe+asha", "vs_cold_tpe")):
+            ref = rows.get(ref_name, {}).get("median_epochs", math.nan)
+            for r in rows.values():
+                r[key] = (r["median_epochs"] / ref
+                          if math.isfinite(ref) and ref > 0 and math.isfinite(r["median_epochs"])
+                          else None)
+        out[name] = {"pool_size": len(pool), "pool_best": pool_best, "target": target,
+                     "budget_epochs": budget, "seeds": seeds, "methods": rows,
+                     "best_so_far_median": curves}
     return out
+
+
+def plot_curves(eff: dict[str, Any], path: Path) -> None:
+    """Best-so-far val_acc against trained epochs, median over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(eff)
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        e = eff[name]
+        for m, ys in e["best_so_far_median"].items():
+            ax.plot(range(1, len(ys) + 1), ys, label=m, lw=2 if m.startswith("tpe+asha") else 1.2,
+                    ls="--" if "random" in m else "-")
+        ax.axhline(e["target"], color="grey", lw=0.8, ls=":")
+        ax.text(1, e["target"], f" within {100 * GOOD_PP:.1f} pp of the pool's best",
+                va="bottom", fontsize=8, color="grey")
+        ax.set_ylim(max(0.0, e["target"] - 0.15), e["pool_best"] + 0.01)
+        ax.set_xlabel("trained epochs (all trials)")
+        ax.set_ylabel("best val_acc so far (median of seeds)")
+        ax.set_title(f"{name} space: pool of {e['pool_size']}, {e['seeds']} seeds")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,11 +545,14 @@ def live_check(spec: Spec, pool: list[dict[str, Any]], seeds: int) -> dict[str, 
 
 
 def ask_tell_cost(spec: Spec, marks: list[int]) -> dict[str, float]:
-    """Mean ms of one ask + define-by-run + tell around each trial count in `marks`, with
+    """Mean ms of one trial's searcher work around each trial count in `marks`: ask +
+    define-by-run, one intermediate value per epoch it trains, and the fidelity-aware tell
+    (PRUNED at ASHA's rungs 1, 2, 4 for 1/2, 1/4, 1/8 of the trials, else COMPLETE), with
     TPE as `make_sampler` configures it and the journal storage `run_search` uses."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
 
     from raytune_ft.space import define_by_run, make_sampler
 
@@ -459,10 +569,17 @@ def ask_tell_cost(spec: Spec, marks: list[int]) -> dict[str, float]:
                                     direction="maximize")
         times: list[float] = []
         for _ in range(max(marks)):
+            u = rng.random()
+            epochs = 1 if u < 0.5 else 2 if u < 0.75 else 4 if u < 0.875 else s.max_t
             t0 = time.perf_counter()
             t = study.ask()
             fn(t)
-            study.tell(t, rng.random())
+            for e in range(1, epochs + 1):
+                t.report(rng.random(), e)
+            if epochs < s.max_t:
+                study.tell(t, state=TrialState.PRUNED)
+            else:
+                study.tell(t, rng.random())
             times.append(time.perf_counter() - t0)
         for m in marks:
             out[str(m)] = 1000 * sum(times[m - window:m]) / window
@@ -474,11 +591,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny pool and task: seconds")
     ap.add_argument("--record-only", action="store_true", help="record the pool and stop")
-    ap.add_argument("--pool-size", type=int, default=32,
+    ap.add_argument("--pool-size", type=int, default=300,
                     help="configurations of the default space")
-    ap.add_argument("--large-pool-size", type=int, default=16,
+    ap.add_argument("--large-pool-size", type=int, default=100,
                     help="configurations of the large space")
-    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--sibling-pool-size", type=int, default=100,
+                    help="configurations of the default space on the sibling task")
+    ap.add_argument("--max-epochs", type=int, default=8, help="epochs of every pool curve")
+    ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--budget-trials", type=int, default=16,
                     help="epoch budget per replayed search, in full trials")
     ap.add_argument("--workers", type=int, default=2, help="recording processes")
@@ -492,11 +612,11 @@ def main() -> None:
     args = ap.parse_args()
     out_dir = Path(args.out) if args.out else RESULTS
     if args.smoke:
-        args.pool_size, args.large_pool_size, args.seeds = 3, 3, 2
+        args.pool_size, args.large_pool_size, args.sibling_pool_size, args.seeds = 3, 3, 3, 2
         args.budget_trials, args.no_live = 3, True
         args.workers = 1
     res = Results("efficiency", smoke=args.smoke, out_dir=out_dir)
-    specs = spaces(args.smoke)
+    specs = spaces(args.smoke, args.max_epochs)
     all_specs = dict(specs)
     parts = set(args.parts.split(","))
     if parts - {"replay", "live", "asktell"}:
@@ -506,11 +626,13 @@ def main() -> None:
     if "replay" not in parts:
         args.recorded_only = True  # nothing to record for the live check or the sampler cost
     pool_file = out_dir / ("efficiency_pool_smoke.jsonl" if args.smoke
-                           else "efficiency_pool.jsonl")
-    sizes = {"default": args.pool_size, "large": args.large_pool_size}
+                           else f"efficiency_pool_e{args.max_epochs}.jsonl")
+    sizes = {"default": args.pool_size, "large": args.large_pool_size,
+             "sibling": args.sibling_pool_size}
     if args.recorded_only:
         sizes = {k: min(n, recorded_prefix(pool_file, specs[k], k)) for k, n in sizes.items()}
         args.pool_size, args.large_pool_size = sizes["default"], sizes["large"]
+        args.sibling_pool_size = sizes["sibling"]
         for k in [k for k, n in sizes.items() if n == 0]:
             print(f"no recorded configurations of the {k} space: left out")
             del sizes[k], specs[k]
@@ -520,12 +642,14 @@ def main() -> None:
 
     found: dict[str, Any] = {}
     if "replay" in parts:
-        found["efficiency"] = replay_part(specs, pools, args)
+        found["efficiency"] = replay_part(specs, pools, args, out_dir)
     if "live" in parts:
         found["live"] = live_part(specs, pools, args)
     if "asktell" in parts:
         found.update(asktell_part(all_specs, pools, args))
     found["settings"] = {"pool_size": args.pool_size, "large_pool_size": args.large_pool_size,
+                         "sibling_pool_size": args.sibling_pool_size,
+                         "max_epochs": args.max_epochs,
                          "seeds": args.seeds, "budget_trials": args.budget_trials,
                          "good_pp": GOOD_PP, "start_s": START_S, "parts": sorted(parts)}
     path = out_dir / "efficiency.json"
@@ -540,19 +664,28 @@ def main() -> None:
     print(f"\nwrote {path}")
 
 
-def replay_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict[str, Any]:
-    """The replayed comparison of the four methods, printed."""
+def replay_part(specs: dict[str, Spec], pools: dict[str, list], args: Any,
+                out_dir: Path) -> dict[str, Any]:
+    """The replayed comparison of the methods, printed and plotted."""
     eff = efficiency_tables(specs, pools, args.seeds, args.budget_trials)
-    print(f"\ncompute to a good model (val_acc within {100 * GOOD_PP:.1f} pp of the best any "
-          f"method found), median of {args.seeds} seeds, replayed, 2 trials at a time")
+    print(f"\ncompute to a good model (val_acc within {100 * GOOD_PP:.1f} pp of the pool's best), "
+          f"median [IQR] of {args.seeds} seeds, replayed, 2 trials at a time")
     for name, e in eff.items():
-        print(f"\n{name} space: pool {e['pool_size']} configs, best found "
-              f"{e['best_found']:.4f}, budget {e['budget_epochs']} epochs")
-        print(table(["method", "epochs", "vs random full", "sim. seconds", "reached",
-                     "trials", "best val_acc"],
-                    [[m, r["median_epochs"], r["vs_random_full"], r["median_seconds"],
-                      f"{r['reached']}/{e['seeds']}", r["trials"], r["best"]]
+        print(f"\n{name} space: pool {e['pool_size']} configs, best {e['pool_best']:.4f}, "
+              f"budget {e['budget_epochs']} epochs")
+        print(table(["method", "epochs [IQR]", "vs random full", "vs random+asha",
+                     "sim. s [IQR]", "reached", "regret at end", "told C/P/F"],
+                    [[m, f"{r['median_epochs']:g} [{r['epochs_q25_median_q75'][0]:g}–"
+                         f"{r['epochs_q25_median_q75'][2]:g}]", r["vs_random_full"],
+                      r["vs_random_asha"], f"{r['median_seconds']:.0f} "
+                      f"[{r['seconds_q25_median_q75'][0]:.0f}–"
+                      f"{r['seconds_q25_median_q75'][2]:.0f}]",
+                      f"{r['reached']}/{e['seeds']}", r["regret_median"],
+                      "/".join(f"{r['told'][k]:g}" for k in ("COMPLETE", "PRUNED", "FAIL"))]
                      for m, r in e["methods"].items()]))
+    plot = out_dir / ("efficiency_smoke.png" if args.smoke else "efficiency.png")
+    plot_curves(eff, plot)
+    print(f"plot: {plot}")
     return eff
 
 
@@ -572,8 +705,9 @@ def live_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict
 
 def asktell_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict[str, Any]:
     """Optuna's ask + tell per trial with our spaces, and its share of a trial, printed."""
-    marks = [10, 20] if args.smoke else [100, 1000]
-    cost = {name: ask_tell_cost(spec, marks) for name, spec in specs.items()}
+    marks = [10, 20] if args.smoke else [100, 1000, 5000]
+    cost = {name: ask_tell_cost(spec, marks) for name, spec in specs.items()
+            if name != "sibling"}  # the same space as default
     trial_s = median([e["seconds"] for e in pools["default"] if e["curve"]])
     print(f"\nOptuna TPE ask + tell per trial (ms; anchor ≈ 17 ms at 1,000 trials × 8 params), "
           f"share of a median full trial ({trial_s:.1f} s)")

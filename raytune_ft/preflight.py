@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from raytune_ft import warm_start
 from raytune_ft.errors import UserError
 from raytune_ft.paths import is_uri
 from raytune_ft.spec import Hyperparams, Spec, check_fit
@@ -266,8 +267,9 @@ def dry_run(spec: Spec, on: Machines | None) -> Plan:
     In order, cheapest first: the results folders can be written; one trial fits `on` (None:
     a cluster the search joins, checked then); the weights name something that exists (an
     `rtft:` recipe, torchvision weights of the architecture); the data is where the spec says
-    (no image is read); the model builds, a weights file loads as plain tensors and fits it,
-    and `freeze_depth` / `reinit_blocks` stay within its stages and blocks.
+    (no image is read); the warm start's earlier runs are rtft runs of the same metric over
+    some of the same parameters; the model builds, a weights file loads as plain tensors and
+    fits it, and `freeze_depth` / `reinit_blocks` stay within its stages and blocks.
     """
     from raytune_ft.sources import check_source
 
@@ -278,6 +280,7 @@ def dry_run(spec: Spec, on: Machines | None) -> Plan:
         fit = Fit(on.where, fits, min(fits, spec.run.max_concurrent_trials))
     weights = _check_weights_name(spec)
     num_classes = check_source(spec.data)
+    warm_start.plan_for(spec)  # every earlier run it names is readable and fits this search
     shape = _check_model(spec, num_classes or _SOME_CLASSES)
     d = spec.data
     where = f" in {Path(d.root).expanduser().resolve()}" if d.root else " (built in)"

@@ -16,8 +16,8 @@ import optuna
 from raytune_ft.knobs import Hyperparams, param_order
 from raytune_ft.spec import Spec
 
-__all__ = ["SUGGEST", "baseline_params", "define_by_run", "hparams_for", "make_sampler",
-           "rung_plan"]
+__all__ = ["SUGGEST", "baseline_params", "define_by_run", "distribution", "hparams_for",
+           "make_sampler", "rung_plan"]
 
 # space name → how Optuna samples it. `fixed` is returned as a constant, not sampled.
 SUGGEST: dict[str, Callable[[optuna.Trial, str, Any], Any]] = {
@@ -26,6 +26,16 @@ SUGGEST: dict[str, Callable[[optuna.Trial, str, Any], Any]] = {
     "int": lambda t, n, p: t.suggest_int(n, p.low, p.high, log=p.log),
     "choice": lambda t, n, p: t.suggest_categorical(n, p.values),
 }
+
+
+def distribution(p: Any) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution `SUGGEST` samples a (non-fixed) parameter from: for trials
+    added to a study from elsewhere (warm starts), which must say where their values lie."""
+    d = optuna.distributions
+    return {"loguniform": lambda: d.FloatDistribution(p.low, p.high, log=True),
+            "uniform": lambda: d.FloatDistribution(p.low, p.high),
+            "int": lambda: d.IntDistribution(p.low, p.high, log=p.log),
+            "choice": lambda: d.CategoricalDistribution(p.values)}[p.space]()
 
 
 def _active(param: Any, values: dict[str, Any]) -> bool:

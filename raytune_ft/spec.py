@@ -179,6 +179,17 @@ class SearcherSpec(Strict):
     # Try the plain defaults first (where the space allows them): the search then never ends
     # below a default fine-tune on the validation metric.
     baseline_first: bool = True
+    # What Optuna is told when a trial ends (raytune_ft/fidelity.py): `fidelity` (PRUNED when
+    # ASHA stopped it, COMPLETE with its best value at max_t) or Ray's own `last` (COMPLETE
+    # with the last value, whatever the epoch).
+    telling: Literal["fidelity", "last"] = "fidelity"
+    # Earlier run folders or promoted model folders to start from (raytune_ft/warm_start.py):
+    # their `warm_start_top` best configurations are tried first; with `warm_start_prior`
+    # their trials also join the study as observations (same task and data only: they count
+    # as much as new trials).
+    warm_start: list[str] = Field(default_factory=list)
+    warm_start_top: int = Field(3, ge=1)
+    warm_start_prior: bool = False
 
 
 class SchedulerSpec(Strict):

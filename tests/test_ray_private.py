@@ -21,6 +21,11 @@ def _instance(cls: type) -> object:
         return cls(1, 4, 2, 0)
     if name == "TBXLoggerCallback":
         return cls()
+    if name == "OptunaSearch":
+        def space(trial: object) -> None:
+            trial.suggest_float("x", 0.0, 1.0)  # type: ignore[attr-defined]
+
+        return cls(space=space, metric="m", mode="max")
     if name == "_ExperimentCheckpointManager":
         return cls(storage=None, checkpoint_period="auto")
     return None

@@ -1,7 +1,7 @@
 """Every place rtft reads or writes Ray's private state, in one file.
 
 Checked against Ray 2.60 (the range pinned in pyproject.toml). Ray gives no public way to do
-these four things; each function says why it is needed. On a Ray upgrade, run
+these things; each function says why it is needed. On a Ray upgrade, run
 `pytest tests/search/test_ray_private.py`: it fails, naming this file, when an installed Ray
 lacks an attribute used here.
 
@@ -10,6 +10,9 @@ lacks an attribute used here.
 - The controller's `_checkpoint_manager._should_force_sync_up`: snapshot Ray's trial table
   when a trial starts or ends, not on every controller step (bench/overhead.py --profile).
 - `TBXLoggerCallback._trial_writer`: write HParams listing every searched parameter (ray#40053).
+- `OptunaSearch._ot_study`, `_ot_trials`, `_completed_trials`: tell Optuna how a trial really
+  ended (PRUNED, COMPLETE with its best value: `raytune_ft.fidelity`); Ray tells every trial
+  COMPLETE with its last value.
 - `JobSubmissionClient._do_request`: the SDK's request helper (auth headers, cookies, TLS) for
   the dashboard's node list, which the Jobs SDK does not expose.
 """
@@ -34,6 +37,9 @@ USED: tuple[tuple[str, str, str], ...] = (
     ("ray.tune.execution.experiment_state._ExperimentCheckpointManager",
      "_should_force_sync_up", "instance"),
     ("ray.tune.logger.TBXLoggerCallback", "_trial_writer", "instance"),
+    ("ray.tune.search.optuna.OptunaSearch", "_ot_study", "instance"),
+    ("ray.tune.search.optuna.OptunaSearch", "_ot_trials", "instance"),
+    ("ray.tune.search.optuna.OptunaSearch", "_completed_trials", "instance"),
     ("ray.tune.logger.TBXLoggerCallback", "_try_log_hparams", "class"),
     ("ray.job_submission.JobSubmissionClient", "_do_request", "class"),
 )
@@ -61,6 +67,22 @@ def asha_settings(scheduler: Any) -> tuple[str, str, str, float]:
 def asha_forget(scheduler: Any, trial_id: str) -> None:
     """Drop `trial_id` from ASHA's bookkeeping (Ray's own on_trial_remove asserts it is there)."""
     scheduler._trial_info.pop(trial_id, None)
+
+
+# OptunaSearch ------------------------------------------------------------------------------
+def optuna_study(searcher: Any) -> Any:
+    """The Optuna study behind Ray's OptunaSearch."""
+    return searcher._ot_study
+
+
+def optuna_trial(searcher: Any, trial_id: str) -> Any:
+    """The Optuna trial Ray's OptunaSearch asked for Tune trial `trial_id`."""
+    return searcher._ot_trials[trial_id]
+
+
+def optuna_completed(searcher: Any) -> set[str]:
+    """The Tune trial ids OptunaSearch has already told Optuna about."""
+    return searcher._completed_trials
 
 
 # Ray's experiment snapshots ---------------------------------------------------------------

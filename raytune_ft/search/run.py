@@ -18,13 +18,13 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
-from raytune_ft import preflight
+from raytune_ft import preflight, warm_start
 from raytune_ft.data import Splits, prepare
 from raytune_ft.errors import UserError
 from raytune_ft.pretrain import ensure_backbone
@@ -43,6 +43,7 @@ from raytune_ft.search.callbacks import FailureBudget, Progress, TensorBoard, Up
 from raytune_ft.search.cluster import check_cluster_fit, check_shared_storage, ensure_ray
 from raytune_ft.search.records import records_from_results
 from raytune_ft.search.schedulers import FIFO, PersistentASHA
+from raytune_ft.search.searcher import FidelityOptunaSearch
 from raytune_ft.search.storage import (
     download_run_files,
     localize_checkpoints,
@@ -84,6 +85,8 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
          f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
     restore = _check_run_folder(spec, loc, resume, echo)
+    # Read before anything is written: a bad warm-start source refuses the search here.
+    warm = None if restore else warm_start.plan_for(spec, data=splits.fingerprint)
     created = preflight.first_missing(loc.local)  # removed again if the cluster refuses
     with _run_lock(loc.local):
         started = ensure_ray(address, echo)
@@ -93,7 +96,7 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
             if loc.remote is None:
                 check_shared_storage(loc.local.parent, echo, created)
             _write_run_files(spec, loc, splits, echo)
-            records = _fit(spec, loc, splits, echo, quiet, restore)
+            records = _fit(spec, loc, splits, echo, quiet, restore, warm)
         finally:
             if started:
                 ray.shutdown()
@@ -143,7 +146,7 @@ def _write_run_files(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo) -
 
 
 def _fit(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool,
-         restore: bool) -> list[TrialRecord]:
+         restore: bool, warm: warm_start.Plan | None) -> list[TrialRecord]:
     """Run Ray's Tuner to the end (a new one, or the run's own restored) and read its trials."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning (TPE options)
@@ -153,13 +156,17 @@ def _fit(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool,
             tuner = tune.Tuner.restore(loc.tune_path, trainable=trainable_for(spec, splits),
                                        resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _tuner(spec, loc, splits, echo, quiet)
+            tuner = _tuner(spec, loc, splits, echo, quiet, warm)
         results = tuner.fit()
     return records_from_results(results, spec.metric, spec.mode)
 
 
-def _searcher(spec: Spec, run_dir: Path) -> tuple[ConcurrencyLimiter, bool]:
-    """Ray's OptunaSearch over the run's journal-backed study; True when the study is new."""
+def _searcher(spec: Spec, run_dir: Path, echo: Echo,
+              warm: warm_start.Plan | None) -> tuple[ConcurrencyLimiter, bool]:
+    """Optuna, through Ray, over the run's journal-backed study; True when the study is new.
+
+    A new study gets the baseline first (`searcher.baseline_first`), then the warm start's
+    configurations (`searcher.warm_start`), and the warm start's observations if asked."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -170,22 +177,41 @@ def _searcher(spec: Spec, run_dir: Path) -> tuple[ConcurrencyLimiter, bool]:
     journal = run_dir / "optuna.journal"
     fresh = not journal.exists()
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    if fresh and spec.searcher.baseline_first:
-        # Ray ignores points_to_evaluate with a define-by-run space (ray#35319): enqueue the
-        # baseline in the study itself, which OptunaSearch then loads.
+    if fresh:
+        # Ray ignores points_to_evaluate with a define-by-run space (ray#35319): enqueue in the
+        # study itself, which OptunaSearch then loads.
         study = optuna.create_study(study_name=spec.name, storage=storage,
                                     direction="maximize" if spec.mode == "max" else "minimize")
-        study.enqueue_trial(baseline_params(spec), skip_if_exists=True)
+        if spec.searcher.baseline_first:
+            study.enqueue_trial(baseline_params(spec), skip_if_exists=True)
+        if warm is not None:
+            _warm_start(spec, study, warm, echo)
     searcher = ConcurrencyLimiter(
-        OptunaSearch(space=define_by_run(spec), sampler=make_sampler(spec),
-                     metric=spec.metric, mode=spec.mode, storage=storage,
-                     study_name=spec.name),
+        FidelityOptunaSearch(space=define_by_run(spec), sampler=make_sampler(spec),
+                             metric=spec.metric, mode=spec.mode, storage=storage,
+                             study_name=spec.name, max_t=spec.max_t,
+                             telling=spec.searcher.telling),
         max_concurrent=spec.run.max_concurrent_trials)
     return searcher, fresh
 
 
-def _tuner(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool) -> tune.Tuner:
-    searcher, fresh = _searcher(spec, loc.local)
+def _warm_start(spec: Spec, study: Any, plan: warm_start.Plan, echo: Echo) -> None:
+    """Enqueue the earlier runs' best configurations; add their trials as observations."""
+    for note in plan.notes:
+        echo(note)
+    for cfg in plan.enqueue:
+        study.enqueue_trial(cfg, skip_if_exists=True)
+    for cfg, rec in plan.observations:
+        study.add_trial(warm_start.frozen_trial(spec, cfg, rec))
+    if plan.enqueue or plan.observations:
+        echo(f"warm start: {len(plan.enqueue)} earlier configuration(s) first"
+             + (f", {len(plan.observations)} earlier trial(s) as observations"
+                if plan.observations else ""))
+
+
+def _tuner(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool,
+           warm: warm_start.Plan | None) -> tune.Tuner:
+    searcher, fresh = _searcher(spec, loc.local, echo, warm)
     sch = spec.scheduler
     # metric/mode go to the searcher and scheduler themselves: Ray does not pass TuneConfig's
     # through a ConcurrencyLimiter.

@@ -1,0 +1,57 @@
+"""The searcher: Ray's OptunaSearch, telling Optuna how each trial really ended.
+
+The rule (COMPLETE with the best-so-far value at `max_t`, PRUNED when stopped early or
+diverged, FAIL on an error) is :func:`raytune_ft.fidelity.tell`; this class only applies it.
+Intermediate values (one per epoch) are Ray's own `on_trial_result`; the last result of a
+stopped trial reaches the searcher only through `on_trial_complete`, so it is reported there.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from raytune_ft.fidelity import finite, tell
+from raytune_ft.search.ray_private import optuna_completed, optuna_study, optuna_trial
+
+STEP = "training_iteration"
+
+
+class FidelityOptunaSearch(OptunaSearch):
+    """OptunaSearch whose trials end PRUNED, COMPLETE or FAIL by :func:`fidelity.tell`.
+
+    `max_t`: the epoch at which a trial has trained in full. `telling="last"` keeps Ray's own
+    rule (COMPLETE with the last reported value), for comparison (bench/efficiency.py).
+    """
+
+    def __init__(self, *args: Any, max_t: int, telling: str = "fidelity", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_t = max_t
+        self._telling = telling
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if finite(result.get(self.metric)):  # Optuna refuses to rank on NaN/inf
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if self._telling == "last":
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        if trial_id in optuna_completed(self):
+            return  # told already (Ray repeats a completion after some restores)
+        trial = optuna_trial(self, trial_id)
+        if result and finite(result.get(STEP)) and finite(result.get(self.metric)):
+            with warnings.catch_warnings():  # "already reported": a trial that ran to the end
+                warnings.simplefilter("ignore")
+                trial.report(result[self.metric], int(result[STEP]))  # the stopping epoch
+        told = tell(result, error=error, metric=self.metric, max_t=self._max_t)
+        try:
+            optuna_study(self).tell(trial, told.value, state=TrialState[told.state])
+        except Exception:  # never end a search on the searcher's bookkeeping
+            logging.getLogger(__name__).exception("could not tell Optuna about %s", trial_id)
+        optuna_completed(self).add(trial_id)
