@@ -119,15 +119,10 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
     Example:
       rtft resume rtft_runs/resnet18-digits
     """
+    from raytune_ft.runs import where_it_is
     from raytune_ft.search import run_search
 
-    spec = load_spec(run_dir / "spec.yaml")
-    if ("://" not in spec.run.storage_path  # s3:// runs: RUN_DIR is the staging copy
-            and Path(spec.run.storage_path).expanduser().resolve() / spec.name
-            != run_dir.resolve()):
-        # The run folder was moved or opened from elsewhere: resume it where it is.
-        spec = spec.model_copy(update={"run": spec.run.model_copy(
-            update={"storage_path": str(run_dir.resolve().parent)})})
+    spec = where_it_is(load_spec(run_dir / "spec.yaml"), run_dir)
     _finish(run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=True))
 
 
@@ -219,15 +214,9 @@ def promote(run_dir: Path, debug: bool) -> None:
     Example:
       rtft promote rtft_runs/resnet18-digits
     """
-    from raytune_ft.data import prepare
-    from raytune_ft.promote import promote as do_promote
-    from raytune_ft.search import load_records, localize_checkpoints
+    from raytune_ft.search import promote_again
 
-    spec = load_spec(run_dir / "spec.yaml")
-    splits = prepare(spec.data)
-    records = localize_checkpoints(load_records(run_dir, spec), spec)  # s3://: download
-    paths = do_promote(spec, records, splits, echo=click.echo)
-    if not paths:
+    if not promote_again(run_dir, echo=click.echo):
         sys.exit(1)
 
 
@@ -314,22 +303,6 @@ def _jobs_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                         "(also $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS).")(fn)
 
 
-def _jobs_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Jobs API failures (unreachable, auth, unknown job): one line and exit code 2."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from raytune_ft.jobs import JobsError
-
-        try:
-            return fn(*args, **kwargs)
-        except JobsError as e:
-            if kwargs.get("debug"):
-                traceback.print_exc()
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
-    return wrapper
-
-
 def _submit_and_exit(spec_file: Path, address: str | None, overrides: tuple[str, ...], *,
                      wait: bool, headers: tuple[str, ...], env: tuple[str, ...],
                      pip: tuple[str, ...], ship_code: bool,
@@ -342,9 +315,6 @@ def _submit_and_exit(spec_file: Path, address: str | None, overrides: tuple[str,
                                      env_vars=jobs.parse_env(env), pip=pip,
                                      ship_code=ship_code, extra_args=extra_args,
                                      echo=click.echo)
-    except jobs.JobsError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         click.echo("\nstopped following; the job goes on (rtft jobs stop ID to end it)",
                    err=True)
@@ -395,7 +365,7 @@ def jobs() -> None:
 @_jobs_options
 @click.option("--json", "as_json", is_flag=True, help="All fields as JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_jobs_guard
+@_guard
 def jobs_list(address: str | None, headers: tuple[str, ...], as_json: bool, debug: bool) -> None:
     """The cluster's jobs, newest first."""
     from raytune_ft import jobs as j
@@ -414,7 +384,7 @@ def jobs_list(address: str | None, headers: tuple[str, ...], as_json: bool, debu
 @click.argument("job_id")
 @_jobs_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_jobs_guard
+@_guard
 def jobs_status(job_id: str, address: str | None, headers: tuple[str, ...], debug: bool) -> None:
     """The job's status and details as JSON (as the dashboard's /api/jobs/ID shows them).
 
@@ -434,7 +404,7 @@ def jobs_status(job_id: str, address: str | None, headers: tuple[str, ...], debu
 @click.option("--follow", "-f", "follow", is_flag=True,
               help="Keep streaming until the job ends; exit with its status (0 succeeded).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_jobs_guard
+@_guard
 def jobs_logs(job_id: str, address: str | None, headers: tuple[str, ...], follow: bool,
               debug: bool) -> None:
     """The job's driver output (the search's progress lines)."""
@@ -451,7 +421,7 @@ def jobs_logs(job_id: str, address: str | None, headers: tuple[str, ...], follow
 @click.argument("job_id")
 @_jobs_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_jobs_guard
+@_guard
 def jobs_stop(job_id: str, address: str | None, headers: tuple[str, ...], debug: bool) -> None:
     """Stop the job (its trials end; finished ones stay in the run folder for --resume)."""
     from raytune_ft import jobs as j

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["JobsError", "SpecError", "UserError", "first_line"]
+__all__ = ["JobsError", "SpecError", "TrialOOMError", "UserError", "first_line"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -85,3 +85,10 @@ def first_line(e: BaseException) -> str:
     """
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+class TrialOOMError(RuntimeError):
+    """CUDA ran out of memory in a trial; the message names the batch size.
+
+    Raised in the trial's worker (search/trainable.py); a trial's recorded error is Ray's text
+    of it, which starts with this class's name: `runs.trial_state` reads "oom" from that."""

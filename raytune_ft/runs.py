@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raytune_ft.errors import TrialOOMError
 from raytune_ft.paths import is_uri
 from raytune_ft.spec import METRICS, Spec
 
 __all__ = ["HISTORY_KEYS", "RUN_FILES", "TUNE_DIR", "Echo", "RunLocation", "TrialRecord",
            "choose", "fmt", "ranked", "records_from_json", "run_location",
            "rung_summary", "summary_rows", "summary_table", "text_table", "trial_state",
-           "trial_table", "write_records"]
+           "trial_table", "where_it_is", "write_records"]
 
 Echo = Callable[[str], None]
 # Ray's experiment folder inside our run folder. Ray re-uploads its own folder from a staging
@@ -77,6 +78,18 @@ def run_location(spec: Spec) -> RunLocation:
     return RunLocation(Path(storage).expanduser().resolve() / spec.name)
 
 
+def where_it_is(spec: Spec, run_dir: Path) -> Spec:
+    """The run's own `spec`, opened at `run_dir`: a run folder that was moved (or is opened
+    through another path) is resumed where it now is. With an s3:// or gs:// storage_path
+    the folder is the staging copy and the spec stays as it is."""
+    if is_uri(spec.run.storage_path):
+        return spec
+    if Path(spec.run.storage_path).expanduser().resolve() / spec.name == run_dir.resolve():
+        return spec
+    return spec.model_copy(update={"run": spec.run.model_copy(
+        update={"storage_path": str(run_dir.resolve().parent)})})
+
+
 # --------------------------------------------------------------------------------------------
 # Trial records and ranking
 # --------------------------------------------------------------------------------------------
@@ -117,7 +130,7 @@ def trial_state(r: TrialRecord, max_t: int) -> str:
     if r.diverged:
         return "diverged"
     if r.error:
-        return "oom" if "TrialOOMError" in r.error else "failed"
+        return "oom" if TrialOOMError.__name__ in r.error else "failed"
     if r.epochs >= max_t:
         return "completed"
     return f"stopped@{r.epochs}" if r.epochs else "pending"

@@ -20,7 +20,7 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
-from raytune_ft.errors import UserError
+from raytune_ft.errors import UserError, first_line
 from raytune_ft.spec import DataSpec
 
 __all__ = ["Dataset", "Images", "Pixels", "check_source", "load_dataset"]
@@ -341,7 +341,7 @@ def _torchvision(d: DataSpec) -> Dataset:
             ds = cls(root=str(_tv_root(d)), download=d.download, **kwargs)
         except (RuntimeError, FileNotFoundError, OSError) as e:
             raise UserError(f"torchvision {d.source} ({split} split) not found or incomplete "
-                            f"under {d.root!r}: {str(e).splitlines()[0]}; put the dataset "
+                            f"under {d.root!r}: {first_line(e)}; put the dataset "
                             f"files there (torchvision's layout), or set data.download: true "
                             f"where there is network access", field="data.root") from e
         labels = _tv_labels(ds)

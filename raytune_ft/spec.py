@@ -43,9 +43,6 @@ from raytune_ft.knobs import (
     check_params,
     param_order,
 )
-from raytune_ft.knobs import SPACE_MODELS as _SPACE_MODELS  # noqa: F401  (spec_io)
-from raytune_ft.knobs import FieldError as _FieldError  # noqa: F401  (spec_io)
-from raytune_ft.knobs import allowed as _allowed  # noqa: F401  (spec_io)
 from raytune_ft.weights import weights_meta
 
 __all__ = [

@@ -17,9 +17,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from raytune_ft.errors import UserError
+from raytune_ft.knobs import SPACE_MODELS, SPACES, FieldError, allowed
 from raytune_ft.spec import (
-    _SPACE_MODELS,
-    SPACES,
     DataSpec,
     ModelSpec,
     PromoteSpec,
@@ -29,8 +28,6 @@ from raytune_ft.spec import (
     SearcherSpec,
     Spec,
     TrainSpec,
-    _allowed,
-    _FieldError,
 )
 
 __all__ = ["apply_overrides", "field_line", "load_spec", "parse_spec", "spec_to_yaml"]
@@ -138,7 +135,7 @@ def _read_yaml(text: str, file: str) -> tuple[dict, dict]:
         lines = _line_map(node)
     except RecursionError:
         raise UserError(f"YAML error: nested deeper than {_MAX_DEPTH} levels; a spec is a few "
-                        f"levels deep", file=file) from None
+                        f"levels deep", file=file) from None  # its cause: 1,000 frames
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = e.problem or e.context or "invalid YAML"
@@ -208,7 +205,7 @@ def _error_from_validation(e: ValidationError, file: str, lines: dict, overridde
     errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
     err = errs[0]
     exc = (err.get("ctx") or {}).get("error")
-    if isinstance(exc, _FieldError):
+    if isinstance(exc, FieldError):
         loc, message = exc.loc, exc.message
     else:
         loc = tuple(err["loc"])
@@ -251,17 +248,17 @@ def _message(err: dict, loc: tuple, data: dict) -> str:
     if err["type"] == "extra_forbidden":
         parent = _SECTION_MODELS.get(loc[:-1])
         if loc[:1] == ("search",) and len(loc) == 3:
-            parent = _SPACE_MODELS.get(_get(data, (*loc[:2], "space")))
-        allowed = list(parent.model_fields) if parent else []
-        near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            parent = SPACE_MODELS.get(_get(data, (*loc[:2], "space")))
+        keys = list(parent.model_fields) if parent else []
+        near = difflib.get_close_matches(str(loc[-1]), keys, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
-        return f"unknown key; allowed: {', '.join(allowed)}.{hint}"
+        return f"unknown key; allowed: {', '.join(keys)}.{hint}"
     if err["type"] == "value_error":
         msg = err["msg"].removeprefix("Value error, ")
         return msg
     value = _get(data, loc)
     got = f"got {_short(value)}; " if value is not _MISSING else ""
-    return got + _allowed(err)
+    return got + allowed(err)
 
 
 def _short(value: Any) -> str:
@@ -314,8 +311,8 @@ def load_spec(path: str | Path, overrides: list[str] | tuple = ()) -> Spec:
     p = Path(path)
     try:
         raw = p.read_bytes()
-    except FileNotFoundError:
-        raise UserError("file not found", file=str(path)) from None
+    except FileNotFoundError as e:
+        raise UserError("file not found", file=str(path)) from e
     except OSError as e:
         raise UserError(f"cannot read the file: {e.strerror}", file=str(path)) from e
     try:

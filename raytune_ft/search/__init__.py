@@ -21,7 +21,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "SearchOutcome": "run", "run_search": "run",
+    "SearchOutcome": "run", "run_search": "run", "promote_again": "run",
     "load_records": "records", "localize_checkpoints": "storage",
     "cluster_resources": "cluster",
 }

@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from raytune_ft.errors import UserError
+from raytune_ft.errors import UserError, first_line
 from raytune_ft.runs import Echo
 from raytune_ft.spec import Spec, check_fit
 
@@ -46,11 +46,11 @@ def ensure_ray(address: str | None, echo: Echo) -> bool:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             hint = (" The cluster uses token authentication: set RAY_AUTH_MODE=token and "
                     "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token); Ray sends the "
                     "token to an explicit address only then." if "uthenticat" in str(e) else "")
-            raise UserError(f"cannot join the Ray cluster at {address}: {first}.{hint}") from None
+            raise UserError(f"cannot join the Ray cluster at {address}: {first}.{hint}") from e
         echo(f"connected to Ray at {address}"
              + (" (Ray Client: the search loop runs on the head node)"
                 if address.startswith("ray://") else ""))

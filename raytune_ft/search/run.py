@@ -41,7 +41,7 @@ from raytune_ft.runs import (
 )
 from raytune_ft.search.callbacks import FailureBudget, Progress, TensorBoard, UploadRunFiles
 from raytune_ft.search.cluster import check_cluster_fit, check_shared_storage, ensure_ray
-from raytune_ft.search.records import records_from_results
+from raytune_ft.search.records import load_records, records_from_results
 from raytune_ft.search.schedulers import FIFO, PersistentASHA
 from raytune_ft.search.searcher import FidelityOptunaSearch
 from raytune_ft.search.storage import (
@@ -108,6 +108,15 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     echo(summary_table(records, spec))
     promoted = promote(spec, records, splits, echo=echo)
     return SearchOutcome(loc.local, records, promoted, time.monotonic() - t0)
+
+
+def promote_again(run_dir: Path, *, echo: Echo = print) -> list[Path]:
+    """`rtft promote RUN_DIR`: promote the best trial(s) of a finished run (again), from its
+    own spec; the chosen checkpoints of an s3:// / gs:// run are downloaded first."""
+    spec = load_spec(run_dir / "spec.yaml")
+    splits = prepare(spec.data)
+    records = localize_checkpoints(load_records(run_dir, spec), spec)
+    return promote(spec, records, splits, echo=echo)
 
 
 def _check_run_folder(spec: Spec, loc: RunLocation, resume: bool, echo: Echo) -> bool:
@@ -252,12 +261,12 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
     with open(run_dir / ".rtft.lock", "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as e:
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise UserError(f"the run {run_dir} is in use by another rtft search ({holder}); "
                             f"wait for it, or choose another name with --set name=...",
-                            field="name") from None
+                            field="name") from e
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}")

@@ -31,7 +31,7 @@ def _fs(uri: str) -> tuple[Any, str]:
     except (pyarrow.ArrowException, OSError, ValueError) as e:
         raise UserError(f"cannot open {uri}: {e}; allowed: s3://bucket/prefix or "
                         f"gs://bucket/prefix, with credentials (and for MinIO-like stores "
-                        f"AWS_ENDPOINT_URL) in the environment", field="run.storage_path") from None
+                        f"AWS_ENDPOINT_URL) in the environment", field="run.storage_path") from e
 
 
 def _exists(uri: str) -> bool:
@@ -41,7 +41,7 @@ def _exists(uri: str) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as e:  # no such bucket, no access: say so before anything runs
-        raise UserError(f"cannot read {uri}: {e}", field="run.storage_path") from None
+        raise UserError(f"cannot read {uri}: {e}", field="run.storage_path") from e
 
 
 def tune_exists(loc: RunLocation) -> bool:

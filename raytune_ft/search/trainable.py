@@ -15,14 +15,11 @@ import torch
 from ray import tune
 
 from raytune_ft.data import Splits
+from raytune_ft.errors import TrialOOMError
 from raytune_ft.models import absolute_weights
 from raytune_ft.space import hparams_for
 from raytune_ft.spec import Spec
 from raytune_ft.train import train
-
-
-class TrialOOMError(RuntimeError):
-    """CUDA ran out of memory in a trial; the message names the batch size."""
 
 
 def make_report(checkpoint: Any) -> Any:
