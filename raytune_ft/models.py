@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from raytune_ft.errors import UserError, first_line
 from raytune_ft.families import Stage, factory_model, family
 from raytune_ft.knobs import Hyperparams
+from raytune_ft.paths import cache_dir
 from raytune_ft.spec import ModelSpec
 from raytune_ft.weights import absolute, classify, torchvision_weights, weights_meta
 
@@ -43,13 +43,6 @@ RECIPES: dict[str, dict] = {
     "mnist": {"source": "mnist", "epochs": 2, "lr": 1e-3, "batch_size": 64, "augment": "light",
               "val_fraction": 0.1, "test_fraction": 0.1, "seed": 0},
 }
-
-
-def cache_dir() -> Path:
-    """Where pretrained backbones are cached: $RTFT_CACHE, else the user's cache dir."""
-    env = os.environ.get("RTFT_CACHE")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "rtft"
-    return base.expanduser()
 
 
 def recipe_path(name: str, arch: str, image_size: int) -> Path:

@@ -91,7 +91,7 @@ def machines(spec: Spec, *, gpus: float | None = None, cpus: float | None = None
         if address.startswith(("http://", "https://")):
             from raytune_ft.jobs import cluster_resources
         else:
-            from raytune_ft.search import cluster_resources  # type: ignore[assignment]
+            from raytune_ft.search.cluster import cluster_resources  # type: ignore[assignment]
         have = cluster_resources(address, parse_headers(headers))
         return Machines(have, f"the Ray cluster at {address} ({have['CPU']:g} CPU, "
                               f"{have['GPU']:g} GPU)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.errors import TrialOOMError
-from raytune_ft.paths import is_uri
+from raytune_ft.paths import cache_dir, is_uri
 from raytune_ft.spec import METRICS, Spec
 
 __all__ = ["HISTORY_KEYS", "RUN_FILES", "TUNE_DIR", "Echo", "RunLocation", "TrialRecord",
@@ -70,8 +70,6 @@ def run_location(spec: Spec) -> RunLocation:
     rtft cache ($RTFT_CACHE/staging/<hash of the URI>/<name>) and the URI."""
     storage = spec.run.storage_path
     if is_uri(storage):
-        from raytune_ft.models import cache_dir
-
         remote = f"{storage.rstrip('/')}/{spec.name}"
         digest = hashlib.sha1(remote.encode()).hexdigest()[:12]
         return RunLocation(cache_dir() / "staging" / digest / spec.name, remote)
