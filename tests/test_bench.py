@@ -6,6 +6,7 @@ results JSON holds the machine description, the load, and every figure its table
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = ROOT / "bench"
 
 
 def _run(script: str, out: Path, *extra: str) -> dict:
@@ -94,28 +96,19 @@ def test_gpu_smoke(tmp_path: Path) -> None:
         assert "skipped" in data["_stdout"]
 
 
-def test_schedulers_ask_ray_for_a_snapshot_when_trials_start_and_end(tmp_path: Path) -> None:
-    """The fix bench/overhead.py found: instead of a state snapshot at every controller step,
-    our schedulers flag one (Ray's own force flag) when a trial starts, ends or fails."""
-    from types import SimpleNamespace
 
-    from raytune_ft.search.schedulers import FIFO, PersistentASHA
-
-    def controller() -> SimpleNamespace:
-        return SimpleNamespace(_checkpoint_manager=SimpleNamespace(_should_force_sync_up=False))
-
-    asha = PersistentASHA(tmp_path, time_attr="training_iteration", max_t=4, metric="val_acc",
-                           mode="max", grace_period=1, reduction_factor=2)
-    for sched in (asha, FIFO()):
-        trial = SimpleNamespace(trial_id="t1", config={})
-        raw = controller()
-        wrapped = SimpleNamespace(_tune_controller=raw)  # what Ray passes to on_trial_add
-        sched.on_trial_add(wrapped, trial)
-        assert raw._checkpoint_manager._should_force_sync_up
-        raw._checkpoint_manager._should_force_sync_up = False
-        assert sched.on_trial_result(raw, trial, {"training_iteration": 1, "val_acc": 0.5}) \
-            == "CONTINUE"
-        assert not raw._checkpoint_manager._should_force_sync_up  # results: no extra snapshot
-        sched.on_trial_complete(raw, trial, {"training_iteration": 1, "val_acc": 0.5})
-        assert raw._checkpoint_manager._should_force_sync_up
-        sched.on_trial_add(None, SimpleNamespace(trial_id="t2", config={}))  # unit tests: None
+# Load: bench/load.py in smoke mode (the full run is `python bench/load.py --trials 200`).
+@pytest.mark.slow
+def test_load_bench_smoke(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
+    spec = importlib.util.spec_from_file_location("rtft_bench_load", ROOT / "bench" / "load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    figures = load.main(["--smoke", "--root", str(tmp_path), "--out",
+                         str(tmp_path / "load.json")])
+    assert figures["records"] == 4 and figures["states"] == {"ok": 4}
+    assert figures["promoted"] == 1
+    assert figures["results_first_line"] == "4 trials: 4 completed"
+    marks = [m["trials"] for m in figures["memory_mb"]]
+    assert marks == [4, "after promotion"]
+    assert all(m["VmHWM"] >= m["VmRSS"] > 0 for m in figures["memory_mb"])
+    assert json.loads((tmp_path / "load.json").read_text())["trials"] == 4

@@ -1,5 +1,5 @@
-"""The command line: validate (the search's dry run), and bad input → one paragraph, exit 2,
-nothing written."""
+"""The command line (cli.py): validate (the search's dry run) and the trials that fit, and bad
+input → one paragraph, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_tiny_spec
+from helpers import ROOT, write_tiny_spec
 
 from raytune_ft.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_validate_prints_space_rungs_and_stages(tmp_path: Path,
@@ -129,3 +127,20 @@ def test_a_shipped_search_space_without_its_data_is_refused(tmp_path: Path,
                                     "--cluster-gpus", "1", "--cluster-cpus", "16"])
     assert res.exit_code == 2 and "field 'data.root'" in res.output
     assert "is not a folder" in res.output
+
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--set", "run.resources.gpu=0.5", "--cluster-gpus", "4"], "8 trial(s) fit at once on a cluster of 4 GPU"),
+    (["--cluster-gpus", "4", "--cluster-cpus", "3"], "3 trial(s) fit at once"),
+])
+def test_validate_prints_how_many_trials_fit(tmp_path: Path, args: list[str], expect: str) -> None:
+    r = CliRunner().invoke(main, ["validate", str(write_tiny_spec(tmp_path)), *args])
+    assert r.exit_code == 0, r.output
+    assert expect in r.output and "2 run at a time" in r.output
+
+
+def test_validate_refuses_a_cluster_too_small(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["validate", str(write_tiny_spec(tmp_path)), "--set",
+                                  "run.resources.gpu=2", "--cluster-gpus", "1"])
+    assert r.exit_code == 2 and "run.resources" in r.output and "pending forever" in r.output

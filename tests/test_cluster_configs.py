@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, free_port
 
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "cluster"
+CLUSTER = ROOT / "cluster"
 
 
 def _docs(path: Path) -> list[dict]:
@@ -85,7 +84,7 @@ def test_kuberay_rayjob_runs_the_search_and_shuts_down() -> None:
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
     assert spec["entrypoint"].startswith("rtft search search_spaces/resnet.yaml")
-    assert (REPO / "search_spaces" / "resnet.yaml").exists()
+    assert (ROOT / "search_spaces" / "resnet.yaml").exists()
     assert spec["shutdownAfterJobFinishes"] is True
     cluster = spec["rayClusterSpec"]
     assert "rayStartParams" in cluster["headGroupSpec"]
@@ -114,12 +113,6 @@ def test_sbatch_starts_head_then_workers_and_tears_down() -> None:
     assert re.search(r"^rtft search \"\$SPEC\" --address", text, re.M)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pids_under(directory: str) -> set[int]:
     """Processes whose command line names `directory` (the cluster's own temp dir)."""
     out = set()
@@ -136,9 +129,9 @@ def _pids_under(directory: str) -> set[int]:
 @pytest.mark.cluster
 def test_local_sh_starts_a_head_and_a_worker_and_stops_only_them() -> None:
     state = tempfile.mkdtemp(prefix="rtl", dir="/tmp")  # short: Ray's socket paths
-    env = {**os.environ, "RTFT_LOCAL_DIR": state, "RTFT_LOCAL_PORT": str(_free_port()),
-           "RTFT_LOCAL_DASHBOARD_PORT": str(_free_port()),
-           "RTFT_LOCAL_CLIENT_PORT": str(_free_port()), "RTFT_LOCAL_GRACE_S": "3"}
+    env = {**os.environ, "RTFT_LOCAL_DIR": state, "RTFT_LOCAL_PORT": str(free_port()),
+           "RTFT_LOCAL_DASHBOARD_PORT": str(free_port()),
+           "RTFT_LOCAL_CLIENT_PORT": str(free_port()), "RTFT_LOCAL_GRACE_S": "3"}
     for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
     script = str(CLUSTER / "local.sh")

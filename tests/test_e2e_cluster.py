@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_spec
+from helpers import ROOT, free_port, write_tiny_spec
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children() -> dict[int, list[int]]:
@@ -103,7 +95,7 @@ class LocalCluster:
             self.nodes[name] = subprocess.Popen(
                 ["ray", "start", "--block", "--disable-usage-stats", "--num-cpus", "1",
                  "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir),
-                 "--dashboard-agent-listen-port", str(_free_port()), *args],
+                 "--dashboard-agent-listen-port", str(free_port()), *args],
                 env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
 
@@ -183,15 +175,15 @@ def cluster() -> Iterator[LocalCluster]:
     root = Path(tempfile.mkdtemp(prefix="rtc", dir="/tmp"))
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+           "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
-    c = LocalCluster(port=_free_port(), dashboard=_free_port(), token=token,
+    c = LocalCluster(port=free_port(), dashboard=free_port(), token=token,
                      temp_dir=root / "ray", env=env)
     try:
         c.start("head", "--head", "--port", str(c.port), "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(c.dashboard),
-                "--ray-client-server-port", str(_free_port()))
+                "--ray-client-server-port", str(free_port()))
         c.wait_nodes(1)
         c.start("worker", "--address", f"127.0.0.1:{c.port}")
         c.wait_nodes(2)
@@ -202,7 +194,7 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 def _client_env(cluster: LocalCluster, *, token: bool) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AIR_NEW_OUTPUT": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AIR_NEW_OUTPUT": "0"}
     for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
               "RAY_JOB_HEADERS", "RTFT_JOB_HEADERS"):
         env.pop(k, None)

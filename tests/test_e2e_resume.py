@@ -1,4 +1,5 @@
-"""Operating a search: SIGKILL of the driver then --resume, failures, the run lock."""
+"""Operating a search end to end (cli → search/run.py → trainable): SIGKILL of the driver then
+--resume, failures (a trial whose checkpoint is truncated fails alone), the run lock."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_tiny_spec
+from helpers import ENV, ROOT, write_tiny_spec
 
 from raytune_ft.cli import main
 from raytune_ft.search.schedulers import PersistentASHA
@@ -136,3 +137,36 @@ def test_too_many_failed_trials_end_the_search(ray_session, tmp_path: Path) -> N
     trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
     assert sum(1 for t in trials if t["error"]) == 2
     assert len([t for t in trials if t["history"] or t["error"]]) == 2  # no third trial ran
+
+
+
+# Nothing lost: a trial whose checkpoint is truncated fails cleanly; the search goes on.
+@pytest.mark.slow
+def test_truncated_trial_checkpoint_fails_that_trial_only(tmp_path: Path) -> None:
+    # The search runs in its own process, with tests/plugins/faults on PYTHONPATH: its
+    # sitecustomize wraps the trainable's report seam (nothing of this is in raytune_ft), and
+    # the Ray workers of the Ray that process starts inherit the environment.
+    spec_file = write_tiny_spec(tmp_path, n=2)
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "raytune_ft.cli", "search", str(spec_file), "--quiet",
+         "--set", "run.max_failures=1", "--set", "scheduler.type=none",
+         "--set", "search.freeze_depth=0"],
+        capture_output=True, text=True, env={**ENV, "RTFT_TEST_FAULTS": str(faults),
+                                               "PYTHONPATH": os.pathsep.join(
+                                                   [str(ROOT / "tests" / "plugins" / "faults"),
+                                                    ENV["PYTHONPATH"]])},
+        cwd=ROOT, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "promoted model:" in proc.stdout
+    victim = (faults / "victim").read_text()
+    trials = {t["trial_id"]: t for t in
+              json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())}
+    assert len(trials) == 2 and victim in trials
+    error = trials[victim]["error"] or ""
+    # Not the injected crash: the retry resumed from the truncated checkpoint and said so.
+    assert "CheckpointError" in error and "cannot be read" in error, error
+    others = [t for tid, t in trials.items() if tid != victim]
+    assert all(t["error"] is None and max(h["epoch"] for h in t["history"]) == 2
+               for t in others), others

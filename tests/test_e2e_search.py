@@ -1,4 +1,5 @@
-"""A real Ray Tune search end to end (embedded Ray, real training on tiny data)."""
+"""A real Ray Tune search end to end (embedded Ray, real training on tiny data), then the
+results, promote and report commands on its run folder."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_tiny_spec
+from helpers import write_tiny_spec
 
 from raytune_ft.cli import main
 from raytune_ft.data import prepare

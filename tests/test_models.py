@@ -1,4 +1,5 @@
-"""Models: heads, stages, freezing, activations, init, weight files (no pretrained downloads)."""
+"""Models (models.py, with the families' tables): heads, stages, freezing, activations, init,
+weight files (no pretrained downloads). (How a weights value is classified: test_weights.py.)"""
 
 from __future__ import annotations
 
@@ -183,7 +184,7 @@ def test_reinit_blocks_changes_only_the_last_blocks(backbone_file: Path) -> None
 def test_state_dict_file_through_a_spec_gives_the_same_logits(tmp_path: Path,
                                                                 backbone_file: Path) -> None:
     import torchvision
-    from conftest import tiny_spec
+    from helpers import tiny_spec
 
     # A user's torchvision-format state dict (1000-class head), named as the spec's weights.
     spec = tiny_spec(tmp_path, weights=str(backbone_file))
@@ -241,28 +242,6 @@ def test_unknown_torchvision_weights_name_lists_allowed() -> None:
         build_model("resnet18", 3, Hyperparams(), "IMAGENET9K")
     # DEFAULT is an alias inside torchvision's enum: listed once, not twice.
     assert "allowed: DEFAULT, IMAGENET1K_V1, a file path" in str(info.value)
-
-
-def test_weights_values_classified_in_one_place(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from raytune_ft.weights import classify, weights_meta
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "promoted").mkdir()
-    (tmp_path / "bare").write_bytes(b"")  # a bare word naming a file here is that file
-    kinds = {v: classify(v).kind for v in (
-        "none", "rtft:mnist", "DEFAULT", "IMAGENET1K_V1", "w.pth", "sub/w.safetensors",
-        "promoted", "bare", "s3://bucket/w.pth", "x" * 5000, "a\0b", "~nobody-here",
-        "~nobody-here/w.pth")}
-    assert kinds == {
-        "none": "none", "rtft:mnist": "recipe", "DEFAULT": "torchvision",
-        "IMAGENET1K_V1": "torchvision", "w.pth": "file", "sub/w.safetensors": "file",
-        "promoted": "promoted", "bare": "file", "s3://bucket/w.pth": "uri",
-        "x" * 5000: "torchvision", "a\0b": "torchvision", "~nobody-here": "torchvision",
-        "~nobody-here/w.pth": "file"}  # odd strings never raise: the spec loader asks too
-    assert classify("rtft:mnist").recipe == "mnist"
-    assert weights_meta("resnet18", "DEFAULT")["crop_size"] == 224
-    assert weights_meta("resnet18", "bare") is None and weights_meta("nosuch", "DEFAULT") is None
 
 
 def test_param_groups_lr_mult_and_no_decay_on_norms_and_biases() -> None:

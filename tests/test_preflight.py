@@ -2,6 +2,7 @@
 
 It refuses what a search would refuse (weights, data folders, ranges past the model's stages
 and blocks, results folders, resources), writes nothing, downloads nothing, pretrains nothing.
+(check_source, the data check it makes: test_sources.py.)
 """
 
 from __future__ import annotations
@@ -10,25 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_spec
+from helpers import tiny_spec
 
 from raytune_ft import preflight
-from raytune_ft.errors import UserError
+from raytune_ft.errors import SpecError, UserError
 from raytune_ft.models import recipe_path
-from raytune_ft.sources import check_source
-from raytune_ft.spec import DataSpec
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TWO_CPUS = preflight.Machines({"CPU": 2.0, "GPU": 0.0}, "two CPUs")
-
-
-def _tree(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
-    from PIL import Image
-
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        Image.new("RGB", (8, 8), (10, 20, 30)).save(root / c / "0.png")
-    return root
 
 
 def _files(root: Path) -> list[Path]:
@@ -87,7 +77,7 @@ def test_ranges_up_to_the_count_pass(tmp_path: Path, search: str) -> None:
 
 def _with_search(tmp_path: Path, line: str):  # noqa: ANN202 - a Spec
     """The tiny spec with one more search parameter (its search section ends the text)."""
-    from conftest import TINY_SPEC
+    from helpers import TINY_SPEC
 
     from raytune_ft.spec_io import parse_spec
 
@@ -159,59 +149,6 @@ def test_an_rtft_recipe_is_named_never_pretrained(tmp_path: Path,
         preflight.dry_run(tiny_spec(tmp_path, weights="rtft:imagenet"), TWO_CPUS)
 
 
-# -- data ----------------------------------------------------------------------------------
-def test_check_source_counts_class_folders_without_reading_images(tmp_path: Path) -> None:
-    root = _tree(tmp_path / "train", ("a", "b", "c"))
-    (root / "a" / "1.png").write_bytes(b"not a png at all")  # not opened: search skips it
-    assert check_source(DataSpec(source="imagefolder", root=str(root))) == 3
-    assert check_source(DataSpec(source="digits")) == 10
-    _tree(tmp_path / "val", ("a", "b"))  # a class may be missing from val
-    assert check_source(DataSpec(source="imagefolder", root=str(root),
-                                 val_root=str(tmp_path / "val"))) == 3
-
-
-@pytest.mark.parametrize("make, field, words", [
-    (lambda r: None, "data.root", "is not a folder"),
-    (lambda r: (r.mkdir(), (r / "x.png").write_bytes(b"")), "data.root", "0 class folder(s)"),
-    (lambda r: _tree(r, ("only",)), "data.root", "1 class folder(s)"),
-    (lambda r: (_tree(r), (r / "eel").mkdir()), "data.root", "class folder(s) eel hold no"),
-    (lambda r: (_tree(r), _tree(r.parent / "val", ("cat", "cow"))), "data.val_root",
-     "class folder(s) cow that data.root does not"),
-])
-def test_check_source_refuses_a_bad_image_folder(tmp_path: Path, make, field: str,  # noqa: ANN001
-                                                 words: str) -> None:
-    root = tmp_path / "train"
-    make(root)
-    val = str(tmp_path / "val") if field == "data.val_root" else None
-    with pytest.raises(UserError) as e:
-        check_source(DataSpec(source="imagefolder", root=str(root), val_root=val))
-    assert words in str(e.value) and e.value.field == field
-
-
-def test_the_search_refuses_a_bad_folder_in_the_same_words(tmp_path: Path) -> None:
-    from raytune_ft.data import prepare
-
-    _tree(tmp_path / "train", ("only",))
-    d = DataSpec(source="imagefolder", root=str(tmp_path / "train"))
-    with pytest.raises(UserError) as light:
-        check_source(d)
-    with pytest.raises(UserError) as full:
-        prepare(d)
-    assert str(light.value) == str(full.value)
-
-
-def test_check_source_of_a_torchvision_dataset(tmp_path: Path) -> None:
-    assert check_source(DataSpec(source="CIFAR10", root=str(tmp_path))) is None
-    missing = str(tmp_path / "nope")
-    with pytest.raises(UserError, match="torchvision's CIFAR10 files"):
-        check_source(DataSpec(source="CIFAR10", root=missing))
-    assert check_source(DataSpec(source="CIFAR10", root=missing, download=True)) is None
-    (tmp_path / "a_file").write_text("x")
-    with pytest.raises(UserError, match="is not a folder"):  # downloading cannot fix that
-        check_source(DataSpec(source="CIFAR10", root=str(tmp_path / "a_file"), download=True))
-    assert not (tmp_path / "nope").exists()
-
-
 # -- where results go, where trials run ------------------------------------------------------
 def test_an_unwritable_folder_keeps_its_cause(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("a file")
@@ -220,6 +157,27 @@ def test_an_unwritable_folder_keeps_its_cause(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not writable") as e:
         preflight.check_writable("/sys/rtft-test", "run.storage_path")
     assert isinstance(e.value.__cause__, OSError)
+
+
+def test_storage_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from raytune_ft import preflight
+
+    preflight.check_writable(str(tmp_path / "new" / "runs"), "run.storage_path")  # created later
+    preflight.check_writable("s3://bucket/runs", "run.storage_path")  # URIs: storage's business
+    assert list(tmp_path.iterdir()) == []  # the probe left nothing
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SpecError, match="is a file") as info:
+        preflight.check_writable(str(tmp_path / "f" / "runs"), "promote.dir")
+    assert info.value.field == "promote.dir"
+    with pytest.raises(SpecError, match="not writable"):
+        preflight.check_writable("/sys/rtft-test", "run.storage_path")
+
+    class Usage:
+        free = 5 * 2**20
+
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage)
+    with pytest.raises(SpecError, match=r"the disk is full \(5 MB free"):
+        preflight.check_writable(str(tmp_path), "run.storage_path")
 
 
 @pytest.mark.parametrize("gpus, cpus, expect", [

@@ -1,62 +1,24 @@
-"""Promotion decisions on made-up trials, and the model folder written and read back."""
+"""Promotion (promote.py): the model folder written and read back, and a SIGKILL mid-promotion
+leaves the old version or the new one, never half of one. (Which trial is chosen: test_runs.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import tiny_spec
+from helpers import ENV, ROOT, tiny_spec
 
 from raytune_ft.data import prepare
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.promote import (
-    PromotedModelError,
-    TrialRecord,
-    choose,
-    load_promoted,
-    promote,
-    trial_state,
-)
+from raytune_ft.promote import PromotedModelError, TrialRecord, load_promoted, promote
+from raytune_ft.spec_io import spec_to_yaml
 from raytune_ft.train import evaluate, train
-
-
-def rec(tid: str, accs: list[float], *, ckpt: bool = True, diverged: bool = False,
-        error: str | None = None) -> TrialRecord:
-    hist = [{"epoch": i + 1, "val_acc": a, "val_loss": 1 - a} for i, a in enumerate(accs)]
-    if diverged:
-        hist.append({"epoch": len(accs) + 1, "val_acc": 0.0, "val_loss": 1e9, "diverged": True})
-    return TrialRecord(tid, {"lr": 0.1}, hist, f"/ckpt/{tid}" if ckpt else None, error)
-
-
-@pytest.mark.parametrize("records, expect", [
-    # A one-epoch fluke does not beat trials that trained to the top rung.
-    ([rec("fluke", [0.99]), rec("full", [0.5, 0.8, 0.9, 0.91]), rec("mid", [0.6, 0.95])], ["full"]),
-    # Best-so-far, not last: b peaked at 0.95 then dropped.
-    ([rec("a", [0.5, 0.9]), rec("b", [0.95, 0.85])], ["b", "a"]),
-    # Diverged and checkpoint-less trials are never promoted.
-    ([rec("d", [0.97, 0.98], diverged=True), rec("n", [0.99, 0.99], ckpt=False), rec("ok", [0.7, 0.8])], ["ok"]),
-    ([rec("x", [], ckpt=False)], []),
-])
-def test_choose(records: list[TrialRecord], expect: list[str]) -> None:
-    assert [r.trial_id for r in choose(records, "val_acc", top_k=2)] == expect
-
-
-def test_choose_val_loss_is_minimised() -> None:
-    records = [rec("a", [0.5, 0.9]), rec("b", [0.6, 0.7])]
-    assert choose(records, "val_loss")[0].trial_id == "a"
-
-
-@pytest.mark.parametrize("r, state", [
-    (rec("c", [0.1, 0.2, 0.3, 0.4]), "completed"),
-    (rec("s", [0.1, 0.2]), "stopped@2"),
-    (rec("d", [0.1], diverged=True), "diverged"),
-    (rec("f", [0.1], error="ValueError: boom"), "failed"),
-    (rec("o", [], error="TrialOOMError: CUDA out of memory with batch_size 512"), "oom"),
-])
-def test_trial_state(r: TrialRecord, state: str) -> None:
-    assert trial_state(r, max_t=4) == state
 
 
 def test_promote_writes_a_versioned_folder_that_reloads(tmp_path: Path) -> None:
@@ -110,3 +72,113 @@ def test_not_a_promoted_folder_keeps_its_cause_for_debug(tmp_path: Path) -> None
     with pytest.raises(PromotedModelError, match="is not a promoted rtft model") as e:
         load_promoted(tmp_path)
     assert isinstance(e.value.__cause__, FileNotFoundError)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing lost: SIGKILL during promotion.
+# --------------------------------------------------------------------------------------------
+# The child promotes the same trial again and kills itself with SIGKILL at a fixed point: no
+# sleeps, no races. "half": the weights are in the temporary folder, metrics.json not yet.
+# "latest": the new version is renamed into place, LATEST not yet updated.
+CHILD = r"""
+import json, os, signal, sys
+from raytune_ft import promote as P
+from raytune_ft.data import prepare
+from raytune_ft.spec_io import load_spec
+
+spec_file, record_file, point = sys.argv[1:4]
+spec = load_spec(spec_file)
+record = P.TrialRecord(**json.loads(open(record_file).read()))
+
+def die():
+    print("dying", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "half":
+    sha = P._sha256
+    def _sha256(path):
+        if path.parent.name.startswith(".tmp-"):
+            die()
+        return sha(path)
+    P._sha256 = _sha256
+else:
+    replace = os.replace
+    def _replace(src, dst):
+        if str(dst).endswith("LATEST"):
+            die()
+        return replace(src, dst)
+    os.replace = _replace
+P.promote(spec, [record], prepare(spec.data), echo=print)
+print("survived", flush=True)
+"""
+
+FILES = {"model.safetensors", "spec.yaml", "config.json", "metrics.json", "MODEL_CARD.md"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    """A tiny trained trial: (root, spec, TrialRecord)."""
+    import shutil
+
+    from raytune_ft.data import prepare
+    from raytune_ft.promote import TrialRecord
+    from raytune_ft.spec import Hyperparams
+    from raytune_ft.train import train
+
+    root = tmp_path_factory.mktemp("promote")
+    spec = tiny_spec(root)
+    history: list = []
+
+    def report(m: dict, folder: Path | None) -> None:
+        history.append(m)
+        shutil.copytree(folder, root / "ckpt", dirs_exist_ok=True)
+
+    train(Hyperparams(batch_size=32, augment="none"), spec=spec, data=prepare(spec.data),
+          report=report)
+    return root, spec, TrialRecord("t1", {"batch_size": 32}, history, str(root / "ckpt"))
+
+
+def _versions(models: Path) -> dict[str, set[str]]:
+    return {p.name: {f.name for f in p.iterdir()} for p in models.glob("v*")}
+
+
+def test_sigkill_during_promotion_leaves_old_or_new_never_half(trained) -> None:  # noqa: ANN001
+    from raytune_ft.data import prepare
+    from raytune_ft.promote import PromotedModelError, load_promoted, promote
+
+    root, spec, record = trained
+    models = Path(spec.promote.dir) / spec.name
+    [v1] = promote(spec, [record], prepare(spec.data), echo=lambda s: None)
+    spec_file = root / "spec.yaml"
+    spec_file.write_text(spec_to_yaml(spec))
+    record_file = root / "record.json"
+    record_file.write_text(json.dumps(record.__dict__, default=str))
+
+    for point, versions, latest in [("half", {"v1"}, "v1"), ("latest", {"v1", "v2"}, "v1")]:
+        child = subprocess.run([sys.executable, "-c", CHILD, str(spec_file), str(record_file),
+                                point], capture_output=True, text=True, env=ENV, cwd=ROOT)
+        assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+        assert "dying" in child.stdout and "survived" not in child.stdout
+        found = _versions(models)
+        assert set(found) == versions, found
+        assert all(files == FILES for files in found.values()), found  # whole folders only
+        assert (models / "LATEST").read_text().strip() == latest  # never torn
+        for v in found:
+            load_promoted(models / v)  # every version there loads, sha256 checked
+        if point == "half":  # the kill did land mid-write: a half temp folder is left
+            [half] = models.glob(".tmp-*")
+            written = {f.name for f in half.iterdir()}
+            assert "model.safetensors" in written and "metrics.json" not in written, written
+
+    # A later promotion works, cleans the dead one's temp folder, and moves LATEST on.
+    [v3] = promote(spec, [record], prepare(spec.data), echo=lambda s: None)
+    assert v3.name == "v3" and (models / "LATEST").read_text().strip() == "v3"
+    assert not list(models.glob(".tmp-*"))
+    # Corrupted promoted weights are refused with a clear error.
+    weights = v1 / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(PromotedModelError, match="sha256 does not match"):
+        load_promoted(v1)

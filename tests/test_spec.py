@@ -1,18 +1,15 @@
-"""The spec: good specs load, bad ones are refused naming file, field, line and what is allowed."""
+"""The spec schema (spec.py): bad specs are refused naming file, field, line and what is
+allowed; defaults resolved; a light import; check_fit, the resources a trial needs against what
+the machines have."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import BASE
 
 from raytune_ft.errors import SpecError
-from raytune_ft.knobs import Hyperparams, param_order
-from raytune_ft.spec_io import load_spec, parse_spec, spec_to_yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-
-BASE = "name: t\n"
+from raytune_ft.spec import check_fit
+from raytune_ft.spec_io import parse_spec, spec_to_yaml
 
 # (spec text after `name: t`, field named in the error, YAML line, words the message must hold)
 BAD = [
@@ -59,83 +56,6 @@ def test_bad_spec_names_field_line_and_allowed(body: str, field: str, line: int,
     assert "\n" not in str(e)  # one paragraph
 
 
-@pytest.mark.parametrize("text, line, words", [
-    ("name: t\nname: u\n", 2, "duplicate key 'name' (first at line 1)"),
-    ("name: t\ntrain:\n\tmax_epochs: 3\n", 3, "never tabs"),
-    ("name: t\nsearch: [lr\n", 3, "YAML error"),
-    ("!!python/object/apply:os.system ['echo owned']\n", 1, "no !!python"),
-    ("", None, "empty"),
-    ("- a\n- b\n", 1, "mapping"),
-    ("name: ../../x\n", 1, "not a valid run name"),
-    ("name: a/b\n", 1, "not a valid run name"),
-    ("model: {arch: resnet18}\n", 1, "required"),
-])
-def test_bad_yaml_is_refused_with_line(text: str, line: int | None, words: str) -> None:
-    with pytest.raises(SpecError) as info:
-        parse_spec(text, file="bad.yaml")
-    assert info.value.line == line
-    assert words in str(info.value)
-
-
-def test_not_utf8_and_missing_file(tmp_path: Path) -> None:
-    p = tmp_path / "latin1.yaml"
-    p.write_bytes(b"name: caf\xe9\n")
-    with pytest.raises(SpecError, match="not UTF-8") as info:
-        load_spec(p)
-    assert info.value.line == 1
-    with pytest.raises(SpecError, match="file not found"):
-        load_spec(tmp_path / "nope.yaml")
-
-
-def test_default_spec_loads_and_round_trips() -> None:
-    spec = load_spec(ROOT / "search_spaces" / "resnet.yaml")
-    assert spec.model.weights == "rtft:mnist"
-    assert spec.search["momentum"].when == {"optimizer": "sgd"}
-    assert spec.search["batch_size"].space == "fixed"  # `batch_size: 32` shorthand
-    again = parse_spec(spec_to_yaml(spec))
-    assert again == spec
-    assert spec.mode == "max" and spec.max_t == spec.train.max_epochs
-
-
-@pytest.mark.parametrize("override, check", [
-    ("run.num_samples=3", lambda s: s.run.num_samples == 3),
-    ("search.lr.high=0.5", lambda s: s.search["lr"].high == 0.5),
-    ("search.head_dropout=0.3", lambda s: s.search["head_dropout"].value == 0.3),
-    ("run.resources={cpu: 2, gpu: 0.5}", lambda s: s.run.resources.gpu == 0.5),
-    ("searcher.seed=null", lambda s: s.searcher.seed is None),
-])
-def test_set_overrides(override: str, check) -> None:  # noqa: ANN001
-    spec = load_spec(ROOT / "search_spaces" / "resnet.yaml", [override])
-    assert check(spec)
-
-
-def test_bad_override_says_set() -> None:
-    with pytest.raises(SpecError) as info:
-        load_spec(ROOT / "search_spaces" / "resnet.yaml", ["run.num_samples=-2"])
-    assert "(with --set)" in str(info.value) and info.value.line is None
-    with pytest.raises(SpecError, match="expected key=value"):
-        load_spec(ROOT / "search_spaces" / "resnet.yaml", ["run.num_samples"])
-
-
-def test_condition_parents_come_first() -> None:
-    spec = parse_spec(BASE + "search:\n  momentum: {space: uniform, low: 0.1, high: 0.9, "
-                             "when: {optimizer: sgd}}\n  optimizer: {space: choice, values: [sgd, adam]}\n")
-    order = param_order(spec.search)
-    assert order.index("optimizer") < order.index("momentum")
-
-
-def test_condition_cycle_refused() -> None:
-    text = (BASE + "search:\n  optimizer: {space: choice, values: [sgd], when: {augment: none}}\n"
-            "  augment: {space: choice, values: [none], when: {optimizer: sgd}}\n")
-    with pytest.raises(SpecError, match="cycle"):
-        parse_spec(text)
-
-
-def test_hyperparams_reject_bad_values() -> None:
-    with pytest.raises(ValueError, match="lr"):
-        Hyperparams(lr=0)
-
-
 @pytest.mark.parametrize("body, size, flip", [
     ("", 32, False),  # digits: the source's natural size, no flip
     ("model: {arch: resnet18, weights: DEFAULT}\n", 224, False),  # the weights' crop size
@@ -161,26 +81,6 @@ def test_schema_import_pulls_in_neither_torch_nor_the_loader() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_error_keeps_its_cause_for_debug() -> None:
-    from pydantic import ValidationError
-
-    with pytest.raises(SpecError) as info:
-        parse_spec(BASE + "run:\n  num_samples: 0\n")
-    assert isinstance(info.value.__cause__, ValidationError)  # shown by --debug only
-    assert "\n" not in str(info.value)
-
-
-def test_int_range_may_hold_one_value_a_float_range_may_not() -> None:
-    spec = parse_spec(BASE + "search:\n  batch_size: {space: int, low: 32, high: 32}\n")
-    assert (spec.search["batch_size"].low, spec.search["batch_size"].high) == (32, 32)
-    with pytest.raises(SpecError, match=r"low \(64\) must not exceed high \(32\)"):
-        parse_spec(BASE + "search:\n  batch_size: {space: int, low: 64, high: 32}\n")
-    with pytest.raises(SpecError, match=r"low \(0.5\) must be below high \(0.5\)"):
-        parse_spec(BASE + "search:\n  momentum: {space: uniform, low: 0.5, high: 0.5}\n")
-    with pytest.raises(SpecError, match="log: true needs low >= 1"):
-        parse_spec(BASE + "search:\n  head_hidden: {space: int, low: 0, high: 8, log: true}\n")
-
-
 def test_knobs_are_the_same_objects_through_spec() -> None:
     from raytune_ft import knobs, spec
 
@@ -189,22 +89,33 @@ def test_knobs_are_the_same_objects_through_spec() -> None:
     assert spec.INITS[0] == "default" and "trunc_normal" in spec.INITS
 
 
-def test_error_names_a_location_only_when_it_has_one() -> None:
-    from raytune_ft.errors import UserError
 
-    assert str(UserError("the cluster is gone")) == "the cluster is gone"
-    assert str(UserError("bad", field="run.resources")) == "<spec>: field 'run.resources': bad"
-    assert str(UserError("bad", file="a.yaml")) == "a.yaml: bad"
-    assert str(UserError("two\nlines")) == "two\\nlines"  # still one paragraph
-
-
-@pytest.mark.parametrize("message, first", [
-    ("\n  boom\nsecond line\n", "boom"),
-    ("one line", "one line"),
-    ("", "KeyError"),
+# --------------------------------------------------------------------------------------------
+# check_fit: how many trials fit at once, or why none ever would.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("resources, cluster, fits", [
+    ("{cpu: 1, gpu: 0}", {"CPU": 2.0}, 2),
+    ("{cpu: 0.5, gpu: 0}", {"CPU": 2.0, "GPU": 0.0}, 4),
+    ("{cpu: 1, gpu: 0.5}", {"CPU": 16.0, "GPU": 1.0}, 2),     # fractional GPUs pack trials
+    ("{cpu: 4, gpu: 0.25}", {"CPU": 8.0, "GPU": 2.0}, 2),     # CPUs are the limit
+    ("{cpu: 1, gpu: 0.1}", {"CPU": 8.0, "GPU": 0.3}, 3),      # no float rounding loss
+    ("{cpu: 1, gpu: 2}", {"CPU": 8.0, "GPU": 4.0}, 2),
 ])
-def test_first_line_of_an_exception(message: str, first: str) -> None:
-    from raytune_ft.errors import first_line
+def test_check_fit_counts_trials_that_fit(resources: str, cluster: dict, fits: int) -> None:
+    spec = parse_spec(f"name: t\nrun: {{resources: {resources}}}\n")
+    assert check_fit(spec, cluster) == fits
 
-    exc = KeyError() if not message else RuntimeError(message)
-    assert first_line(exc) == first
+
+@pytest.mark.parametrize("resources, cluster, words", [
+    ("{cpu: 1, gpu: 1}", {"CPU": 2.0}, "1 CPU and 1 GPU, but the cluster has 2 CPU and 0 GPU "
+                                       "(it has no GPU"),
+    ("{cpu: 1, gpu: 2}", {"CPU": 8.0, "GPU": 1.0}, "allowed: cpu <= 8, gpu <= 1"),
+    ("{cpu: 4}", {"CPU": 2.0, "GPU": 1.0}, "4 CPU and 0 GPU, but the cluster has 2 CPU"),
+])
+def test_check_fit_refuses_what_would_stay_pending(resources: str, cluster: dict,
+                                                   words: str) -> None:
+    spec = parse_spec(f"name: t\nrun:\n  resources: {resources}\n", file="s.yaml")
+    with pytest.raises(SpecError) as info:
+        check_fit(spec, cluster)
+    assert info.value.field == "run.resources" and words in str(info.value)
+    assert "pending forever" in str(info.value)

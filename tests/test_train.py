@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_spec
+from helpers import tiny_spec
 
 from raytune_ft.checkpoint import CheckpointError, load_checkpoint
 from raytune_ft.data import prepare

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_SPEC, tiny_spec, write_tiny_spec
+from helpers import TINY_SPEC, tiny_spec, write_tiny_spec
 
 from raytune_ft import warm_start
 from raytune_ft.cli import main

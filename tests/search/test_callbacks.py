@@ -1,15 +1,15 @@
-"""Live progress: a table redrawn in place on a terminal, plain lines elsewhere (made-up trials)."""
+"""Tune callbacks (search/callbacks.py): live progress, a table redrawn in place on a terminal,
+plain lines elsewhere (made-up trials)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import ROOT
 
 from raytune_ft.search.callbacks import Progress
 from raytune_ft.spec_io import load_spec
 
-SPEC = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "resnet.yaml")
+SPEC = load_spec(ROOT / "search_spaces" / "resnet.yaml")
 
 
 class _Trial:

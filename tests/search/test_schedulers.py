@@ -1,4 +1,5 @@
-"""ASHA decisions with made-up trials: rungs persist across a restart, the baseline is exempt."""
+"""Our schedulers (search/schedulers.py), with made-up trials: ASHA's rungs persist across a
+restart, the baseline is exempt, and Ray is asked for a snapshot only when trials start or end."""
 
 from __future__ import annotations
 
@@ -111,3 +112,31 @@ def test_rungs_and_decisions_agree_in_sign_for_a_metric_to_minimise(tmp_path: Pa
     asha.on_trial_add(None, _T("e"))
     assert asha.on_trial_result(None, _T("d"), _result(1, 0.9, "val_loss")) == "STOP"
     assert asha.on_trial_result(None, _T("e"), _result(1, 0.1, "val_loss")) == "CONTINUE"
+
+
+
+def test_schedulers_ask_ray_for_a_snapshot_when_trials_start_and_end(tmp_path: Path) -> None:
+    """The fix bench/overhead.py found: instead of a state snapshot at every controller step,
+    our schedulers flag one (Ray's own force flag) when a trial starts, ends or fails."""
+    from types import SimpleNamespace
+
+    from raytune_ft.search.schedulers import FIFO, PersistentASHA
+
+    def controller() -> SimpleNamespace:
+        return SimpleNamespace(_checkpoint_manager=SimpleNamespace(_should_force_sync_up=False))
+
+    asha = PersistentASHA(tmp_path, time_attr="training_iteration", max_t=4, metric="val_acc",
+                           mode="max", grace_period=1, reduction_factor=2)
+    for sched in (asha, FIFO()):
+        trial = SimpleNamespace(trial_id="t1", config={})
+        raw = controller()
+        wrapped = SimpleNamespace(_tune_controller=raw)  # what Ray passes to on_trial_add
+        sched.on_trial_add(wrapped, trial)
+        assert raw._checkpoint_manager._should_force_sync_up
+        raw._checkpoint_manager._should_force_sync_up = False
+        assert sched.on_trial_result(raw, trial, {"training_iteration": 1, "val_acc": 0.5}) \
+            == "CONTINUE"
+        assert not raw._checkpoint_manager._should_force_sync_up  # results: no extra snapshot
+        sched.on_trial_complete(raw, trial, {"training_iteration": 1, "val_acc": 0.5})
+        assert raw._checkpoint_manager._should_force_sync_up
+        sched.on_trial_add(None, SimpleNamespace(trial_id="t2", config={}))  # unit tests: None

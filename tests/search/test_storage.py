@@ -1,5 +1,6 @@
-"""run.storage_path on S3: a real search against a local S3-compatible server (moto_server),
-configured the way a MinIO user configures it (AWS_ENDPOINT_URL and keys in the environment).
+"""Where a run's files go (search/storage.py): run.storage_path on S3, a real search against a
+local S3-compatible server (moto_server), configured the way a MinIO user configures it
+(AWS_ENDPOINT_URL and keys in the environment). (The shared-storage probe: test_cluster.py.)
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_spec
+from helpers import ROOT, free_port, write_tiny_spec
 
-REPO = Path(__file__).resolve().parents[1]
 BUCKET = "rtft-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -34,7 +27,7 @@ def s3_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     boto3 = pytest.importorskip("boto3")
     if shutil.which("moto_server") is None:
         pytest.skip("moto_server not installed (pip install -e '.[test]')")
-    port = _free_port()
+    port = free_port()
     with open(tmp_path / "moto.log", "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -71,7 +64,7 @@ def test_search_on_s3_lands_in_the_bucket(tmp_path: Path, s3_env: dict[str, str]
     from raytune_ft.cli import main
 
     spec = write_tiny_spec(tmp_path, n=2)
-    env = {**os.environ, **s3_env, "PYTHONPATH": str(REPO), "RTFT_CACHE": str(tmp_path / "cache"),
+    env = {**os.environ, **s3_env, "PYTHONPATH": str(ROOT), "RTFT_CACHE": str(tmp_path / "cache"),
            "RAY_AIR_NEW_OUTPUT": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
@@ -110,66 +103,3 @@ def test_search_on_s3_lands_in_the_bucket(tmp_path: Path, s3_env: dict[str, str]
     r = CliRunner().invoke(main, ["promote", staging])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "models" / "tiny" / "v2" / "model.safetensors").exists()
-
-
-class _FakeRay:
-    """Two alive nodes; node B has its own disk (reads nothing at the path). Stands in for the
-    Ray calls of check_shared_storage (the real 2-node pass is in test_cluster.py)."""
-
-    def __init__(self, readers: dict[str, bool]) -> None:
-        self.readers = readers
-
-    def nodes(self) -> list[dict]:
-        return [{"NodeID": nid * 56, "Alive": True, "NodeManagerAddress": f"10.0.0.{i}"}
-                for i, nid in enumerate(self.readers, 1)] + [
-            {"NodeID": "d" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.9"}]
-
-    def remote(self, **_: object):
-        fake = self
-
-        class _Fn:
-            def __init__(self, fn):
-                self.fn, self.node = fn, None
-
-            def options(self, scheduling_strategy):
-                f = _Fn(self.fn)
-                f.node = scheduling_strategy.node_id[0]
-                return f
-
-            def remote(self, path: str):
-                return self.fn(path) if fake.readers[self.node] else None
-
-        return _Fn
-
-    def wait(self, refs, num_returns, timeout):
-        return refs, []
-
-    def get(self, ref):
-        return ref
-
-
-def test_shared_storage_check_names_the_node_that_cannot_read(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from raytune_ft.search import cluster
-    from raytune_ft.spec import SpecError
-
-    monkeypatch.setattr(cluster, "ray", _FakeRay({"a": True, "b": False}))
-    created = tmp_path / "runs"
-    lines: list[str] = []
-    with pytest.raises(SpecError) as e:
-        cluster.check_shared_storage(created, lines.append, created)
-    assert e.value.field == "run.storage_path"
-    assert "10.0.0.2" in str(e.value) and "10.0.0.1" not in str(e.value)
-    assert "s3://" in str(e.value) and "2 nodes" in str(e.value)
-    assert not created.exists()  # the probe and the folders the run created are gone
-
-
-def test_shared_storage_check_passes_when_every_node_reads(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from raytune_ft.search import cluster
-
-    monkeypatch.setattr(cluster, "ray", _FakeRay({"a": True, "b": True}))
-    lines: list[str] = []
-    cluster.check_shared_storage(tmp_path, lines.append)
-    assert lines == [f"storage: {tmp_path} is shared by all 2 nodes"]
-    assert list(tmp_path.iterdir()) == []  # the probe file is removed

@@ -1,0 +1,66 @@
+"""Helpers shared by test files: `from helpers import tiny_spec, ROOT, …`.
+
+pytest puts `tests/` on sys.path (the folder above the first test file's package, as for
+conftest.py), so this module imports the same way from `tests/test_*.py` and from
+`tests/search/test_*.py`. Fixtures live in conftest.py; plain functions and constants here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from raytune_ft.spec import Spec
+from raytune_ft.spec_io import parse_spec
+
+# The checkout's root (where raytune_ft/, search_spaces/, bench/ and cluster/ are).
+ROOT = Path(__file__).resolve().parents[1]
+
+# The environment for an rtft child process: never a cluster from the caller's RAY_ADDRESS,
+# and this checkout importable.
+ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+# The smallest spec text that loads: tests append one section to it.
+BASE = "name: t\n"
+
+# A secret value that must never be echoed (headers, env vars of a job).
+SECRET = "s3cr3t-t0ken-value"
+
+TINY_SPEC = """\
+name: tiny
+model: {{arch: resnet18, weights: {weights}}}
+data: {{source: digits, image_size: 16, train_limit: 160, val_fraction: 0.15, test_fraction: 0.15}}
+train: {{max_epochs: 2, seed: 0}}
+search:
+  lr: {{space: loguniform, low: 1.0e-3, high: 1.0e-2}}
+  optimizer: {{space: choice, values: [sgd, adamw]}}
+  momentum: {{space: uniform, low: 0.8, high: 0.95, when: {{optimizer: sgd}}}}
+  freeze_depth: {{space: int, low: 0, high: 2}}
+  batch_size: 32
+  augment: none
+searcher: {{sampler: tpe, seed: 0, n_startup_trials: 2}}
+scheduler: {{type: asha, grace_period: 1, reduction_factor: 2}}
+run: {{num_samples: {n}, max_concurrent_trials: 2, storage_path: {root}/runs}}
+promote: {{dir: {root}/models}}
+"""
+
+
+def tiny_spec(root: Path, *, n: int = 4, weights: str = "none", extra: str = "") -> Spec:
+    return parse_spec(TINY_SPEC.format(root=root, n=n, weights=weights) + extra,
+                      file="tiny.yaml")
+
+
+def write_tiny_spec(root: Path, **kw: object) -> Path:
+    path = root / "tiny.yaml"
+    path.write_text(TINY_SPEC.format(root=root, n=kw.get("n", 4),
+                                     weights=kw.get("weights", "none")) + str(kw.get("extra", "")))
+    return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,61 @@
+"""Checkpoints (checkpoint.py): a truncated or malicious checkpoint is refused with one clear
+line, and nothing in it runs (a weights file is refused the same way: models.load_state_file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytune_ft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from raytune_ft.spec import SpecError
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing unsafe is loaded: a pickle that would run code.
+# --------------------------------------------------------------------------------------------
+class _Payload:
+    marker = ""
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_file(path: Path, marker: Path) -> Path:
+    _Payload.marker = str(marker)
+    torch.save({"model": _Payload(), "optimizer": {}, "epoch": 1}, path)
+    return path
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    evil = _evil_file(tmp_path / "evil.pth", marker)
+    # The payload is live: an unsafe load would run it (the control).
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    from raytune_ft.models import load_state_file
+
+    with pytest.raises(SpecError, match="cannot be loaded as plain tensors") as info:
+        load_state_file(evil)  # model.weights
+    assert info.value.field == "model.weights"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _evil_file(ckpt / "state.pt", marker)
+    (ckpt / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"cannot be read \(UnpicklingError: Weights only"):
+        load_checkpoint(ckpt)  # a resume checkpoint
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_refused_clearly(tmp_path: Path) -> None:
+    folder = save_checkpoint(tmp_path / "c", model={"w": torch.ones(64, 64)}, optimizer={},
+                             scheduler={}, epoch=1, best=0.5, config={"a": 1})
+    state = folder / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot be read") as info:
+        load_checkpoint(folder)
+    assert "\n" not in str(info.value)

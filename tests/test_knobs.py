@@ -1,0 +1,40 @@
+"""Knobs (knobs.py): hyperparameters, search parameters, conditions and their order."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import BASE
+
+from raytune_ft.errors import SpecError
+from raytune_ft.knobs import Hyperparams, param_order
+from raytune_ft.spec_io import parse_spec
+
+
+def test_condition_parents_come_first() -> None:
+    spec = parse_spec(BASE + "search:\n  momentum: {space: uniform, low: 0.1, high: 0.9, "
+                             "when: {optimizer: sgd}}\n  optimizer: {space: choice, values: [sgd, adam]}\n")
+    order = param_order(spec.search)
+    assert order.index("optimizer") < order.index("momentum")
+
+
+def test_condition_cycle_refused() -> None:
+    text = (BASE + "search:\n  optimizer: {space: choice, values: [sgd], when: {augment: none}}\n"
+            "  augment: {space: choice, values: [none], when: {optimizer: sgd}}\n")
+    with pytest.raises(SpecError, match="cycle"):
+        parse_spec(text)
+
+
+def test_hyperparams_reject_bad_values() -> None:
+    with pytest.raises(ValueError, match="lr"):
+        Hyperparams(lr=0)
+
+
+def test_int_range_may_hold_one_value_a_float_range_may_not() -> None:
+    spec = parse_spec(BASE + "search:\n  batch_size: {space: int, low: 32, high: 32}\n")
+    assert (spec.search["batch_size"].low, spec.search["batch_size"].high) == (32, 32)
+    with pytest.raises(SpecError, match=r"low \(64\) must not exceed high \(32\)"):
+        parse_spec(BASE + "search:\n  batch_size: {space: int, low: 64, high: 32}\n")
+    with pytest.raises(SpecError, match=r"low \(0.5\) must be below high \(0.5\)"):
+        parse_spec(BASE + "search:\n  momentum: {space: uniform, low: 0.5, high: 0.5}\n")
+    with pytest.raises(SpecError, match="log: true needs low >= 1"):
+        parse_spec(BASE + "search:\n  head_hidden: {space: int, low: 0, high: 8, log: true}\n")
