@@ -5,7 +5,7 @@ the search (the driver, and the Ray workers it starts, which inherit the environ
 this file at start-up. It waits for `raytune_ft.search.trainable` to be imported and wraps its
 `make_report` seam. The first trial to start claims the folder, dies after its first
 checkpoint, and on its retry finds that checkpoint truncated on disk, as a crash mid-write or a
-failing disk leaves it. Used by tests/test_hardening.py.
+failing disk leaves it. Used by tests/test_e2e_resume.py.
 """
 
 from __future__ import annotations
