@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
     RESULTS,
     SMOKE_OVERRIDES,
     Results,
+    load_average,
     median,
     table,
 )
@@ -98,6 +99,10 @@ METHODS = {  # name → (sampler, scheduler, telling, warm-started from the sibl
     "tpe+asha warm": ("tpe", "asha", "fidelity", True),
 }
 WARM_TOP = 3  # configurations a warm start enqueues from the earlier run (searcher.warm_start_top)
+# The comparison replays run without rtft's baseline-first trial: the baseline is the same
+# first trial for every method (and in this pool it is nearly the best configuration), so it
+# would measure the baseline, not the searcher. The live check keeps it, as rtft runs.
+REPLAY_BASELINE = False
 GOOD_PP = 0.005  # "good": within 0.5 percentage points of the best val_acc found
 START_S = 1.0  # simulated per-trial start-up (bench/overhead.py measures ours)
 
@@ -307,7 +312,8 @@ def pool_records(pool: list[dict[str, Any]]) -> list[Any]:
 
 def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
            budget_epochs: int | None = None, num_trials: int | None = None,
-           concurrency: int = 2, warm_from: list[dict[str, Any]] | None = None
+           concurrency: int = 2, warm_from: list[dict[str, Any]] | None = None,
+           baseline: bool | None = None, knobs: dict[str, Any] | None = None
            ) -> dict[str, Any]:
     """One simulated search: the trace of (epochs so far, simulated seconds, val_acc)."""
     import numpy as np
@@ -321,6 +327,15 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
 
     sampler_name, sched_type, telling, warm = METHODS[method]
     s = with_method(spec, sampler_name, sched_type, seed)
+    if baseline is not None:
+        s = s.model_copy(update={"searcher": s.searcher.model_copy(
+            update={"baseline_first": baseline})})
+    if knobs:  # the defaults sweep: n_startup_trials, grace_period, reduction_factor
+        s = s.model_copy(update={
+            "searcher": s.searcher.model_copy(update={
+                k: v for k, v in knobs.items() if k in type(s.searcher).model_fields}),
+            "scheduler": s.scheduler.model_copy(update={
+                k: v for k, v in knobs.items() if k in type(s.scheduler).model_fields})})
     np.random.seed(seed)  # ASHA's bracket draw uses numpy's global RNG (one bracket: no-op)
     storage = optuna.storages.InMemoryStorage()
     study_name = f"replay-{seed}"
@@ -348,6 +363,7 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
     running: dict[str, dict[str, Any]] = {}  # trial id → {trial, curve, epoch, t_next}
     trace: list[tuple[int, float, float]] = []
     picked: list[int] = []
+    started_at: list[int] = []  # trials started when each trace point was reported
 
     def can_start() -> bool:
         if num_trials is not None:
@@ -384,6 +400,7 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
                   "val_acc": point["val_acc"], "val_loss": point["val_loss"],
                   "best_val_acc": best, "diverged": point.get("diverged", False)}
         trace.append((epochs, now, point[s.metric]))
+        started_at.append(started)
         action = scheduler.on_trial_result(None, r["trial"], result)
         last = r["epoch"] >= len(curve) or point.get("diverged")
         if action == "STOP" or last:  # as Ray's controller: the last result only completes
@@ -396,6 +413,7 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
     states = [t.state.name for t in study.trials]
     tmp.cleanup()
     return {"trace": trace, "trials": started, "epochs": epochs, "seconds": now,
+            "started_at": started_at,
             "distinct_configs": len(set(picked)),
             "told": {k: states.count(k) for k in ("COMPLETE", "PRUNED", "FAIL")}}
 
@@ -429,8 +447,50 @@ def best_so_far(trace: list[tuple[int, float, float]], budget: int) -> list[floa
     return out
 
 
+def _replay_job(job: tuple) -> dict[str, Any]:
+    """One replay in a worker process (replays are independent: seeds × methods)."""
+    spec_json, pool, method, seed, budget, warm_from, *knobs = job
+    warnings.filterwarnings("ignore")
+    return replay(Spec.model_validate(spec_json), pool, method, seed, budget_epochs=budget,
+                  warm_from=warm_from, baseline=REPLAY_BASELINE,
+                  knobs=knobs[0] if knobs else None)
+
+
+def defaults_sweep(spec: Spec, pool: list[dict[str, Any]], seeds: int, budget_trials: int,
+                   workers: int) -> list[dict[str, Any]]:
+    """Fidelity-aware TPE+ASHA on the default space over n_startup_trials × grace_period ×
+    reduction_factor: epochs, and trials started, until within GOOD_PP of the pool's best."""
+    import itertools
+
+    pool_best = max(c["val_acc"] for e in pool for c in e["curve"])
+    budget = budget_trials * spec.max_t
+    grid = [{"n_startup_trials": n, "grace_period": g, "reduction_factor": r}
+            for n, g, r in itertools.product((4, 6, 10), (1, 2), (2, 3, 4))]
+    jobs = [(spec.model_dump(mode="json"), pool, "tpe+asha", seed, budget, None, k)
+            for k in grid for seed in range(seeds)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+            rs = list(ex.map(_replay_job, jobs))
+    else:
+        rs = [_replay_job(j) for j in jobs]
+    out = []
+    for i, k in enumerate(grid):
+        mine = rs[i * seeds:(i + 1) * seeds]
+        hits = []
+        for r in mine:
+            e, _ = to_target(r["trace"], pool_best - GOOD_PP)
+            n = (r["started_at"][int(e) - 1] if math.isfinite(e) else math.inf)
+            hits.append((e, n))
+        out.append({**k, "median_epochs": median([h[0] for h in hits]),
+                    "median_trials_started": median([h[1] for h in hits]),
+                    "reached": sum(math.isfinite(h[0]) for h in hits),
+                    "regret_median": median([pool_best - max(v for _, _, v in r["trace"])
+                                             for r in mine])})
+    return sorted(out, key=lambda r: (-r["reached"], r["median_epochs"]))
+
+
 def efficiency_tables(specs: dict[str, Spec], pools: dict[str, list[dict]], seeds: int,
-                      budget_trials: int) -> dict[str, Any]:
+                      budget_trials: int, workers: int = 1) -> dict[str, Any]:
     """Replay every method × seed on the default and large spaces: epochs and simulated
     seconds to within GOOD_PP of the pool's best, and the regret when the budget is spent."""
     out: dict[str, Any] = {}
@@ -444,8 +504,13 @@ def efficiency_tables(specs: dict[str, Spec], pools: dict[str, list[dict]], seed
             if METHODS[m][3] and not pools.get("sibling"):
                 continue  # no earlier run to warm-start from
             t0 = time.perf_counter()
-            rs = [replay(spec, pool, m, seed, budget_epochs=budget,
-                         warm_from=pools.get("sibling")) for seed in range(seeds)]
+            jobs = [(spec.model_dump(mode="json"), pool, m, seed, budget, pools.get("sibling"))
+                    for seed in range(seeds)]
+            if workers > 1:
+                with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+                    rs = list(ex.map(_replay_job, jobs))
+            else:
+                rs = [_replay_job(j) for j in jobs]
             hits = [to_target(r["trace"], target) for r in rs]
             ends = [max(v for _, _, v in r["trace"][:budget]) for r in rs]
             ep, sec = quartiles([h[0] for h in hits]), quartiles([h[1] for h in hits])
@@ -619,8 +684,9 @@ def main() -> None:
     specs = spaces(args.smoke, args.max_epochs)
     all_specs = dict(specs)
     parts = set(args.parts.split(","))
-    if parts - {"replay", "live", "asktell"}:
-        ap.error(f"--parts: unknown {sorted(parts - {'replay', 'live', 'asktell'})}")
+    known = {"replay", "live", "asktell", "sweep"}
+    if parts - known:
+        ap.error(f"--parts: unknown {sorted(parts - known)}")
     if args.no_live:
         parts.discard("live")
     if "replay" not in parts:
@@ -647,6 +713,8 @@ def main() -> None:
         found["live"] = live_part(specs, pools, args)
     if "asktell" in parts:
         found.update(asktell_part(all_specs, pools, args))
+    if "sweep" in parts:
+        found["defaults_sweep"] = sweep_part(specs, pools, args)
     found["settings"] = {"pool_size": args.pool_size, "large_pool_size": args.large_pool_size,
                          "sibling_pool_size": args.sibling_pool_size,
                          "max_epochs": args.max_epochs,
@@ -656,7 +724,8 @@ def main() -> None:
     kept = {}
     if path.exists() and not args.smoke:  # parts not run now: keep the earlier results
         old = json.loads(path.read_text())
-        kept = {k: old[k] for k in ("efficiency", "live", "ask_tell_ms", "median_trial_s")
+        kept = {k: old[k] for k in ("efficiency", "live", "ask_tell_ms", "median_trial_s",
+                                    "defaults_sweep", "ask_tell_load")
                 if k in old and k not in found}
     if "live" not in found and "live" not in kept:
         found["live"] = "skipped"
@@ -667,7 +736,8 @@ def main() -> None:
 def replay_part(specs: dict[str, Spec], pools: dict[str, list], args: Any,
                 out_dir: Path) -> dict[str, Any]:
     """The replayed comparison of the methods, printed and plotted."""
-    eff = efficiency_tables(specs, pools, args.seeds, args.budget_trials)
+    eff = efficiency_tables(specs, pools, args.seeds, args.budget_trials,
+                            workers=args.workers)
     print(f"\ncompute to a good model (val_acc within {100 * GOOD_PP:.1f} pp of the pool's best), "
           f"median [IQR] of {args.seeds} seeds, replayed, 2 trials at a time")
     for name, e in eff.items():
@@ -689,6 +759,19 @@ def replay_part(specs: dict[str, Spec], pools: dict[str, list], args: Any,
     return eff
 
 
+def sweep_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> list[dict]:
+    """The defaults sweep, printed best first."""
+    rows = defaults_sweep(specs["default"], pools["default"], args.seeds, args.budget_trials,
+                          args.workers)
+    print(f"\ndefaults sweep: fidelity-aware TPE+ASHA, default space, {args.seeds} seeds")
+    print(table(["n_startup", "grace", "η", "epochs to good", "trials started", "reached",
+                 "regret"],
+                [[r["n_startup_trials"], r["grace_period"], r["reduction_factor"],
+                  r["median_epochs"], r["median_trials_started"], f"{r['reached']}/{args.seeds}",
+                  r["regret_median"]] for r in rows]))
+    return rows
+
+
 def live_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict[str, Any]:
     """The live run_search against the replay, printed."""
     live = live_check(specs["default"], pools["default"], args.seeds)
@@ -706,6 +789,7 @@ def live_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict
 def asktell_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> dict[str, Any]:
     """Optuna's ask + tell per trial with our spaces, and its share of a trial, printed."""
     marks = [10, 20] if args.smoke else [100, 1000, 5000]
+    load_before = load_average()
     cost = {name: ask_tell_cost(spec, marks) for name, spec in specs.items()
             if name != "sibling"}  # the same space as default
     trial_s = median([e["seconds"] for e in pools["default"] if e["curve"]])
@@ -717,7 +801,8 @@ def asktell_part(specs: dict[str, Spec], pools: dict[str, list], args: Any) -> d
         for m, ms in c.items():
             rows.append([f"{name} ({n_params} params)", m, ms, 100 * ms / 1000 / trial_s])
     print(table(["space", "trials", "ms/trial", "% of trial"], rows))
-    return {"ask_tell_ms": cost, "median_trial_s": trial_s}
+    return {"ask_tell_ms": cost, "median_trial_s": trial_s,
+            "ask_tell_load": {"before": load_before, "after": load_average()}}
 
 
 if __name__ == "__main__":

@@ -68,13 +68,20 @@ def test_efficiency_smoke(tmp_path: Path) -> None:
     data = _run("efficiency.py", tmp_path)
     pool = [json.loads(x) for x in
             (tmp_path / "efficiency_pool_smoke.jsonl").read_text().splitlines()]
-    assert len(pool) == 6 and all(len(e["curve"]) == 2 for e in pool)
+    assert len(pool) == 9 and all(len(e["curve"]) == 2 for e in pool)  # 3 spaces x 3
+    assert {e["space"] for e in pool} == {"default", "large", "sibling"}
     for space in ("default", "large"):
         e = data["efficiency"][space]
-        assert set(e["methods"]) == {"tpe+asha", "random full", "random+asha", "tpe (no asha)"}
-        assert e["target"] == pytest.approx(e["best_found"] - 0.005)
+        assert set(e["methods"]) == {"random full", "random+asha", "tpe+asha (ray: last)",
+                                     "tpe+asha", "gp+asha", "cmaes+asha", "tpe+asha warm"}
+        assert e["target"] == pytest.approx(e["pool_best"] - 0.005)
         for r in e["methods"].values():
             assert len(r["epochs_to_good"]) == 2 and r["trials"] >= 1
+        # Ray's rule tells every trial COMPLETE; the fidelity rule tells each trial once.
+        assert e["methods"]["tpe+asha (ray: last)"]["told"]["PRUNED"] == 0
+        fid = e["methods"]["tpe+asha"]
+        assert sum(fid["told"].values()) == pytest.approx(fid["trials"])
+        assert len(e["best_so_far_median"]["tpe+asha"]) == e["budget_epochs"]
         # ASHA stops trials early, so within the same epoch budget it starts more of them.
         assert e["methods"]["random+asha"]["trials"] >= e["methods"]["random full"]["trials"]
         assert all(v > 0 for v in data["ask_tell_ms"][space].values())
