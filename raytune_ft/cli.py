@@ -132,8 +132,9 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
               help="Say how many trials fit at once on a cluster with N GPUs in total.")
 @click.option("--cluster-cpus", type=click.FloatRange(min=0), default=None, metavar="N",
               help="... and N CPUs (not counted when only --cluster-gpus is given).")
-@click.option("--address", default=None,
-              help="Read the resources of this Ray cluster instead: auto, host:6379, "
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="Read the resources of this Ray cluster instead (as `rtft search` would "
+                   "join it; also $RAY_ADDRESS): auto, host:6379, "
                    "ray://host:10001, or http://head:8265 (token from RAY_AUTH_* or --header).")
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
               help="HTTP header for an http:// --address (e.g. Authorization). Never printed.")

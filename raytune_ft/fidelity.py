@@ -19,7 +19,8 @@ ranks trials by it (`runs.ranked`): the searcher and promotion agree on what "go
 Diverged: FAIL would hide the trial from TPE, which would go on proposing the region (a
 learning rate too high) that made it diverge. The trainer reports a diverged epoch with the
 metric's worst value (`train.DIVERGED`: val_acc 0, val_loss 1e9); told PRUNED, the trial ranks
-below every trial that reached the same epoch, so TPE's "bad" group learns the region.
+below every trial that reached the same epoch. (TPE ranks PRUNED trials by the epoch reached
+first: one that diverged late still ranks above trials stopped at an earlier rung.)
 
 `telling: last` reproduces Ray's rule (COMPLETE with the last value), for comparison.
 """
@@ -31,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 State = Literal["COMPLETE", "PRUNED", "FAIL"]
-TELLINGS = ("fidelity", "last")
 
 
 @dataclass(frozen=True)

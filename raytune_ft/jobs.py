@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.errors import JobsError, SpecError, first_line
+from raytune_ft.errors import JobsError, UserError, first_line
 
 # Headers, env vars and redaction live in job_env (standard library only); re-exported here,
 # where the CLI and the tests have always found them.
@@ -117,7 +117,7 @@ def _relative_to_cwd(p: Path, cwd: Path, what: str, field_name: str) -> Path:
     try:
         return p.resolve().relative_to(cwd)
     except ValueError as e:
-        raise SpecError(f"{what} {str(p)!r} is a relative path outside the current folder, "
+        raise UserError(f"{what} {str(p)!r} is a relative path outside the current folder, "
                         f"which cannot be shipped with the job; allowed: a path under the "
                         f"current folder, or an absolute path that exists on every cluster "
                         f"node", field=field_name) from e
@@ -128,7 +128,7 @@ def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
             env_vars: Mapping[str, str] | None = None, cwd: Path | None = None) -> Submission:
     """Check the spec and build the job's entrypoint and runtime_env (see the module doc).
 
-    Raises SpecError for a spec that cannot run as a job (relative result folders, relative
+    Raises UserError for a spec that cannot run as a job (relative result folders, relative
     files outside the current folder). The caller removes `Submission.staging`.
     """
     cwd = (cwd or Path.cwd()).resolve()
@@ -137,7 +137,7 @@ def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
     for field_name, value in (("run.storage_path", spec.run.storage_path),
                               ("promote.dir", spec.promote.dir)):
         if not is_uri(value) and not Path(value).expanduser().is_absolute():
-            raise SpecError(
+            raise UserError(
                 f"{value!r} is relative: in a Ray job it would resolve inside the job's "
                 f"temporary working folder on the head node and be lost when the job ends; "
                 f"allowed: an absolute path on storage every node mounts (NFS)"
@@ -145,6 +145,13 @@ def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
                 f"e.g. --set {field_name}=/mnt/shared/"
                 f"{'rtft_runs' if field_name == 'run.storage_path' else 'models'}",
                 field=field_name)
+    for value in spec.searcher.warm_start:  # earlier runs are read by the job's driver
+        if not Path(value).expanduser().is_absolute():
+            raise UserError(
+                f"{value!r} is relative: a Ray job reads earlier runs on the cluster, where only "
+                f"the spec and its data and weights files are shipped; allowed: an absolute "
+                f"path on storage every node mounts (where the earlier search wrote its run)",
+                field="searcher.warm_start")
     staging = Path(tempfile.mkdtemp(prefix="rtft-job-"))
     try:
         shipped, assumed = [], []

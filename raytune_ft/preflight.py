@@ -260,7 +260,7 @@ class Plan:
 _SOME_CLASSES = 10
 
 
-def dry_run(spec: Spec, on: Machines | None) -> Plan:
+def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True) -> Plan:
     """Every check `rtft search` makes before it starts Ray, writing, downloading and
     pretraining nothing; raises :class:`UserError` naming the field.
 
@@ -280,7 +280,8 @@ def dry_run(spec: Spec, on: Machines | None) -> Plan:
         fit = Fit(on.where, fits, min(fits, spec.run.max_concurrent_trials))
     weights = _check_weights_name(spec)
     num_classes = check_source(spec.data)
-    warm_start.plan_for(spec)  # every earlier run it names is readable and fits this search
+    if warm:  # `rtft search` reads them once it knows the run is new (a resume needs none)
+        warm_start.plan_for(spec)  # every earlier run it names is readable and fits
     shape = _check_model(spec, num_classes or _SOME_CLASSES)
     d = spec.data
     where = f" in {Path(d.root).expanduser().resolve()}" if d.root else " (built in)"

@@ -34,7 +34,7 @@ Echo = Callable[[str], None]
 TUNE_DIR = "tune"
 # rtft's own run files. With an s3:// or gs:// storage_path they are written to a local staging
 # folder on the driver's machine (the Optuna journal is appended on every ask and tell, ASHA's
-# rungs change on every decision: too chatty for object storage) and uploaded to the run's URI
+# decision log on every result: too chatty for object storage) and uploaded to the run's URI
 # after every finished trial and at the end (search.storage).
 RUN_FILES = ("spec.yaml", "data.json", "trials.json", "optuna.journal", "asha_rungs.json",
              "asha_decisions.jsonl")

@@ -38,7 +38,8 @@ def distribution(p: Any) -> optuna.distributions.BaseDistribution:
             "choice": lambda: d.CategoricalDistribution(p.values)}[p.space]()
 
 
-def _active(param: Any, values: dict[str, Any]) -> bool:
+def active(param: Any, values: dict[str, Any]) -> bool:
+    """Whether `param`'s `when:` holds for the parameter `values` chosen so far."""
     for parent, wanted in (param.when or {}).items():
         options = wanted if isinstance(wanted, list) else [wanted]
         if parent not in values or values[parent] not in options:
@@ -58,7 +59,7 @@ class _DefineByRun:
         constants: dict[str, Any] = {}
         for name in self.order:
             p = self.search[name]
-            if not _active(p, values):
+            if not active(p, values):
                 continue
             if p.space == "fixed":
                 values[name] = constants[name] = p.value
@@ -90,7 +91,7 @@ def baseline_params(spec: Spec) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in param_order(spec.search):
         p = spec.search[name]
-        if not _active(p, values):
+        if not active(p, values):
             continue
         v = defaults[name]
         if p.space == "fixed":

@@ -50,7 +50,8 @@ class Plan:
     """What the new study gets: configurations to enqueue, observations, notes to print."""
 
     enqueue: list[dict[str, Any]] = field(default_factory=list)
-    observations: list[tuple[dict[str, Any], TrialRecord]] = field(default_factory=list)
+    # (configuration, earlier trial, the earlier run's max_t: what "trained in full" meant there)
+    observations: list[tuple[dict[str, Any], TrialRecord, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -93,20 +94,36 @@ def read_source(path: str | Path) -> Source:
 
 
 def fit_to_space(spec: Spec, params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """`params` moved into `spec`'s space: numbers clipped to their range, choices not offered
-    dropped, names not searched dropped (the sampler fills what is missing). Returns the
-    configuration and what was changed, one phrase each."""
+    """`params` moved into `spec`'s space, walked in the space's own order: numbers clipped to
+    their range, choices not offered dropped, names not searched dropped, parameters whose
+    `when:` no longer holds dropped (the sampler fills what is missing). A value that differs
+    from one this spec fixes counts as a change. Returns the configuration and what changed,
+    one phrase each."""
+    from raytune_ft.knobs import param_order
+    from raytune_ft.space import active
+
     out: dict[str, Any] = {}
-    changed: list[str] = []
-    for name, v in params.items():
-        p = spec.search.get(name)
-        if p is None:
-            changed.append(f"{name} dropped (not in this search)")
-        elif p.space == "fixed":
-            continue  # this spec fixes it
-        elif p.space == "choice":
+    values: dict[str, Any] = {}  # what `when:` sees: the kept values and the fixed ones
+    changed = [f"{name} dropped (not in this search)" for name in params
+               if name not in spec.search]
+    for name in param_order(spec.search):
+        p = spec.search[name]
+        if not active(p, values):
+            if name in params:
+                changed.append(f"{name} dropped (inactive here)")
+            continue
+        if p.space == "fixed":
+            values[name] = p.value
+            if name in params and params[name] != p.value:
+                changed.append(f"{name}={params[name]!r} differs from this search's fixed "
+                               f"{p.value!r}")
+            continue
+        if name not in params:
+            continue
+        v = params[name]
+        if p.space == "choice":
             if v in p.values:
-                out[name] = v
+                out[name] = values[name] = v
             else:
                 changed.append(f"{name}={v!r} dropped (not among {p.values})")
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -115,7 +132,7 @@ def fit_to_space(spec: Spec, params: dict[str, Any]) -> tuple[dict[str, Any], li
                 clipped = int(round(clipped))
             if clipped != v:
                 changed.append(f"{name}={v:g} clipped to {clipped:g}")
-            out[name] = clipped
+            out[name] = values[name] = clipped
         else:
             changed.append(f"{name}={v!r} dropped (not a number)")
     return out, changed
@@ -149,13 +166,12 @@ def plan(spec: Spec, sources: list[Source], *, top: int, prior: bool,
                 out.enqueue.append(cfg)
         if prior:
             if data is not None and src.data is not None and src.data != data:
-                out.notes.append(f"warm start from {src.path.name}: it was trained on other "
-                                 f"data; its trials count as much as new ones (set "
-                                 f"searcher.warm_start_prior: false to only enqueue its best)")
+                out.notes.append(f"warm start from {src.path.name}: its trials ran on other "
+                                 f"data (or other splits of it) and count as much as new ones")
             for rec in src.records:
                 cfg, changed = fit_to_space(spec, rec.params)
                 if not changed and cfg:  # only trials that lie inside this space, as they ran
-                    out.observations.append((cfg, rec))
+                    out.observations.append((cfg, rec, src.max_t))
     return out
 
 
@@ -181,13 +197,14 @@ def told(rec: TrialRecord, metric: str, max_t: int) -> tuple[str, float | None, 
     return t.state, t.value, curve
 
 
-def frozen_trial(spec: Spec, cfg: dict[str, Any], rec: TrialRecord) -> Any:
-    """An earlier trial as an Optuna FrozenTrial of this study (for `study.add_trial`)."""
+def frozen_trial(spec: Spec, cfg: dict[str, Any], rec: TrialRecord, max_t: int) -> Any:
+    """An earlier trial as an Optuna FrozenTrial of this study (for `study.add_trial`); COMPLETE
+    or PRUNED by what `max_t` was in its own run."""
     import optuna
 
     from raytune_ft.space import distribution
 
-    state, value, curve = told(rec, spec.metric, spec.max_t)
+    state, value, curve = told(rec, spec.metric, max_t)
     return optuna.trial.create_trial(
         params=cfg, distributions={n: distribution(spec.search[n]) for n in cfg},
         value=value, state=optuna.trial.TrialState[state], intermediate_values=curve,

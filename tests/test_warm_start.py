@@ -73,14 +73,28 @@ def test_earlier_trials_as_observations(tmp_path: Path) -> None:
     spec = tiny_spec(tmp_path)
     plan = warm_start.plan(spec, [warm_start.read_source(run)], top=1, prior=True)
     study = optuna.create_study(direction="maximize")
-    for cfg, rec in plan.observations:
-        study.add_trial(warm_start.frozen_trial(spec, cfg, rec))
+    for cfg, rec, max_t in plan.observations:
+        study.add_trial(warm_start.frozen_trial(spec, cfg, rec, max_t))
     states = {t.user_attrs["warm_start"]: t for t in study.trials}
     assert "a" not in states  # its head_dropout is not searched here: not the same point
     assert states["b"].state.name == "COMPLETE" and states["b"].value == 0.8
     assert states["b"].intermediate_values == {1: 0.6, 2: 0.8}
     assert states["c"].state.name == "PRUNED" and states["c"].intermediate_values == {1: 0.95}
     assert states["d"].state.name == "FAIL"
+
+
+def test_conditions_and_fixed_values_of_this_search_are_respected(tmp_path: Path) -> None:
+    # Here momentum applies to adam only and freeze_depth is fixed to 1: an earlier adamw trial
+    # with momentum and freeze_depth 0 keeps its lr and optimizer only.
+    spec = parse_spec(TINY_SPEC.format(root=tmp_path, n=4, weights="none"), file="tiny.yaml",
+                      overrides=["search.optimizer={space: choice, values: [adam, adamw]}",
+                                 "search.momentum={space: uniform, low: 0.8, high: 0.95, "
+                                 "when: {optimizer: adam}}", "search.freeze_depth=1"])
+    cfg, changed = warm_start.fit_to_space(
+        spec, {"lr": 0.009, "optimizer": "adamw", "momentum": 0.9, "freeze_depth": 0})
+    assert cfg == {"lr": 0.009, "optimizer": "adamw"}
+    assert any("freeze_depth=0 differs" in c for c in changed)
+    assert any("momentum dropped (inactive here)" in c for c in changed)
 
 
 def test_a_promoted_model_is_a_source(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
 |---------------|------------------------------------------------------------------------|
 | `run`         | `run_search`: the steps of a search, the Tuner, the run lock           |
 | `trainable`   | what runs in a Ray worker for one trial (calls `train.train`)          |
+| `searcher`    | Ray's OptunaSearch, telling Optuna how each trial ended (PRUNED, …)    |
 | `callbacks`   | progress lines, failure budget, TensorBoard, uploads of run files      |
 | `schedulers`  | ASHA with persistent rungs; snapshots when trials start or end         |
 | `cluster`     | start or join Ray, cluster resources, the shared-storage probe         |

@@ -78,7 +78,7 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     local = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     # The same dry run as `rtft validate` (on this machine's resources when Ray starts here),
     # then what only a search does: pretrain, read all the data, load named weights.
-    preflight.dry_run(spec, preflight.this_machine() if local else None)
+    preflight.dry_run(spec, preflight.this_machine() if local else None, warm=False)
     ensure_backbone(spec, echo=echo)
     splits = prepare(spec.data)
     preflight.check_pretrained(spec, splits.num_classes)
@@ -210,8 +210,8 @@ def _warm_start(spec: Spec, study: Any, plan: warm_start.Plan, echo: Echo) -> No
         echo(note)
     for cfg in plan.enqueue:
         study.enqueue_trial(cfg, skip_if_exists=True)
-    for cfg, rec in plan.observations:
-        study.add_trial(warm_start.frozen_trial(spec, cfg, rec))
+    for cfg, rec, max_t in plan.observations:
+        study.add_trial(warm_start.frozen_trial(spec, cfg, rec, max_t))
     if plan.enqueue or plan.observations:
         echo(f"warm start: {len(plan.enqueue)} earlier configuration(s) first"
              + (f", {len(plan.observations)} earlier trial(s) as observations"

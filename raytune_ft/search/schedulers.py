@@ -54,10 +54,11 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
     Ray's `Tuner.restore` brings back the scheduler as it was pickled at the start, with empty
     rungs (ray#30838): after a resume, trials would be judged against nothing. This one appends
     every decision to `asha_decisions.jsonl` (trial, epoch, the metric's value in its own units,
-    action) and, on its first call after a restore, rebuilds the rungs by replaying that log
-    through ASHA itself: the same results in the same order leave the same rungs, so a resumed
-    search decides every later result as the uninterrupted one would. One short line per
-    result, never a rewrite: the cost per result does not grow with the number of trials.
+    action: CONTINUE/STOP, COMPLETE when a trial ends, PROTECT for the baseline trial) and, on
+    its first call after a restore, rebuilds the rungs by replaying that log through ASHA: the
+    same results in the same order leave the same rungs, so a resumed search decides every
+    later result as the uninterrupted one would. One short line per result, never a rewrite
+    (a line cut short by a crash is dropped at the next start).
 
     Run folders written before this (rtft <= 0.1.0) also hold `asha_rungs.json`, a snapshot of
     the rungs; only its `protected` entry is still read, the log holds everything else.
@@ -96,21 +97,28 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         log = run_dir / self.LOG
         if not log.exists():
             return
-        for line in log.read_text().splitlines():
-            try:
-                d = json.loads(line)
-            except ValueError:  # a line cut short by a crash mid-write: nothing was decided
-                continue
+        text = log.read_text()
+        if text and not text.endswith("\n"):  # a line cut short by a crash mid-write:
+            text = text[:text.rfind("\n") + 1]  # nothing was decided; the next line
+            with open(log, "r+") as f:            # must start on a line of its own
+                f.truncate(len(text.encode()))
+        for line in text.splitlines():
+            d = json.loads(line)
             if d.get("protected"):
                 self._protected = d["trial"]
+            if d["action"] == "PROTECT":
+                continue
             asha_adopt(self, d["trial"])
-            ASHAScheduler.on_trial_result(self, None, _Replayed(d["trial"]),
-                                          {self._t_attr: d["epoch"], self._m_name: d["value"]})
+            result = {self._t_attr: d["epoch"], self._m_name: d["value"]}
+            stub = _Replayed(d["trial"])
+            if d["action"] == "COMPLETE":  # Ray's ASHA records a finished trial's last result
+                ASHAScheduler.on_trial_complete(self, None, stub, result)
+            else:
+                ASHAScheduler.on_trial_result(self, None, stub, result)
 
-    def _log(self, trial: Any, result: dict, action: str) -> None:
-        entry = {"trial": trial.trial_id, "epoch": result.get(self._t_attr),
-                 "value": result.get(self._m_name), "action": action}
-        if trial.trial_id == self._protected:
+    def _log(self, trial_id: str, epoch: Any, value: Any, action: str) -> None:
+        entry = {"trial": trial_id, "epoch": epoch, "value": value, "action": action}
+        if trial_id == self._protected:
             entry["protected"] = True
         with open(Path(self._run_dir) / self.LOG, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -119,6 +127,7 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         self._load_once()
         if self._protect_first and self._protected is None:
             self._protected = trial.trial_id
+            self._log(trial.trial_id, 0, None, "PROTECT")  # a restore must know it at once
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
@@ -129,13 +138,15 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         if trial.trial_id == self._protected and result.get(self._t_attr, 0) < self._last_t:
             action = "CONTINUE"  # recorded at the rung like any trial, but never stopped
         if self._t_attr in result and self._m_name in result:
-            self._log(trial, result, action)
+            self._log(trial.trial_id, result[self._t_attr], result[self._m_name], action)
         return action
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         self._load_once()
         asha_adopt(self, trial.trial_id)
         super().on_trial_complete(tune_controller, trial, result)
+        if self._t_attr in result and self._m_name in result:
+            self._log(trial.trial_id, result[self._t_attr], result[self._m_name], "COMPLETE")
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         asha_forget(self, trial.trial_id)

@@ -34,8 +34,13 @@ class FidelityOptunaSearch(OptunaSearch):
         self._telling = telling
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if finite(result.get(self.metric)):  # Optuna refuses to rank on NaN/inf
+        if not finite(result.get(self.metric)):  # Optuna refuses to rank on NaN/inf
+            return
+        try:
             super().on_trial_result(trial_id, result)
+        except Exception:  # e.g. a trial told already before a crash: never fail the trial
+            logging.getLogger(__name__).warning("could not report %s to Optuna", trial_id,
+                                                exc_info=True)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -44,14 +49,17 @@ class FidelityOptunaSearch(OptunaSearch):
             return
         if trial_id in optuna_completed(self):
             return  # told already (Ray repeats a completion after some restores)
-        trial = optuna_trial(self, trial_id)
-        if result and finite(result.get(STEP)) and finite(result.get(self.metric)):
-            with warnings.catch_warnings():  # "already reported": a trial that ran to the end
-                warnings.simplefilter("ignore")
-                trial.report(result[self.metric], int(result[STEP]))  # the stopping epoch
         told = tell(result, error=error, metric=self.metric, max_t=self._max_t)
+        # Never turn a finished trial into a failed one over the searcher's bookkeeping: a
+        # trial told just before a driver crash is finished in the journal on resume.
         try:
+            trial = optuna_trial(self, trial_id)
+            if result and finite(result.get(STEP)) and finite(result.get(self.metric)):
+                with warnings.catch_warnings():  # "already reported": it ran to the end
+                    warnings.simplefilter("ignore")
+                    trial.report(result[self.metric], int(result[STEP]))  # the last epoch
             optuna_study(self).tell(trial, told.value, state=TrialState[told.state])
-        except Exception:  # never end a search on the searcher's bookkeeping
-            logging.getLogger(__name__).exception("could not tell Optuna about %s", trial_id)
+        except Exception:
+            logging.getLogger(__name__).warning("could not tell Optuna about %s", trial_id,
+                                                exc_info=True)
         optuna_completed(self).add(trial_id)

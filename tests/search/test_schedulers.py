@@ -54,8 +54,9 @@ def test_the_first_trial_is_never_stopped_early(tmp_path: Path) -> None:
     assert asha.on_trial_result(None, _T("baseline"), _result(4, 0.1)) == "STOP"  # max_t
 
 
-def _stream(n_trials: int, seed: int) -> list[tuple[str, int, float]]:
-    """Results as ASHA sees them with 4 trials at a time: interleaved epochs, made-up values."""
+def _stream(n_trials: int, seed: int) -> list[tuple[str, int, float, bool]]:
+    """Results as ASHA sees them with 4 trials at a time: interleaved epochs, made-up values,
+    and whether it is the trial's last (then Ray calls on_trial_complete)."""
     rng = random.Random(seed)
     quality = {f"t{i}": rng.random() for i in range(n_trials)}
     running, out, nxt = {}, [], 0
@@ -65,8 +66,10 @@ def _stream(n_trials: int, seed: int) -> list[tuple[str, int, float]]:
             nxt += 1
         tid = rng.choice(sorted(running))
         running[tid] += 1
-        out.append((tid, running[tid], quality[tid] + 0.1 * running[tid] + rng.gauss(0, 0.05)))
-        if running[tid] >= 8 or rng.random() < 0.2:  # ended (max_t, or stopped: see below)
+        value = quality[tid] + 0.1 * running[tid] + rng.gauss(0, 0.05)
+        last = running[tid] >= 8 or rng.random() < 0.2  # ended (max_t, or stopped)
+        out.append((tid, running[tid], value, last))
+        if last:
             del running[tid]
     return out
 
@@ -84,7 +87,7 @@ def test_a_scheduler_rebuilt_from_the_run_folder_decides_as_the_uninterrupted_on
     live = pickle.loads(fresh)
     seen: set[str] = set()
     k = len(stream) // 2
-    for i, (tid, epoch, v) in enumerate(stream):
+    for i, (tid, epoch, v, last) in enumerate(stream):
         for s in (ref, live):
             if tid not in seen:
                 s.on_trial_add(None, _T(tid))
@@ -94,9 +97,27 @@ def test_a_scheduler_rebuilt_from_the_run_folder_decides_as_the_uninterrupted_on
         value = v if mode == "max" else -v
         assert (live.on_trial_result(None, _T(tid), _result(epoch, value, metric))
                 == ref.on_trial_result(None, _T(tid), _result(epoch, value, metric))), i
-    assert live.rungs() == ref.rungs()
+        if last:  # Ray's ASHA records a finished trial's result at max_t here
+            for s in (ref, live):
+                s.on_trial_complete(None, _T(tid), _result(epoch, value, metric))
+    assert live.rungs() == ref.rungs() and ref.rungs()[8.0]
     assert (crash_dir / "asha_decisions.jsonl").read_text() == \
         (ref_dir / "asha_decisions.jsonl").read_text()
+
+
+def test_a_line_cut_short_by_a_crash_is_dropped_and_the_next_starts_clean(
+        tmp_path: Path) -> None:
+    first = _asha(tmp_path, protect_first=True)
+    first.on_trial_add(None, _T("a"))
+    first.on_trial_result(None, _T("a"), _result(1, 0.9))
+    log = tmp_path / "asha_decisions.jsonl"
+    log.write_text(log.read_text() + '{"trial": "b", "epo')  # the driver died mid-write
+    again = _asha(tmp_path, protect_first=True)
+    again.on_trial_add(None, _T("b"))
+    assert again.on_trial_result(None, _T("b"), _result(1, 0.5)) == "STOP"  # judged vs a
+    lines = [json.loads(x) for x in log.read_text().splitlines()]  # every line parses
+    assert [d["action"] for d in lines] == ["PROTECT", "CONTINUE", "STOP"]
+    assert lines[0]["trial"] == "a" and again._protected == "a"  # not b, added first now
 
 
 def test_rungs_and_decisions_agree_in_sign_for_a_metric_to_minimise(tmp_path: Path) -> None:
