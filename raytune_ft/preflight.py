@@ -23,6 +23,7 @@ from pathlib import Path
 from raytune_ft import warm_start
 from raytune_ft.errors import UserError
 from raytune_ft.paths import is_uri
+from raytune_ft.runs import TUNE_DIR, run_location
 from raytune_ft.spec import Hyperparams, Spec, check_fit
 from raytune_ft.weights import classify, torchvision_weights
 
@@ -260,7 +261,17 @@ class Plan:
 _SOME_CLASSES = 10
 
 
-def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True) -> Plan:
+def _check_new_run(spec: Spec) -> None:
+    """A search without --resume never writes over an existing run (a local run folder holding
+    Ray's experiment; an s3:// / gs:// run is checked by the search, which reads the bucket)."""
+    loc = run_location(spec)
+    if loc.remote is None and (loc.local / TUNE_DIR / "tuner.pkl").exists():
+        raise UserError(f"a run named {spec.name!r} already exists in {loc.local.parent}; pass "
+                        f"--resume to continue it, or --set name=... for a new run", field="name")
+
+
+def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True,
+            resume: bool = False) -> Plan:
     """Every check `rtft search` makes before it starts Ray, writing, downloading and
     pretraining nothing; raises :class:`UserError` naming the field.
 
@@ -274,6 +285,8 @@ def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True) -> Plan:
     from raytune_ft.sources import check_source
 
     _check_outputs(spec)
+    if not resume:
+        _check_new_run(spec)
     fit = None
     if on is not None:
         fits = check_fit(spec, on.resources, where=on.where)

@@ -200,3 +200,15 @@ def test_machines_default_to_this_one(tmp_path: Path) -> None:
     assert on.where.startswith("this machine (")
     with pytest.raises(UserError, match="--cluster-gpus alone says nothing"):
         preflight.machines(tiny_spec(tmp_path), gpus=2.0)
+
+
+def test_an_existing_run_is_refused_without_resume(tmp_path: Path) -> None:
+    dry_run = preflight.dry_run
+    spec = tiny_spec(tmp_path)
+    dry_run(spec, None)  # a new run: fine
+    (tmp_path / "runs" / "tiny" / "tune").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "tune" / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(UserError, match="already exists") as e:
+        dry_run(spec, None)
+    assert e.value.field == "name"
+    dry_run(spec, None, resume=True)  # what `rtft search --resume` checks

@@ -78,7 +78,8 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     local = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     # The same dry run as `rtft validate` (on this machine's resources when Ray starts here),
     # then what only a search does: pretrain, read all the data, load named weights.
-    preflight.dry_run(spec, preflight.this_machine() if local else None, warm=False)
+    preflight.dry_run(spec, preflight.this_machine() if local else None, warm=False,
+                      resume=resume)
     ensure_backbone(spec, echo=echo)
     splits = prepare(spec.data)
     preflight.check_pretrained(spec, splits.num_classes)
