@@ -1,34 +1,31 @@
-"""Search efficiency: how much compute TPE + ASHA needs to reach a good model, against random.
+"""Search efficiency: how much compute each searcher needs to reach a good model.
 
-    python bench/efficiency.py                 # record the pool once (resumable), replay, live run
+    python bench/efficiency.py                 # record the pools once (resumable), then the rest
     python bench/efficiency.py --record-only   # only record the learning curves (background job)
-    python bench/efficiency.py --smoke         # seconds: tiny pool, 2 seeds, no live run
+    python bench/efficiency.py --recorded-only --parts replay,sweep   # replay what is recorded
+    python bench/efficiency.py --smoke         # seconds: tiny pools, 2 seeds, no live run
 
 How it works (the way Syne Tune's simulator and tabular benchmarks do it):
 
-1. **Record** the learning curves of a fixed pool of configurations once, with our real
-   ``train()`` on the default task (``search_spaces/resnet.yaml``), 1 thread per trial, 2 trials
-   at a time: the default space's baseline plus random draws from it, and random draws from a
-   larger space with every fine-tuning knob. Per epoch: val_acc, val_loss and the epoch's wall
-   time. The pool is cached in ``bench/results/efficiency_pool.jsonl`` (committed; a missing or
-   partial file is completed, never redone). A curve stopped at epoch k is exactly what a trial
-   stopped there would have seen: the LR schedule depends on ``max_epochs`` only.
-2. **Replay** searches through the REAL code: Ray's ``OptunaSearch`` with our ``define_by_run``
-   space and ``make_sampler`` sampler (TPE or random, the baseline enqueued first as rtft does),
-   and our ``PersistentASHA`` (Ray's ``ASHAScheduler``) or Ray's ``FIFOScheduler``, driven by
-   a discrete-event loop with 2 trials in flight, called in the order Ray's TuneController calls
-   them (scheduler.on_trial_result, searcher.on_trial_result / on_trial_complete). A sampled
-   configuration is mapped to the **nearest pool configuration** (numeric knobs scaled to [0, 1],
-   log-scaled where the space is; a differing categorical or an active/inactive mismatch counts
-   1), so TPE sees and models the real space, not a list of indices; the searcher is told the
-   nearest configuration's result.
-3. Every method gets the same budget of trained epochs; "compute to a good model" is the number
-   of trained epochs (and simulated wall seconds) until some trial reports a val_acc within
-   0.5 pp of the best val_acc any method found on that space.
-4. One **live** ``run_search`` (TPE + ASHA, 8 trials) checks the replay: its trials' curves
-   against their nearest pool configurations', its epochs and best value against the replay's.
-5. Optuna ask + tell per trial at 100 and 1,000 trials with our space (journal storage, as
-   ``run_search`` uses), and the sampler's share of a trial's time.
+1. **Record** learning curves once with our real ``train()`` (1 thread per trial, 2 at a time),
+   8 epochs each, into ``bench/results/efficiency_pool_e8.jsonl`` (committed; a missing or
+   partial file is completed, never redone): the default space on the default task, the large
+   space with every knob, and the default space on a sibling task (the warm-start source). A
+   curve stopped at epoch k is exactly what a trial stopped there would have seen: the LR
+   schedule depends on ``max_epochs`` only.
+2. **Replay** searches through the REAL code: our ``FidelityOptunaSearch`` (fidelity-aware or
+   Ray's "last" telling) with ``define_by_run`` and ``make_sampler``, our ``PersistentASHA`` or
+   Ray's ``FIFOScheduler``, driven by a discrete-event loop with 2 trials in flight, called in
+   TuneController's order. A sampled configuration is mapped to the nearest pool configuration.
+   Replays leave out the baseline-first trial (the same for every method: it would measure the
+   baseline, not the searcher).
+3. Every method gets the same budget of trained epochs; reported: epochs and simulated seconds
+   until a trial reports a val_acc within GOOD_PP (and LOOSE_PP) of the pool's best, and the
+   regret at the end of the budget; best-so-far curves are plotted (results/efficiency.png).
+4. A sweep of n_startup_trials × grace_period × reduction_factor for the default spec.
+5. One **live** ``run_search`` (8 trials) checks the replay against real training.
+6. The searcher's work per trial (ask, intermediate values, the fidelity-aware tell, journal
+   storage) at 100, 1,000 and 5,000 trials.
 """
 
 from __future__ import annotations

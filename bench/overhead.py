@@ -13,7 +13,7 @@ stopping, 2 trials at a time with 1 thread each, run three ways, each in a fresh
 (b) plain    a hand-written Ray Tune script: a function trainable that calls our ``train()``
              and ``tune.report``s each epoch's metrics, data passed with ``tune.with_parameters``,
              Tune's defaults otherwise. It calls our ``train()`` (not a separate loop) so that
-             (c)/(b) measures only what ``search.py`` adds on top of Ray Tune — the trainer
+             (c)/(b) measures only what ``raytune_ft/search/`` adds on top of Ray Tune — the trainer
              itself is compared with a hand-written loop in ``bench/trainer.py``;
 (c) rtft     ``run_search`` on that spec (scheduler none; Optuna samples nothing), with
              everything it does: preflight, Ray with the dashboard, Optuna journal, per-epoch
