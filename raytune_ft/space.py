@@ -118,8 +118,11 @@ def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
         "random": lambda: optuna.samplers.RandomSampler(seed=s.seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(
             seed=s.seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False),
+        # GP does not model a conditional (define-by-run) parameter: it samples those at
+        # random, which is expected here, not worth a warning per trial.
         "gp": lambda: optuna.samplers.GPSampler(seed=s.seed,
-                                                n_startup_trials=s.n_startup_trials),
+                                                n_startup_trials=s.n_startup_trials,
+                                                warn_independent_sampling=False),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=s.seed, warn_independent_sampling=False),
     }
     return samplers[s.sampler]()
