@@ -91,3 +91,29 @@ def test_failed_and_diverged_trials(tmp_path: Path) -> None:
     assert diverged.state == TrialState.PRUNED
     assert diverged.intermediate_values[2] == 0.0  # the worst value, at the epoch it diverged
     assert not any(math.isnan(v) for t in study.trials for v in t.intermediate_values.values())
+
+
+def _space(trial: optuna.Trial) -> None:
+    trial.suggest_float("q", 0.0, 1.0)
+
+
+def test_the_searcher_survives_rays_pickling_and_a_repeated_completion(tmp_path: Path) -> None:
+    """Ray pickles the searcher into its experiment state and may complete a trial twice
+    after a restore: the trial is told once, and a restored searcher keeps telling."""
+    import pickle
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "j.journal")))
+    s = FidelityOptunaSearch(space=_space, sampler=optuna.samplers.RandomSampler(seed=0),
+                             metric="val_acc", mode="max", storage=storage, study_name="s",
+                             max_t=MAX_T)
+    s.suggest("a")
+    s.on_trial_result("a", {"training_iteration": 1, "val_acc": 0.5})
+    again = pickle.loads(pickle.dumps(s))
+    done = {"training_iteration": 2, "val_acc": 0.4, "best_val_acc": 0.5}
+    again.on_trial_complete("a", result=done)
+    again.on_trial_complete("a", result=done)  # repeated: ignored
+    again.suggest("b")
+    again.on_trial_complete("b", result=None, error=True)
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.FAIL]
+    assert trials[0].intermediate_values == {1: 0.5, 2: 0.4}
