@@ -343,17 +343,19 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
                                 direction="maximize" if s.mode == "max" else "minimize")
     if s.searcher.baseline_first:
         study.enqueue_trial(baseline_params(s), skip_if_exists=True)
+    protect = int(s.searcher.baseline_first)
     if warm and warm_from:  # the earlier run's best, as searcher.warm_start enqueues them
         src = warm_start.Source(Path("sibling"), s.metric, s.max_t, pool_records(warm_from))
         for cfg in warm_start.plan(s, [src], top=WARM_TOP, prior=False).enqueue:
             study.enqueue_trial(cfg, skip_if_exists=True)
+            protect += 1  # run to max_t, as run_search protects them
     searcher = FidelityOptunaSearch(space=define_by_run(s), sampler=make_sampler(s),
                                     metric=s.metric, mode=s.mode, storage=storage,
                                     study_name=study_name, max_t=s.max_t, telling=telling)
     tmp = tempfile.TemporaryDirectory(prefix="rtft-replay-")
     if sched_type == "asha":
         scheduler: Any = PersistentASHA(
-            Path(tmp.name), protect_first=s.searcher.baseline_first,
+            Path(tmp.name), protect_first=protect,
             time_attr="training_iteration", max_t=s.max_t, metric=s.metric, mode=s.mode,
             grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
     else:

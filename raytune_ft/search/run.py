@@ -225,7 +225,11 @@ def _tuner(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool
     sch = spec.scheduler
     # metric/mode go to the searcher and scheduler themselves: Ray does not pass TuneConfig's
     # through a ConcurrencyLimiter.
-    scheduler = (PersistentASHA(loc.local, protect_first=fresh and spec.searcher.baseline_first,
+    # The baseline and the warm start's configurations are the study's first trials: they run
+    # to max_t (on a resume the scheduler's own log says which trials those were).
+    protect = (int(spec.searcher.baseline_first) + len(warm.enqueue if warm else [])
+               if fresh else 0)
+    scheduler = (PersistentASHA(loc.local, protect_first=protect,
                                 time_attr="training_iteration", max_t=spec.max_t,
                                 metric=spec.metric, mode=spec.mode,
                                 grace_period=sch.grace_period,

@@ -66,22 +66,27 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
 
     LOG = "asha_decisions.jsonl"
 
-    def __init__(self, run_dir: Path, protect_first: bool = False, *, time_attr: str,
+    def __init__(self, run_dir: Path, protect_first: bool | int = False, *, time_attr: str,
                  metric: str, mode: str, max_t: int, **kwargs: Any) -> None:
         super().__init__(time_attr=time_attr, metric=metric, mode=mode, max_t=max_t, **kwargs)
         self._run_dir = str(run_dir)
         self._t_attr, self._m_name, self._last_t = time_attr, metric, max_t
         self._sign = -1.0 if mode == "min" else 1.0  # how Ray stores values in its rungs
         self._loaded = False
-        # The first trial is the enqueued default fine-tune: a reference that runs to max_t.
-        # A full fine-tune starts slowly (warmup, low LR), so a rung at epoch 1 would judge it
-        # on the part of its curve that says least.
-        self._protect_first = protect_first
-        self._protected: str | None = None
+        # The first trials are the enqueued default fine-tune and the warm start's earlier
+        # best: references that run to max_t (True: the first one; n: the first n). Good
+        # fine-tunes often start slowly (warmup, low LR): in the recorded pool the configs
+        # within 0.5 pp of the best sit in the lower half at epoch 1 (bench/README.md), so a
+        # rung at epoch 1 would judge them on the part of their curve that says least.
+        self._protect_first = int(protect_first)
+        self._protected: list[str] = []
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A scheduler pickled by rtft 0.1.0 lacks our own copies of its settings.
         self.__dict__.update(state)
+        if not isinstance(state.get("_protected"), list):  # rtft 0.1.0: one id or None
+            self._protected = [state["_protected"]] if state.get("_protected") else []
+            self._protect_first = int(state.get("_protect_first", 0))
         if "_t_attr" not in state:
             self._t_attr, self._m_name, mode, self._last_t = asha_settings(self)
             self._sign = -1.0 if mode == "min" else 1.0
@@ -93,7 +98,8 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         run_dir = Path(self._run_dir)
         legacy = run_dir / "asha_rungs.json"
         if legacy.exists():
-            self._protected = json.loads(legacy.read_text()).get("protected")
+            old = json.loads(legacy.read_text()).get("protected")
+            self._protected = [old] if old else []
         log = run_dir / self.LOG
         if not log.exists():
             return
@@ -104,8 +110,8 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
                 f.truncate(len(text.encode()))
         for line in text.splitlines():
             d = json.loads(line)
-            if d.get("protected"):
-                self._protected = d["trial"]
+            if d.get("protected") and d["trial"] not in self._protected:
+                self._protected.append(d["trial"])
             if d["action"] == "PROTECT":
                 continue
             asha_adopt(self, d["trial"])
@@ -118,15 +124,15 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
 
     def _log(self, trial_id: str, epoch: Any, value: Any, action: str) -> None:
         entry = {"trial": trial_id, "epoch": epoch, "value": value, "action": action}
-        if trial_id == self._protected:
+        if trial_id in self._protected:
             entry["protected"] = True
         with open(Path(self._run_dir) / self.LOG, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._load_once()
-        if self._protect_first and self._protected is None:
-            self._protected = trial.trial_id
+        if len(self._protected) < self._protect_first and trial.trial_id not in self._protected:
+            self._protected.append(trial.trial_id)
             self._log(trial.trial_id, 0, None, "PROTECT")  # a restore must know it at once
         super().on_trial_add(tune_controller, trial)
 
@@ -135,7 +141,7 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         # A trial restored after a crash may not have been re-added to a bracket.
         asha_adopt(self, trial.trial_id)
         action = super().on_trial_result(tune_controller, trial, result)
-        if trial.trial_id == self._protected and result.get(self._t_attr, 0) < self._last_t:
+        if trial.trial_id in self._protected and result.get(self._t_attr, 0) < self._last_t:
             action = "CONTINUE"  # recorded at the rung like any trial, but never stopped
         if self._t_attr in result and self._m_name in result:
             self._log(trial.trial_id, result[self._t_attr], result[self._m_name], action)

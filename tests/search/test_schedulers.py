@@ -117,7 +117,7 @@ def test_a_line_cut_short_by_a_crash_is_dropped_and_the_next_starts_clean(
     assert again.on_trial_result(None, _T("b"), _result(1, 0.5)) == "STOP"  # judged vs a
     lines = [json.loads(x) for x in log.read_text().splitlines()]  # every line parses
     assert [d["action"] for d in lines] == ["PROTECT", "CONTINUE", "STOP"]
-    assert lines[0]["trial"] == "a" and again._protected == "a"  # not b, added first now
+    assert lines[0]["trial"] == "a" and again._protected == ["a"]  # not b, added first now
 
 
 def test_rungs_and_decisions_agree_in_sign_for_a_metric_to_minimise(tmp_path: Path) -> None:
@@ -161,3 +161,18 @@ def test_schedulers_ask_ray_for_a_snapshot_when_trials_start_and_end(tmp_path: P
         sched.on_trial_complete(raw, trial, {"training_iteration": 1, "val_acc": 0.5})
         assert raw._checkpoint_manager._should_force_sync_up
         sched.on_trial_add(None, SimpleNamespace(trial_id="t2", config={}))  # unit tests: None
+
+
+def test_the_first_n_trials_run_to_the_end(tmp_path: Path) -> None:
+    """Baseline and warm-start configurations (protect_first=n) are never stopped early."""
+    asha = _asha(tmp_path, protect_first=3)
+    for tid in ("base", "warm1", "warm2", "x", "y"):
+        asha.on_trial_add(None, _T(tid))
+    assert asha.on_trial_result(None, _T("x"), _result(1, 0.9)) == "CONTINUE"
+    assert asha.on_trial_result(None, _T("y"), _result(1, 0.8)) == "STOP"
+    for tid in ("base", "warm1", "warm2"):
+        assert asha.on_trial_result(None, _T(tid), _result(1, 0.1)) == "CONTINUE"
+    restored = _asha(tmp_path, protect_first=3)
+    restored.on_trial_add(None, _T("z"))  # after a restore: still the same three
+    assert restored._protected == ["base", "warm1", "warm2"]
+    assert restored.on_trial_result(None, _T("z"), _result(1, 0.05)) == "STOP"
