@@ -18,7 +18,7 @@ def test_validate_prints_space_rungs_and_stages(tmp_path: Path,
     res = CliRunner().invoke(main, ["validate", str(ROOT / "search_spaces" / "resnet.yaml")])
     assert res.exit_code == 0, res.output
     assert "momentum           uniform    [0.8, 0.99]  when optimizer=sgd" in res.output
-    assert "epoch    1:   16 trial(s)" in res.output and "epoch    4:    4 trial(s)" in res.output
+    assert "epoch    2:   16 trial(s)" in res.output and "epoch    4:    8 trial(s)" in res.output
     assert "5. layer4" in res.output
 
 
