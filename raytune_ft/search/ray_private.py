@@ -38,6 +38,8 @@ USED: tuple[tuple[str, str, str], ...] = (
      "_should_force_sync_up", "instance"),
     ("ray.tune.logger.TBXLoggerCallback", "_trial_writer", "instance"),
     ("ray.tune.search.optuna.OptunaSearch", "_ot_study", "instance"),
+    ("ray.tune.impl.tuner_internal.TunerInternal", "_tune_config", "init"),
+    ("ray.tune.tuner.Tuner", "_local_tuner", "init"),
     ("ray.tune.search.optuna.OptunaSearch", "_ot_trials", "instance"),
     ("ray.tune.search.optuna.OptunaSearch", "_completed_trials", "instance"),
     ("ray.tune.logger.TBXLoggerCallback", "_try_log_hparams", "class"),
@@ -83,6 +85,12 @@ def optuna_trial(searcher: Any, trial_id: str) -> Any:
 def optuna_completed(searcher: Any) -> set[str]:
     """The Tune trial ids OptunaSearch has already told Optuna about."""
     return searcher._completed_trials
+
+
+def restored_searcher(tuner: Any) -> Any:
+    """The searcher inside a restored Tuner (under Ray's ConcurrencyLimiter), or None."""
+    alg = tuner._local_tuner._tune_config.search_alg
+    return getattr(alg, "searcher", alg)
 
 
 # Ray's experiment snapshots ---------------------------------------------------------------

@@ -41,6 +41,7 @@ from raytune_ft.runs import (
 )
 from raytune_ft.search.callbacks import FailureBudget, Progress, TensorBoard, UploadRunFiles
 from raytune_ft.search.cluster import check_cluster_fit, check_shared_storage, ensure_ray
+from raytune_ft.search.ray_private import restored_searcher
 from raytune_ft.search.records import load_records, records_from_results
 from raytune_ft.search.schedulers import FIFO, PersistentASHA
 from raytune_ft.search.searcher import FidelityOptunaSearch
@@ -80,6 +81,8 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     # then what only a search does: pretrain, read all the data, load named weights.
     preflight.dry_run(spec, preflight.this_machine() if local else None, warm=False,
                       resume=resume)
+    if ray.is_initialized():  # a Ray this process already runs: ask it now, before any work
+        check_cluster_fit(spec, None)
     ensure_backbone(spec, echo=echo)
     splits = prepare(spec.data)
     preflight.check_pretrained(spec, splits.num_classes)
@@ -165,6 +168,7 @@ def _fit(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool,
                  "last checkpoint")
             tuner = tune.Tuner.restore(loc.tune_path, trainable=trainable_for(spec, splits),
                                        resume_unfinished=True, resume_errored=True)
+            FidelityOptunaSearch.adopt(restored_searcher(tuner), spec.max_t)  # rtft 0.1.0 runs
         else:
             tuner = _tuner(spec, loc, splits, echo, quiet, warm)
         results = tuner.fit()

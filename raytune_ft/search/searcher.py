@@ -33,6 +33,16 @@ class FidelityOptunaSearch(OptunaSearch):
         self._max_t = max_t
         self._telling = telling
 
+    @classmethod
+    def adopt(cls, searcher: Any, max_t: int) -> None:
+        """Give a plain OptunaSearch restored from a run written by rtft 0.1.0 this class's
+        guards, keeping Ray's telling (`last`) that the run started with. Ray's own class
+        fails the whole search when Optuna refuses an intermediate value on resume (a trial
+        told before the driver died)."""
+        if type(searcher) is OptunaSearch:
+            searcher.__class__ = cls
+            searcher._max_t, searcher._telling = max_t, "last"
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not finite(result.get(self.metric)):  # Optuna refuses to rank on NaN/inf
             return
