@@ -23,7 +23,7 @@ from raytune_ft.paths import cache_dir, is_uri
 from raytune_ft.spec import METRICS, Spec
 
 __all__ = ["HISTORY_KEYS", "RUN_FILES", "TUNE_DIR", "Echo", "RunLocation", "TrialRecord",
-           "choose", "fmt", "ranked", "records_from_json", "run_location",
+           "choose", "fmt", "ranked", "read_records", "records_from_json", "run_location",
            "rung_summary", "summary_rows", "summary_table", "text_table", "trial_state",
            "trial_table", "where_it_is", "write_records"]
 
@@ -195,9 +195,14 @@ def records_from_json(run_dir: Path) -> list[TrialRecord] | None:
     if path.stat().st_mtime < max(s.stat().st_mtime for s in states):
         return None  # a resumed search ran since, or one is running
     try:
-        return [TrialRecord(**r) for r in json.loads(path.read_text())]
+        return read_records(path)
     except (ValueError, TypeError):  # hand-edited or from another version: Ray's state decides
         return None
+
+
+def read_records(path: Path) -> list[TrialRecord]:
+    """The records in a `trials.json` (ValueError/TypeError when it is not one)."""
+    return [TrialRecord(**r) for r in json.loads(path.read_text())]
 
 
 def write_records(run_dir: Path, records: list[TrialRecord]) -> None:

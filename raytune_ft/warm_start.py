@@ -26,7 +26,7 @@ from typing import Any
 
 from raytune_ft.errors import UserError
 from raytune_ft.fidelity import tell
-from raytune_ft.runs import TrialRecord, ranked
+from raytune_ft.runs import TrialRecord, ranked, read_records
 from raytune_ft.spec import Spec
 
 FIELD = "searcher.warm_start"
@@ -79,7 +79,7 @@ def read_source(path: str | Path) -> Source:
             raise UserError(f"{str(p)!r} has no trials.json: a search still running or "
                             f"interrupted (finish it with `rtft resume {p}`); {ALLOWED}",
                             field=FIELD)
-        records = [TrialRecord(**r) for r in json.loads(trials.read_text())]
+        records = read_records(trials)
         data = (json.loads((p / "data.json").read_text())
                 if (p / "data.json").is_file() else None)
     except UserError as e:
