@@ -14,14 +14,15 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from raytune_ft.errors import UserError
-from raytune_ft.preflight import Fit, ModelShape
-from raytune_ft.spec import Spec
-from raytune_ft.spec_io import load_spec, spec_to_yaml
+
+if TYPE_CHECKING:  # pydantic and the schema load only for commands that read a spec:
+    # `rtft --help` answers at once (tests/test_layout.py guards what importing cli loads)
+    from raytune_ft.spec import Spec
 
 EXIT_BAD_INPUT = 2
 
@@ -61,6 +62,12 @@ def main() -> None:
       rtft validate search_spaces/resnet.yaml
       rtft search   search_spaces/resnet.yaml
     """
+
+
+def load_spec(path: Path, overrides: tuple[str, ...] = ()) -> Spec:
+    from raytune_ft.spec_io import load_spec as load
+
+    return load(path, overrides)
 
 
 def _finish(outcome: Any) -> None:
@@ -156,6 +163,7 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
     """
     from raytune_ft import preflight
     from raytune_ft.space import rung_plan
+    from raytune_ft.spec_io import spec_to_yaml
 
     spec = load_spec(spec_file, overrides)
     on = preflight.machines(spec, gpus=cluster_gpus, cpus=cluster_cpus, address=address,
@@ -169,16 +177,9 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
     for epoch, n in rung_plan(spec):
         click.echo(f"  epoch {epoch:>4}: {n:>4} trial(s)")
     click.echo(f"\ndata:    {plan.data}\nweights: {plan.weights}")
-    click.echo("\n" + _stages_table(plan.model))
+    click.echo("\n" + plan.model.table())
     if plan.fit is not None:
-        click.echo("\n" + _fit_line(spec, plan.fit))
-
-
-def _fit_line(spec: Spec, fit: Fit) -> str:
-    res = spec.run.resources
-    return (f"resources: each trial asks {res.cpu:g} CPU + {res.gpu:g} GPU; {fit.fits} trial(s) "
-            f"fit at once on {fit.where}; with run.max_concurrent_trials = "
-            f"{spec.run.max_concurrent_trials}, {fit.at_once} run at a time")
+        click.echo("\n" + plan.fit.line(spec))
 
 
 def _space_table(spec: Spec) -> str:
@@ -192,15 +193,6 @@ def _space_table(spec: Spec) -> str:
             dom = f"[{p.low}, {p.high}]"
         cond = ("  when " + ", ".join(f"{k}={v}" for k, v in p.when.items())) if p.when else ""
         lines.append(f"  {name:<18} {p.space:<10} {dom}{cond}")
-    return "\n".join(lines)
-
-
-def _stages_table(shape: ModelShape) -> str:
-    lines = [f"{shape.arch} stages (freeze_depth=k freezes the first k):"]
-    for i, (name, n) in enumerate(shape.stages, 1):
-        lines.append(f"  {i:>2}. {name:<14} {n:>12,} params")
-    lines.append(f"      head ({shape.head_path}) replaced; total {shape.total_params:,} params; "
-                 f"reinit_blocks counts {shape.blocks} blocks")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from raytune_ft.errors import UserError
 from raytune_ft.paths import is_uri
 from raytune_ft.runs import TUNE_DIR, run_location
 from raytune_ft.spec import Hyperparams, Spec, check_fit
-from raytune_ft.weights import classify, torchvision_weights
+from raytune_ft.weights import classify, torchvision_name
 
 __all__ = ["Fit", "Machines", "ModelShape", "Plan", "check_pretrained", "check_writable",
            "dry_run", "first_missing", "local_resources", "machines", "this_machine"]
@@ -51,6 +51,13 @@ class Fit:
     where: str
     fits: int
     at_once: int
+
+    def line(self, spec: Spec) -> str:
+        """One line for `rtft validate`: what a trial asks and how many run at once."""
+        res = spec.run.resources
+        return (f"resources: each trial asks {res.cpu:g} CPU + {res.gpu:g} GPU; {self.fits} "
+                f"trial(s) fit at once on {self.where}; with run.max_concurrent_trials = "
+                f"{spec.run.max_concurrent_trials}, {self.at_once} run at a time")
 
 
 def local_resources() -> dict[str, float]:
@@ -166,6 +173,15 @@ class ModelShape:
     head_path: str
     total_params: int
 
+    def table(self) -> str:
+        """The stages as `rtft validate` prints them."""
+        lines = [f"{self.arch} stages (freeze_depth=k freezes the first k):"]
+        for i, (name, n) in enumerate(self.stages, 1):
+            lines.append(f"  {i:>2}. {name:<14} {n:>12,} params")
+        lines.append(f"      head ({self.head_path}) replaced; total {self.total_params:,} "
+                     f"params; reinit_blocks counts {self.blocks} blocks")
+        return "\n".join(lines)
+
 
 def _check_weights_name(spec: Spec) -> str:
     """Check what a weights value names without loading it, and say what it is (one line).
@@ -184,8 +200,8 @@ def _check_weights_name(spec: Spec) -> str:
             raise UserError(f"{m.weights!r}: a model.factory network takes weights from a file "
                             f"(.pth, .safetensors, promoted folder) or none",
                             field="model.weights")
-        w = torchvision_weights(m.arch, m.weights)  # the name only: nothing is downloaded
-        return f"torchvision {m.arch} {w.name} (from the hub cache, else downloaded by search)"
+        name = torchvision_name(m.arch, m.weights)  # the name only: nothing is downloaded
+        return f"torchvision {m.arch} {name} (from the hub cache, else downloaded by search)"
     what = "promoted model" if ref.kind == "promoted" else "file"
     return f"{what} {ref.value} (loaded as plain tensors: it fits {m.arch})"
 

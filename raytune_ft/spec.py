@@ -5,8 +5,8 @@ trial) and may trust it.
 The knobs a trial is trained with and the `search:` parameters that vary them are
 :mod:`raytune_ft.knobs`; reading spec files (YAML, `--set`, error lines) is
 :mod:`raytune_ft.spec_io`; what a `model.weights` value names is :mod:`raytune_ft.weights`.
-Importing this module imports neither torch nor torchvision (validating a model section reads
-torchvision's registry, lazily).
+Neither importing this module nor validating a spec imports torch or torchvision: names and
+crop sizes come from :mod:`raytune_ft.tv_registry`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 # SpecError is re-exported: `from raytune_ft.spec import SpecError` keeps working.
+from raytune_ft import tv_registry
 from raytune_ft.errors import SpecError, UserError
 
 # The knobs and search parameters were defined here before knobs.py; re-exported so
@@ -96,9 +97,7 @@ class ModelSpec(Strict):
     def _known_arch(self) -> ModelSpec:
         if self.factory is not None:
             return self
-        import torchvision.models  # local import: only validation needs the registry
-
-        known = torchvision.models.list_models(module=torchvision.models)
+        known = tv_registry.archs()  # without importing torchvision (see tv_registry)
         if self.arch not in known:
             near = difflib.get_close_matches(self.arch, known, n=3)
             hint = f" Did you mean {', '.join(near)}?" if near else ""

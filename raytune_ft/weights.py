@@ -6,8 +6,9 @@ torchvision weights name of the architecture (`DEFAULT`, `IMAGENET1K_V1`); a sta
 reads (it is refused as a missing file). :func:`classify` says which; the spec, the model
 builder, pretraining and job submission all ask it instead of testing the string themselves.
 
-torchvision is imported only inside the functions that read its registry (the spec schema
-imports this module, and must stay cheap to import); nothing is ever downloaded here.
+Names and metadata come from :mod:`raytune_ft.tv_registry` (the spec schema imports this
+module, and checking a spec must not import torchvision); torchvision itself is imported only
+to hand its weights enum to the loader. Nothing is ever downloaded here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from raytune_ft import tv_registry
 from raytune_ft.errors import UserError
 from raytune_ft.paths import is_uri
 
@@ -26,6 +28,7 @@ __all__ = [
     "WeightsRef",
     "absolute",
     "classify",
+    "torchvision_name",
     "torchvision_names",
     "torchvision_weights",
     "weights_meta",
@@ -104,44 +107,39 @@ def absolute(value: str) -> str:
 
 
 def torchvision_names(arch: str) -> list[str]:
-    """The weights names torchvision has for `arch`, `DEFAULT` first and listed once (the
-    enum's `DEFAULT` is an alias of one of its members, so it appears among them too)."""
-    from torchvision.models import get_model_weights
-
-    return list(dict.fromkeys(["DEFAULT", *get_model_weights(arch).__members__]))
+    """The weights names torchvision has for `arch`, `DEFAULT` first (the enum's `DEFAULT` is
+    an alias of one of its members, and is listed once)."""
+    return tv_registry.weights_names(arch)
 
 
-def _member(arch: str, name: str) -> Any:
-    """The enum member; KeyError for a name `arch` lacks, ValueError for an unknown `arch`."""
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(arch)
-    return enum.DEFAULT if name == "DEFAULT" else enum[name]
-
-
-def torchvision_weights(arch: str, name: str) -> Any:
-    """The torchvision weights enum member `name` (or `DEFAULT`) of `arch`.
+def torchvision_name(arch: str, name: str) -> str:
+    """The member name that weights `name` of `arch` stands for (`DEFAULT` → `IMAGENET1K_V1`),
+    read from the registry without importing torchvision.
 
     Raises :class:`UserError` on `model.weights` listing the names `arch` has.
     """
-    try:
-        return _member(arch, name)
-    except KeyError as e:
+    meta = tv_registry.weights_meta(arch, name)
+    if meta is None:
         raise UserError(f"{arch} has no weights {name!r}; allowed: "
                         f"{', '.join(torchvision_names(arch))}, a file path, rtft:mnist or none",
-                        field="model.weights") from e
+                        field="model.weights")
+    return meta["name"].split(".", 1)[1]
+
+
+def torchvision_weights(arch: str, name: str) -> Any:
+    """The torchvision weights enum member `name` (or `DEFAULT`) of `arch`, for loading.
+
+    Raises :class:`UserError` on `model.weights` listing the names `arch` has.
+    """
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(arch)[torchvision_name(arch, name)]
 
 
 def weights_meta(arch: str, name: str) -> dict[str, Any] | None:
     """The torchvision metadata of weights `name` for `arch`: crop size, resize size, mean,
     std and the full name; None when `name` is not torchvision weights of `arch` (a file,
-    `rtft:`, `none`, an unknown name or architecture). Nothing is downloaded."""
+    `rtft:`, `none`, an unknown name or architecture). Nothing is downloaded or imported."""
     if classify(name).kind != "torchvision":
         return None
-    try:
-        w = _member(arch, name)
-    except (KeyError, ValueError):
-        return None
-    t = w.transforms()
-    return {"crop_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
-            "mean": tuple(t.mean), "std": tuple(t.std), "name": f"{arch}.{w.name}"}
+    return tv_registry.weights_meta(arch, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -88,6 +89,28 @@ def test_light_modules_import_neither_torch_nor_ray(module: str) -> None:
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"{module} imports {out.stdout.strip()}"
+
+
+def test_reading_a_spec_and_a_finished_run_imports_neither_torch_nor_ray(tmp_path) -> None:
+    """What `rtft --help`, `rtft results` and a spec check do, in a fresh process: `rtft
+    results` on a run whose trials.json is current reads it without Ray or torch."""
+    run = tmp_path / "run"
+    (run / "tune").mkdir(parents=True)
+    (run / "tune" / "experiment_state-x.json").write_text("{}")
+    (run / "spec.yaml").write_text((ROOT / "search_spaces" / "resnet.yaml").read_text())
+    (run / "trials.json").write_text(json.dumps([{
+        "trial_id": "t1", "params": {"lr": 0.01}, "history": [{"epoch": 1, "val_acc": 0.5}]}]))
+    code = ("import sys; from click.testing import CliRunner; from raytune_ft.cli import main; "
+            f"r = CliRunner().invoke(main, ['results', {str(run)!r}]); "
+            "h = CliRunner().invoke(main, ['--help']); "
+            "print(r.exit_code, h.exit_code, r.output.splitlines()[:1]); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    status, loaded = out.stdout.strip().splitlines()
+    assert status.startswith("0 0 ['1 trials"), status
+    assert loaded == "[]", f"rtft results/--help import {loaded}"
 
 
 def test_no_module_is_much_over_400_lines() -> None:

@@ -45,10 +45,10 @@ def records_from_results(results: Any, metric: str, mode: str) -> list[TrialReco
 def load_records(run_dir: str | Path, spec: Spec) -> list[TrialRecord]:
     """The trials of a finished (or interrupted) run: its trials.json when that is current,
     else read back through Ray's ResultGrid."""
+    if not is_uri(spec.run.storage_path) and (fast := records_from_json(Path(run_dir))):
+        return fast  # without importing Ray: `rtft results` answers at once
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    if not is_uri(spec.run.storage_path) and (fast := records_from_json(Path(run_dir))):
-        return fast
     path = (run_location(spec).tune_path if is_uri(spec.run.storage_path)
             else str(Path(run_dir).resolve() / TUNE_DIR))
     analysis = ExperimentAnalysis(path,
