@@ -7,8 +7,10 @@ lacks an attribute used here.
 
 - ASHA's rung records (`ASHAScheduler._brackets[0]._rungs`, `_trial_info`): Ray's
   `Tuner.restore` brings the scheduler back with empty rungs (ray#30838), so we persist them.
-- The controller's `_checkpoint_manager._should_force_sync_up`: snapshot Ray's trial table
-  when a trial starts or ends, not on every controller step (bench/overhead.py --profile).
+- The controller's `_checkpoint_manager._should_force_sync_up` (and `_last_save_time`,
+  `sync_up_experiment_state` to time it): snapshot Ray's trial table when a trial starts or
+  ends, not on every controller step (bench/overhead.py --profile), and no more than 5 % of
+  the driver's time (bench/load.py --bookkeeping).
 - `TBXLoggerCallback._trial_writer`: write HParams listing every searched parameter (ray#40053).
 - `OptunaSearch._ot_study`, `_ot_trials`, `_completed_trials`: tell Optuna how a trial really
   ended (PRUNED, COMPLETE with its best value: `raytune_ft.fidelity`); Ray tells every trial
@@ -19,6 +21,7 @@ lacks an attribute used here.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 CHECKED_RAY = ("2.60",)
@@ -36,6 +39,10 @@ USED: tuple[tuple[str, str, str], ...] = (
     ("ray.tune.execution.tune_controller.TuneController", "_checkpoint_manager", "instance"),
     ("ray.tune.execution.experiment_state._ExperimentCheckpointManager",
      "_should_force_sync_up", "instance"),
+    ("ray.tune.execution.experiment_state._ExperimentCheckpointManager",
+     "_last_save_time", "instance"),
+    ("ray.tune.execution.experiment_state._ExperimentCheckpointManager",
+     "sync_up_experiment_state", "class"),
     ("ray.tune.logger.TBXLoggerCallback", "_trial_writer", "instance"),
     ("ray.tune.search.optuna.OptunaSearch", "_ot_study", "instance"),
     ("ray.tune.impl.tuner_internal.TunerInternal", "_tune_config", "init"),
@@ -94,13 +101,48 @@ def restored_searcher(tuner: Any) -> Any:
 
 
 # Ray's experiment snapshots ---------------------------------------------------------------
+# The share of the driver's time that snapshots forced at trial ends may take: Ray's own rule
+# for its periodic snapshot (`_update_auto_checkpoint_time`: period = 19 x its duration).
+SNAPSHOT_SHARE = 0.05
+
+
 def snapshot_at_step_end(tune_controller: Any) -> None:
-    """Ask Ray to snapshot its trial table at the end of the current controller step. The flag
-    is the one Ray's own checkpoint-count rule sets, honoured by the step's closing snapshot."""
+    """Ask Ray to snapshot its trial table at the end of the current controller step, unless
+    snapshots would then take more than :data:`SNAPSHOT_SHARE` of the driver's time.
+
+    A snapshot writes every trial's state (about 17 kB a trial in Ray 2.60), so one per trial
+    end costs the driver time and bytes quadratic in the trials: 5 MB written per trial at 100
+    trials (bench/load.py --bookkeeping). A snapshot is forced only once the time since the
+    last one is at least 19 times what the last one took (measured here, by wrapping the
+    manager's `sync_up_experiment_state` once). In a search of minutes-long trials that is
+    every trial end, as before; with thousands of instant trials it is Ray's own period.
+    The flag is the one Ray's checkpoint-count rule sets, honoured by the step's closing
+    snapshot."""
     controller = getattr(tune_controller, "_tune_controller", tune_controller)
     manager = getattr(controller, "_checkpoint_manager", None)
-    if manager is not None and hasattr(manager, "_should_force_sync_up"):
+    if manager is None or not hasattr(manager, "_should_force_sync_up"):
+        return
+    _time_snapshots(manager)
+    since = time.monotonic() - getattr(manager, "_last_save_time", float("-inf"))
+    if since >= getattr(manager, "_rtft_took", 0.0) * (1 / SNAPSHOT_SHARE - 1):
         manager._should_force_sync_up = True
+
+
+def _time_snapshots(manager: Any) -> None:
+    """Record on `manager` (as `_rtft_took`) how long each snapshot it writes takes."""
+    sync_up = getattr(manager, "sync_up_experiment_state", None)
+    if sync_up is None or getattr(sync_up, "rtft_timed", False):
+        return
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.monotonic()
+        out = sync_up(*args, **kwargs)
+        if getattr(manager, "_last_save_time", float("-inf")) >= t0:  # it did write one
+            manager._rtft_took = time.monotonic() - t0
+        return out
+
+    timed.rtft_timed = True  # type: ignore[attr-defined]
+    manager.sync_up_experiment_state = timed
 
 
 # TensorBoard ------------------------------------------------------------------------------

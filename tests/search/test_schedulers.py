@@ -163,6 +163,45 @@ def test_schedulers_ask_ray_for_a_snapshot_when_trials_start_and_end(tmp_path: P
         sched.on_trial_add(None, SimpleNamespace(trial_id="t2", config={}))  # unit tests: None
 
 
+def test_forced_snapshots_take_at_most_a_twentieth_of_the_driver(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot writes every trial's state: forced at every trial end it would cost time
+    quadratic in the trials. Forced only once 19x the last snapshot's duration has passed."""
+    from types import SimpleNamespace
+
+    from raytune_ft.search import ray_private
+    from raytune_ft.search.schedulers import FIFO
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(ray_private, "time", SimpleNamespace(monotonic=lambda: clock.now))
+
+    class Manager:  # the part of Ray's _ExperimentCheckpointManager that is used
+        def __init__(self, takes: float) -> None:
+            self._should_force_sync_up, self._last_save_time = False, float("-inf")
+            self.takes = takes
+
+        def sync_up_experiment_state(self, save_fn: object = None) -> None:
+            if self._should_force_sync_up:
+                clock.now += self.takes
+                self._last_save_time, self._should_force_sync_up = clock.now, False
+
+    fifo = FIFO()
+    quick, slow = Manager(takes=0.001), Manager(takes=5.0)
+    for manager in (quick, slow):
+        raw = SimpleNamespace(_checkpoint_manager=manager)
+        fifo.on_trial_add(raw, SimpleNamespace(trial_id="a", config={}))
+        assert manager._should_force_sync_up  # the first: nothing measured yet
+        manager.sync_up_experiment_state()  # the controller's step ends: the snapshot
+        clock.now += 1.0  # the trial runs for a second
+        fifo.on_trial_complete(raw, SimpleNamespace(trial_id="a", config={}), {})
+    assert quick._should_force_sync_up  # cheap snapshots: one at every trial end, as before
+    assert not slow._should_force_sync_up  # 5 s each: not again within 95 s
+    clock.now += 95.0
+    fifo.on_trial_complete(SimpleNamespace(_checkpoint_manager=slow),
+                           SimpleNamespace(trial_id="b", config={}), {})
+    assert slow._should_force_sync_up
+
+
 def test_the_first_n_trials_run_to_the_end(tmp_path: Path) -> None:
     """Baseline and warm-start configurations (protect_first=n) are never stopped early."""
     asha = _asha(tmp_path, protect_first=3)
