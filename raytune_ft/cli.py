@@ -1,4 +1,7 @@
-"""`rtft`: the command line. The only module that imports Click.
+"""`rtft`: the command line. The group and the commands of a search (search, resume,
+validate, promote, pretrain, report, results); `rtft submit` and `rtft jobs` are in
+:mod:`raytune_ft.cli_jobs`, what they share in :mod:`raytune_ft.cli_common`. These three are
+the only modules that import Click.
 
 Bad input (a spec, a path, weights) ends with one paragraph on stderr and exit code 2; add
 `--debug` to see the traceback.
@@ -7,49 +10,19 @@ Bad input (a spec, a path, weights) ends with one paragraph on stderr and exit c
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from raytune_ft.errors import UserError
+from raytune_ft.cli_common import guard, load_spec, spec_options
+from raytune_ft.cli_jobs import jobs, submit, submit_and_exit
 
-if TYPE_CHECKING:  # pydantic and the schema load only for commands that read a spec:
-    # `rtft --help` answers at once (tests/test_layout.py guards what importing cli loads)
+if TYPE_CHECKING:
     from raytune_ft.spec import Spec
-
-EXIT_BAD_INPUT = 2
-
-
-def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our input errors into one paragraph and exit code 2 (traceback with --debug)."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = kwargs.get("debug", False)
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            if kwargs.get("spec_file") is not None:
-                e.located(kwargs["spec_file"])
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
-    return wrapper
-
-
-def _spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override a spec field (dotted key), e.g. --set run.num_samples=4. "
-                           "Repeatable.")(fn)
-    fn = click.option("--debug", is_flag=True, help="Show tracebacks.")(fn)
-    return click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,12 +37,6 @@ def main() -> None:
     """
 
 
-def load_spec(path: Path, overrides: tuple[str, ...] = ()) -> Spec:
-    from raytune_ft.spec_io import load_spec as load
-
-    return load(path, overrides)
-
-
 def _finish(outcome: Any) -> None:
     click.echo(f"done in {outcome.wall_s:.0f}s; results in {outcome.run_dir}")
     for p in outcome.promoted:
@@ -79,7 +46,7 @@ def _finish(outcome: Any) -> None:
 
 
 @main.command()
-@_spec_options
+@spec_options
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
               help="Ray cluster to join: auto, head:6379 (from a cluster node), "
                    "ray://head:10001 (Ray Client), or http://head:8265 (runs the search as a "
@@ -87,7 +54,7 @@ def _finish(outcome: Any) -> None:
 @click.option("--quiet", is_flag=True, help="Only one line per finished trial.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run of this spec (same name and storage).")
-@_guard
+@guard
 def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: str | None,
            quiet: bool, resume: bool) -> None:
     """Run the search in SPEC_FILE and promote the best trial.
@@ -105,7 +72,7 @@ def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: st
         click.echo(f"{address} is a Ray Jobs API address: running this search there as a Ray "
                    f"job (same as `rtft submit --wait`)")
         extra = [*(["--quiet"] if quiet else []), *(["--resume"] if resume else [])]
-        _submit_and_exit(spec_file, address, overrides, wait=True, headers=(), env=(),
+        submit_and_exit(spec_file, address, overrides, wait=True, headers=(), env=(),
                          pip=(), ship_code=True, extra_args=extra)
     from raytune_ft.search import run_search
 
@@ -118,7 +85,7 @@ def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: st
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Ray cluster to join.")
 @click.option("--quiet", is_flag=True, help="Only one line per finished trial.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_guard
+@guard
 def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None:
     """Continue the interrupted search in RUN_DIR with the spec saved there.
 
@@ -134,7 +101,7 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
 
 
 @main.command()
-@_spec_options
+@spec_options
 @click.option("--cluster-gpus", type=click.FloatRange(min=0), default=None, metavar="N",
               help="Say how many trials fit at once on a cluster with N GPUs in total.")
 @click.option("--cluster-cpus", type=click.FloatRange(min=0), default=None, metavar="N",
@@ -145,7 +112,7 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
                    "ray://host:10001, or http://head:8265 (token from RAY_AUTH_* or --header).")
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
               help="HTTP header for an http:// --address (e.g. Authorization). Never printed.")
-@_guard
+@guard
 def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
              cluster_gpus: float | None, cluster_cpus: float | None, address: str | None,
              headers: tuple[str, ...]) -> None:
@@ -199,7 +166,7 @@ def _space_table(spec: Spec) -> str:
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_guard
+@guard
 def promote(run_dir: Path, debug: bool) -> None:
     """Promote the best trial(s) of a finished run in RUN_DIR (again).
 
@@ -214,8 +181,8 @@ def promote(run_dir: Path, debug: bool) -> None:
 
 
 @main.command()
-@_spec_options
-@_guard
+@spec_options
+@guard
 def pretrain(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
     """Build (once) the `rtft:` backbone that SPEC_FILE's model.weights names.
 
@@ -235,7 +202,7 @@ def pretrain(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
 @click.option("--promoted", type=click.Path(file_okay=False, exists=True, path_type=Path),
               default=None, help="Promoted model folder to show (default: the latest).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_guard
+@guard
 def report(run_dir: Path, promoted: Path | None, debug: bool) -> None:
     """Write RUN_DIR/report/report.html: learning curves with the ASHA rungs, best so far vs
     wall time, parameter importances, the top trials, and every trial.
@@ -255,7 +222,7 @@ def report(run_dir: Path, promoted: Path | None, debug: bool) -> None:
 @click.option("--csv", "fmt", flag_value="csv", help="All trials as CSV on stdout.")
 @click.option("--json", "fmt", flag_value="json", help="All trials as JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_guard
+@guard
 def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
     """The trials of RUN_DIR sorted by best-so-far metric, with their state.
 
@@ -283,145 +250,8 @@ def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
         click.echo(summary_table(records, spec, limit=limit))
 
 
-# --------------------------------------------------------------------------------------------
-# Ray Jobs: rtft submit, rtft jobs list|status|logs|stop
-# --------------------------------------------------------------------------------------------
-def _jobs_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
-                      help="HTTP header for the Jobs API, e.g. 'Authorization: Bearer <token>' "
-                           "(repeatable; also $RTFT_JOB_HEADERS / $RAY_JOB_HEADERS as JSON). "
-                           "Never printed.")(fn)
-    return click.option("--address", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
-                        default=None, help="The cluster's Jobs API, http://head:8265 "
-                        "(also $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS).")(fn)
-
-
-def _submit_and_exit(spec_file: Path, address: str | None, overrides: tuple[str, ...], *,
-                     wait: bool, headers: tuple[str, ...], env: tuple[str, ...],
-                     pip: tuple[str, ...], ship_code: bool,
-                     extra_args: list[str] | tuple[str, ...] = ()) -> None:
-    from raytune_ft import jobs
-
-    try:
-        job_id, status = jobs.submit(spec_file, address, overrides, wait=wait,
-                                     headers=jobs.parse_headers(headers),
-                                     env_vars=jobs.parse_env(env), pip=pip,
-                                     ship_code=ship_code, extra_args=extra_args,
-                                     echo=click.echo)
-    except KeyboardInterrupt:
-        click.echo("\nstopped following; the job goes on (rtft jobs stop ID to end it)",
-                   err=True)
-        sys.exit(130)
-    if status is not None:
-        click.echo(f"job {job_id}: {status}")
-        sys.exit(0 if status == "SUCCEEDED" else 1)
-
-
-@main.command()
-@_spec_options
-@_jobs_options
-@click.option("--wait", is_flag=True,
-              help="Stream the job's logs until it ends; exit 0 if it succeeded, 1 if not.")
-@click.option("--env", "env", multiple=True, metavar="NAME[=VALUE]",
-              help="Environment variable for the job (NAME alone copies it from here), e.g. "
-                   "--env AWS_ENDPOINT_URL. Visible on the dashboard; printed redacted.")
-@click.option("--pip", "pip", multiple=True, metavar="REQ",
-              help="pip requirement Ray installs on each node for this job (repeatable).")
-@click.option("--ship-code/--no-ship-code", default=True, show_default=True,
-              help="Ship this raytune_ft package with the job (py_modules); without it the "
-                   "cluster's installed `rtft` runs.")
-@_guard
-def submit(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: str | None,
-           headers: tuple[str, ...], wait: bool, env: tuple[str, ...], pip: tuple[str, ...],
-           ship_code: bool) -> None:
-    """Submit the search in SPEC_FILE to a Ray cluster as a Ray job; print its id.
-
-    The spec and the relative files it names travel with the job; run.storage_path and
-    promote.dir must be absolute shared paths (or s3:// / gs:// for storage).
-
-    \b
-    Examples:
-      rtft submit search_spaces/resnet.yaml --address http://127.0.0.1:8265 \\
-          --set run.storage_path=/mnt/shared/rtft_runs --set promote.dir=/mnt/shared/models
-      rtft submit my.yaml --wait --header "Authorization: Bearer $RAY_AUTH_TOKEN"
-    """
-    _submit_and_exit(spec_file, address, overrides, wait=wait, headers=headers, env=env,
-                     pip=pip, ship_code=ship_code)
-
-
-@main.group()
-def jobs() -> None:
-    """Ray jobs on a cluster: list, status, logs, stop (see `rtft submit`)."""
-
-
-@jobs.command("list")
-@_jobs_options
-@click.option("--json", "as_json", is_flag=True, help="All fields as JSON.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_guard
-def jobs_list(address: str | None, headers: tuple[str, ...], as_json: bool, debug: bool) -> None:
-    """The cluster's jobs, newest first."""
-    from raytune_ft import jobs as j
-    from raytune_ft.runs import text_table
-
-    rows = j.list_jobs(j.client(address, j.parse_headers(headers)))
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-        return
-    body = [[r["submission_id"] or r["job_id"] or "-", r["status"],
-             r["metadata"].get("rtft_spec", ""), r["entrypoint"][:60]] for r in rows]
-    click.echo("\n".join(text_table(["job", "status", "spec", "entrypoint"], body)))
-
-
-@jobs.command("status")
-@click.argument("job_id")
-@_jobs_options
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_guard
-def jobs_status(job_id: str, address: str | None, headers: tuple[str, ...], debug: bool) -> None:
-    """The job's status and details as JSON (as the dashboard's /api/jobs/ID shows them).
-
-    Exit code: 0 succeeded, 1 failed or stopped, 3 still pending or running.
-    """
-    from raytune_ft import jobs as j
-
-    info = j.job_info(j.client(address, j.parse_headers(headers)), job_id)
-    click.echo(json.dumps(info, indent=1, default=str))
-    status = info.get("status")
-    sys.exit(0 if status == "SUCCEEDED" else 1 if status in j.TERMINAL else 3)
-
-
-@jobs.command("logs")
-@click.argument("job_id")
-@_jobs_options
-@click.option("--follow", "-f", "follow", is_flag=True,
-              help="Keep streaming until the job ends; exit with its status (0 succeeded).")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_guard
-def jobs_logs(job_id: str, address: str | None, headers: tuple[str, ...], follow: bool,
-              debug: bool) -> None:
-    """The job's driver output (the search's progress lines)."""
-    from raytune_ft import jobs as j
-
-    status = j.logs(j.client(address, j.parse_headers(headers)), job_id, follow_logs=follow,
-                    echo=click.echo)
-    if status is not None:
-        click.echo(f"job {job_id}: {status}")
-        sys.exit(0 if status == "SUCCEEDED" else 1)
-
-
-@jobs.command("stop")
-@click.argument("job_id")
-@_jobs_options
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_guard
-def jobs_stop(job_id: str, address: str | None, headers: tuple[str, ...], debug: bool) -> None:
-    """Stop the job (its trials end; finished ones stay in the run folder for --resume)."""
-    from raytune_ft import jobs as j
-
-    stopped = j.stop(j.client(address, j.parse_headers(headers)), job_id)
-    click.echo(f"job {job_id}: {'stop requested' if stopped else 'had already ended'}")
-
+main.add_command(submit)
+main.add_command(jobs)
 
 if __name__ == "__main__":
     main()

@@ -81,10 +81,11 @@ class Progress(tune.Callback):
         if self.live:
             self._redraw()
             return
-        running = sum(1 for t in trials if t.status == "RUNNING")
+        # The trials started and not ended, not a count over `trials`: that list holds every
+        # trial of the search, and a pass over it per result grows with the search.
         self._line(f"{trial.trial_id} epoch {result.get('epoch')}/{self.spec.max_t}  "
                    f"{m} {value:.4f}  best {best:.4f}  "
-                   f"{result.get('images_per_s', 0):.0f} img/s  ({running} running, "
+                   f"{result.get('images_per_s', 0):.0f} img/s  ({len(self.rows)} running, "
                    f"{self.done}/{self.spec.run.num_samples} done)")
 
     def _end(self, trial: Any, how: str) -> None:
@@ -157,21 +158,34 @@ class TensorBoard(TBXLoggerCallback):
 
 
 class UploadRunFiles(tune.Callback):
-    """After each finished trial, upload rtft's run files to the run's URI (a few small files;
-    Ray uploads its own experiment state itself)."""
+    """After a trial ends, upload rtft's run files to the run's URI (Ray uploads its own
+    experiment state itself), and once more when the search ends.
+
+    The files grow with the trials (the Optuna journal, ASHA's log), so an upload at every
+    trial end would send bytes quadratic in the trials. As for Ray's snapshots
+    (`ray_private.snapshot_at_step_end`), uploads may take at most 5 % of the time: a trial
+    end uploads only once 19 times the last upload's duration has passed."""
 
     def __init__(self, loc: RunLocation) -> None:
         self.loc = loc
+        self._last, self._took = float("-inf"), 0.0
 
-    def _upload(self) -> None:
+    def _upload(self, *, always: bool = False) -> None:
+        now = time.monotonic()
+        if not always and now - self._last < 19 * self._took:
+            return
         try:
             upload_run_files(self.loc)
         except Exception:  # a failed upload is retried next time; never end the search on it
             logging.getLogger(__name__).exception("could not upload run files to %s",
                                                   self.loc.remote)
+        self._last, self._took = time.monotonic(), time.monotonic() - now
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._upload()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._upload()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._upload(always=True)
