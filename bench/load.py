@@ -73,17 +73,60 @@ def _status_mb() -> dict[str, float]:
     return out
 
 
+def _kind(p: Any) -> str:
+    """A Ray process by what it is: gcs_server, raylet, a trial worker, an agent, ..."""
+    try:
+        cmd = " ".join(p.cmdline())
+    except Exception:  # gone, or not ours to read
+        return "other"
+    if cmd.startswith("ray::") or "default_worker" in cmd:  # workers retitle themselves
+        return "workers (trials)"
+    for key in ("gcs_server", "raylet", "dashboard_agent", "runtime_env", "log_monitor",
+                "monitor.py", "dashboard"):
+        if key in cmd:
+            return key
+    return p.name()
+
+
 class _Sampler(threading.Thread):
-    """Samples VmRSS every `period` s; `max_rss_mb` is the highest value seen."""
+    """Samples VmRSS every `period` s (`max_rss_mb`: the highest value seen) and, every
+    second, the CPU seconds of every process under this one (`cpu_by_kind`: Ray's GCS,
+    raylet, agents, the trial workers), so a run says which part of Ray costs what."""
 
     def __init__(self, period: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.period, self.max_rss_mb = period, 0.0
         self._stop_event = threading.Event()
+        self._cpu: dict[int, tuple[str, float]] = {}
+
+    def _children_cpu(self) -> None:
+        import ray  # noqa: F401  (puts its own psutil on sys.path where none is installed)
+
+        # isort: split
+        import psutil
+
+        for p in psutil.Process().children(recursive=True):
+            try:
+                t = p.cpu_times()
+                kind = self._cpu[p.pid][0] if p.pid in self._cpu else _kind(p)
+                self._cpu[p.pid] = (kind, t.user + t.system)
+            except Exception:  # ended between the listing and the reading
+                continue
+
+    @property
+    def cpu_by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, sec in self._cpu.values():
+            out[kind] = round(out.get(kind, 0.0) + sec, 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def run(self) -> None:
+        n = 0
         while not self._stop_event.is_set():
             self.max_rss_mb = max(self.max_rss_mb, _status_mb()["VmRSS"])
+            if n % int(1 / self.period) == 0:
+                self._children_cpu()
+            n += 1
             self._stop_event.wait(self.period)
 
     def stop(self) -> None:
@@ -249,6 +292,8 @@ def bookkeeping(trials: int, concurrency: int, epochs: int, sleep: float, root: 
         "steady_over_floor": round(steady, 3) if steady else None,
         "first_tenth_done_s": round(first["t"] - t0, 1) if first else None,
         "driver_cpu_s": round(cpu, 1), "driver_cpu_ms_per_trial": round(1000 * cpu / trials, 2),
+        # CPU seconds of Ray's processes (last seen, sampled every second)
+        "ray_cpu_s": watch.sampler.cpu_by_kind,
         "rss_mb": [{"trials": m["trials"], "VmRSS": round(m["VmRSS"], 1),
                     "at_s": round(m["t"] - t0, 1)}
                    for m in watch.memory],
