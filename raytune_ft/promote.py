@@ -126,10 +126,13 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
     for rank, rec in enumerate(chosen, 1):
         state, config = load_checkpoint(rec.best_checkpoint)
         model = _rebuild(config)
-        model.load_state_dict(state["model"])
+        # The best epoch's weights, which the trainer keeps beside its latest training state
+        # (older checkpoints, one per epoch, hold only the latter: the best epoch's own).
+        model.load_state_dict(state.get("best_model", state["model"]))
         mean, std = input_stats(spec.model)
         test_loss, test_acc = evaluate(model, splits.test_x, splits.test_y, mean=mean, std=std)
-        best_epoch = next((h for h in rec.history if h.get("epoch") == state["epoch"]), {})
+        epoch = state.get("best_epoch", state["epoch"])
+        best_epoch = next((h for h in rec.history if h.get("epoch") == epoch), {})
         params = {**rec.params}
         # Named by host and pid, so a later promotion can tell an abandoned one from a live one.
         tmp = root / f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -149,7 +152,7 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
             metrics = {
                 "trial_id": rec.trial_id, "rank": rank, "epochs": rec.epochs,
                 "metric": spec.metric, "params": params,
-                "val": {"epoch": state["epoch"], "val_acc": best_epoch.get("val_acc"),
+                "val": {"epoch": epoch, "val_acc": best_epoch.get("val_acc"),
                         "val_loss": best_epoch.get("val_loss"),
                         f"best_{spec.metric}": rec.best(spec.metric)},
                 "test": {"acc": test_acc, "loss": test_loss, "n": len(splits.test_y)},

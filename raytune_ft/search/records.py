@@ -30,7 +30,11 @@ def records_from_results(results: Any, metric: str, mode: str) -> list[TrialReco
                         for k, v in row.items()} for row in df[cols].to_dict("records")]
         best = None
         if r.best_checkpoints:
-            ckpt = r.get_best_checkpoint(metric, mode)
+            # Ranked by best-so-far: a checkpoint holds the best epoch's weights so far, so
+            # the latest is the best (runs from rtft <= 0.2 hold no best_<metric>).
+            key = f"best_{metric}"
+            ranked_by = key if all(key in m for _, m in r.best_checkpoints) else metric
+            ckpt = r.get_best_checkpoint(ranked_by, mode)
             best = ckpt.path if ckpt else None
             scheme = getattr(getattr(ckpt, "filesystem", None), "type_name", "local")
             if best and scheme not in ("local", "mock"):  # keep the URI: s3://bucket/...
