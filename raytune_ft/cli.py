@@ -20,6 +20,7 @@ import click
 
 from raytune_ft.cli_common import guard, load_spec, spec_options
 from raytune_ft.cli_jobs import jobs, submit, submit_and_exit
+from raytune_ft.cli_reproduce import reproduce
 
 if TYPE_CHECKING:
     from raytune_ft.spec import Spec
@@ -252,6 +253,7 @@ def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
 
 main.add_command(submit)
 main.add_command(jobs)
+main.add_command(reproduce)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,345 @@
+"""`rtft reproduce RUN_DIR TRIAL_ID`: one trial of a finished search trained again by the plain
+trainer, outside Ray, and compared epoch by epoch with what the trial reported.
+
+The trial is rebuilt the way the search ran it (search/trainable.py): the run's recorded
+`spec.yaml`, the trial's parameters through :func:`raytune_ft.space.hparams_for`, weights made
+absolute (an `rtft:` recipe resolves to its cached backbone in the trainer), one CPU thread
+per `run.resources.cpu`, the data the trial saw (without the held-out test split), and the
+device it ran on. Before any training, the data is prepared again and its fingerprint compared
+with the run's `data.json`: data that changed is refused (a :class:`UserError`, exit code 2),
+naming the fields that differ.
+
+Tolerance: on CPU the figures must be equal to the last bit (`train_loss`, `val_loss`,
+`val_acc` of every epoch the trial ran). On GPU, cuDNN's autotuner picks kernels by timing and
+some backward kernels accumulate with atomics, so runs differ in the last digits: each figure
+must then be within :data:`GPU_RTOL` (1e-4) relative of the recorded one. That GPU figure is
+stated, not measured (the machine this was built on has no GPU); `rtol` overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytune_ft.errors import UserError
+from raytune_ft.runs import HISTORY_KEYS, TUNE_DIR, Echo, TrialRecord, read_records, text_table
+from raytune_ft.spec import Spec
+from raytune_ft.spec_io import load_spec
+from raytune_ft.weights import absolute, classify
+
+__all__ = ["COMPARED", "GPU_RTOL", "Outcome", "Row", "compare", "fingerprint_changes",
+           "first_difference", "recorded_history", "reproduce", "trial_device",
+           "trial_record"]
+
+# The figures a trial reports that depend on training alone (`lr` follows from the schedule,
+# `images_per_s` and the times from the machine's load).
+COMPARED = ("train_loss", "val_loss", "val_acc")
+# Relative tolerance on GPU (see the module docstring); on CPU it is 0: equal to the last bit.
+GPU_RTOL = 1e-4
+# How many known trial ids an "unknown trial" message lists.
+_KNOWN_SHOWN = 5
+# What data.json's fields mean, for a refusal that says what changed.
+_FIELD_HINTS = {
+    "sha256": "hash of the pixels, or of the file names, sizes and times, and the split indices",
+    "classes": "class names", "files": "number of image files",
+    "preloaded": "decoded in memory rather than streamed",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The trial and what it recorded
+# --------------------------------------------------------------------------------------------
+def _folder_record(folder: Path) -> TrialRecord | None:
+    """A trial read from Ray's own folder (`tune/trial_<id>/`: params.json, result.json),
+    for runs without trials.json (an interrupted search, runs of rtft 0.1.0)."""
+    params = folder / "params.json"
+    if not params.is_file():
+        return None
+    history = []
+    results = folder / "result.json"
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                history.append({k: row[k] for k in HISTORY_KEYS if k in row})
+    return TrialRecord(trial_id=folder.name.removeprefix("trial_"),
+                       params=json.loads(params.read_text()), history=history)
+
+
+def _records(run_dir: Path) -> dict[str, TrialRecord]:
+    """Every trial the run folder knows: trials.json first (what the search wrote at its end),
+    then any trial folder of Ray's that it lacks."""
+    out: dict[str, TrialRecord] = {}
+    path = run_dir / "trials.json"
+    if path.is_file():
+        try:
+            out = {r.trial_id: r for r in read_records(path)}
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{path} is not a trials file rtft wrote ({e})") from e
+    for folder in sorted((run_dir / TUNE_DIR).glob("trial_*")):
+        tid = folder.name.removeprefix("trial_")
+        if tid not in out and (rec := _folder_record(folder)) is not None:
+            out[tid] = rec
+    return out
+
+
+def trial_record(run_dir: Path, trial_id: str) -> TrialRecord:
+    """The trial `trial_id` of the run in `run_dir`; a :class:`UserError` listing a few known
+    ids when there is no such trial."""
+    records = _records(run_dir)
+    if trial_id in records:
+        return records[trial_id]
+    known = sorted(records)
+    if not known:
+        raise UserError(f"{run_dir} holds no trials (no trials.json, no {TUNE_DIR}/trial_*/)")
+    more = f", … ({len(known)} trials; `rtft results {run_dir}` lists them)" \
+        if len(known) > _KNOWN_SHOWN else ""
+    raise UserError(f"no trial {trial_id!r} in {run_dir}; known trials: "
+                    f"{', '.join(known[:_KNOWN_SHOWN])}{more}")
+
+
+def recorded_history(record: TrialRecord) -> list[dict[str, Any]]:
+    """The trial's reported epochs, one row each, in order. A trial retried from a checkpoint
+    (`run.max_failures`) reports some epochs twice: the later report is the one it went on
+    from."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for h in record.history:
+        if h.get("epoch") is not None:
+            by_epoch[int(h["epoch"])] = h
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def trial_device(spec: Spec) -> str:
+    """Where the search ran the trials of `spec`: Ray hides every GPU from a trial that asks
+    for none (CUDA_VISIBLE_DEVICES=""), so `device: auto` meant CPU unless
+    `run.resources.gpu` > 0."""
+    if spec.train.device == "cpu" or spec.run.resources.gpu == 0:
+        return "cpu"
+    return "cuda"
+
+
+# --------------------------------------------------------------------------------------------
+# The data and the weights, checked before any training
+# --------------------------------------------------------------------------------------------
+_ABSENT = object()
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if value is not _ABSENT else "absent"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def fingerprint_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the fingerprint in data.json and the data's fingerprint now, one
+    phrase per field (`sha256: recorded "a1…", now "b2…" (hash of …)`); empty when equal."""
+    current = json.loads(json.dumps(current))  # as data.json holds it: lists, plain numbers
+    changes = []
+    for key in [*recorded, *(k for k in current if k not in recorded)]:
+        was, now = recorded.get(key, _ABSENT), current.get(key, _ABSENT)
+        if was != now:
+            hint = f" ({_FIELD_HINTS[key]})" if key in _FIELD_HINTS else ""
+            changes.append(f"{key}: recorded {_short(was)}, now {_short(now)}{hint}")
+    return changes
+
+
+def _check_data(run_dir: Path, spec: Spec) -> Any:
+    """The trial's data (raytune_ft.data.Splits) prepared again; refused when its fingerprint
+    is not the one the search recorded."""
+    from raytune_ft.data import prepare
+
+    path = run_dir / "data.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: without the data fingerprint the search recorded, "
+                        f"a reproduction could not tell a training difference from a data one")
+    recorded = json.loads(path.read_text())
+    splits = prepare(spec.data)
+    changes = fingerprint_changes(recorded, splits.fingerprint)
+    if changes:
+        raise UserError(f"the data of {spec.data.source!r} is not what the search trained on "
+                        f"({path}): " + "; ".join(changes)
+                        + ". Restore that data to reproduce this trial")
+    return splits
+
+
+def _weights(spec: Spec) -> str:
+    """The weights value as a trial got it (search/trainable.py: a file made absolute),
+    checked to exist here before the data is read; an `rtft:` backbone must be cached (the
+    trainer resolves it: the one the search built, never a new one)."""
+    from raytune_ft.models import resolve_weights
+
+    value = absolute(spec.model.weights)
+    ref = classify(value)
+    if ref.is_path and not Path(value).expanduser().exists():
+        raise UserError(f"the weights {value!r} the run's spec names are not here (a relative "
+                        f"path is read from the folder you run rtft in: run it where the "
+                        f"search ran)", field="model.weights")
+    resolve_weights(value, spec.model.arch, spec.data.image_size)  # refuses an unbuilt one
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One figure of one epoch: what the trial reported and what the reproduction got."""
+
+    epoch: int
+    metric: str
+    recorded: float | None
+    reproduced: float | None
+    ok: bool
+
+    @property
+    def diff(self) -> float | None:
+        """reproduced − recorded (None when either is missing)."""
+        if self.recorded is None or self.reproduced is None:
+            return None
+        return self.reproduced - self.recorded
+
+
+def _same(recorded: Any, reproduced: Any, rtol: float) -> bool:
+    if recorded is None or reproduced is None:
+        return recorded is None and reproduced is None
+    a, b = float(recorded), float(reproduced)
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or abs(b - a) <= rtol * abs(a)
+
+
+def compare(recorded: list[dict[str, Any]], reproduced: list[dict[str, Any]], *,
+            rtol: float = 0.0) -> list[Row]:
+    """One :class:`Row` per recorded epoch and metric of :data:`COMPARED`, in order; a figure
+    matches when equal, or within `rtol` relative of the recorded one. An epoch the
+    reproduction did not reach (it diverged sooner) is a mismatch."""
+    got = {int(h["epoch"]): h for h in reproduced}
+    rows = []
+    for h in sorted(recorded, key=lambda h: int(h["epoch"])):
+        epoch = int(h["epoch"])
+        for m in COMPARED:
+            a, b = h.get(m), got.get(epoch, {}).get(m)
+            rows.append(Row(epoch, m, a, b, _same(a, b, rtol)))
+    return rows
+
+
+def first_difference(rows: list[Row]) -> Row | None:
+    """The first row (by epoch, then metric) that does not match, or None."""
+    return next((r for r in rows if not r.ok), None)
+
+
+@dataclass
+class Outcome:
+    """A reproduction: the trial, where it ran, the tolerance, and the rows compared."""
+
+    trial_id: str
+    device: str
+    rtol: float
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def first_difference(self) -> Row | None:
+        return first_difference(self.rows)
+
+    @property
+    def matched(self) -> bool:
+        return bool(self.rows) and self.first_difference is None
+
+    def table(self) -> list[str]:
+        """epoch | metric | recorded | reproduced | diff | match/DIFFERS, as text lines."""
+        def num(v: float | None) -> str:
+            return "-" if v is None else repr(float(v))  # every digit: "exact" means exact
+
+        body = [[str(r.epoch), r.metric, num(r.recorded), num(r.reproduced),
+                 "-" if r.diff is None else ("0" if r.diff == 0 else f"{r.diff:+.3g}"),
+                 "match" if r.ok else "DIFFERS"] for r in self.rows]
+        return [ln.rstrip() for ln in
+                text_table(["epoch", "metric", "recorded", "reproduced", "diff", ""], body)]
+
+    def verdict(self) -> str:
+        """One line: the trial reproduces, or the first epoch and metric that differ."""
+        how = "exactly" if self.rtol == 0 else f"within {self.rtol:g} relative"
+        bad = self.first_difference
+        if bad is None:
+            return (f"trial {self.trial_id} reproduces on {self.device}: all {len(self.rows)} "
+                    f"figures match {how}")
+        return (f"trial {self.trial_id} does not reproduce on {self.device}: first difference "
+                f"at epoch {bad.epoch}, {bad.metric} (recorded {bad.recorded!r}, reproduced "
+                f"{bad.reproduced!r}; required: {how})")
+
+
+# --------------------------------------------------------------------------------------------
+# Training again
+# --------------------------------------------------------------------------------------------
+class _Enough(Exception):
+    """Raised from the report callback after the trial's last recorded epoch. The trainer runs
+    `train.max_epochs`, which must stay as the search had it (the LR schedule's length comes
+    from it), so a trial ASHA stopped early is stopped here at the same epoch."""
+
+
+def _train_epochs(spec: Spec, params: dict[str, Any], splits: Any, epochs: int,
+                  echo: Echo) -> list[dict[str, Any]]:
+    """Train the trial's configuration with the plain trainer for its first `epochs` epochs;
+    the metrics of each, as the trainer reported them."""
+    from raytune_ft.space import hparams_for
+    from raytune_ft.train import train
+
+    hp = hparams_for(spec, params)
+    threads = max(1, int(spec.run.resources.cpu))  # the trainable's rule
+    got: list[dict[str, Any]] = []
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        del folder
+        got.append(dict(metrics))
+        echo(f"epoch {metrics['epoch']}/{epochs}: " + ", ".join(
+            f"{m} {metrics[m]:.6g}" for m in COMPARED))
+        if len(got) >= epochs:
+            raise _Enough
+
+    # No checkpoints: nothing is kept, and writing them touches no RNG and no figure.
+    with contextlib.suppress(_Enough):
+        train(hp, spec=spec, data=splits.without_test(), report=report, num_threads=threads,
+              checkpoints=False)
+    return got
+
+
+def reproduce(run_dir: Path, trial_id: str, *, rtol: float | None = None,
+              echo: Echo = print) -> Outcome:
+    """Train trial `trial_id` of the run in `run_dir` again, outside Ray, for the epochs it
+    ran, and compare its figures with the recorded ones (exactly on CPU, within `rtol`,
+    default :data:`GPU_RTOL`, on GPU).
+
+    Raises :class:`UserError` (nothing trained) for an unknown trial, a trial that reported
+    no epoch, data whose fingerprint changed, weights that are not here, or a GPU trial on a
+    machine without one.
+    """
+    spec = load_spec(run_dir / "spec.yaml")
+    record = trial_record(run_dir, trial_id)
+    history = recorded_history(record)
+    if not history:
+        raise UserError(f"trial {trial_id} reported no epoch"
+                        + (f" (it failed: {record.error})" if record.error else "")
+                        + ": there is nothing to compare")
+    import torch  # here, not above: an unknown trial is answered without loading torch
+
+    device = trial_device(spec)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trial {trial_id} ran on a GPU (run.resources.gpu: "
+                        f"{spec.run.resources.gpu:g}) and this machine has none")
+    if rtol is None:
+        rtol = 0.0 if device == "cpu" else GPU_RTOL
+    weights = _weights(spec)
+    splits = _check_data(run_dir, spec)
+    # The spec as the trial got it (search/trainable.py), pinned to the trial's device.
+    spec_json = spec.model_dump(mode="json")
+    spec_json["model"]["weights"] = weights
+    spec_json["train"]["device"] = device
+    trial_spec = Spec.model_validate(spec_json)
+    epochs = int(history[-1]["epoch"])
+    echo(f"reproducing trial {trial_id} of {run_dir}: {epochs} of {spec.train.max_epochs} "
+         f"epoch(s) on {device}; data matches {run_dir / 'data.json'}")
+    got = _train_epochs(trial_spec, record.params, splits, epochs, echo)
+    return Outcome(trial_id, device, rtol, compare(history, got, rtol=rtol))
