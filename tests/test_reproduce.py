@@ -111,6 +111,22 @@ def test_a_trial_of_an_old_run_folder_is_found_in_rays_folders() -> None:
     assert res.exit_code == 2 and "4d02f39d, 9294ffbd, c0368dca" in res.output, res.output
 
 
+def test_trials_of_rtft_0_1_0_reproduce_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 0.1.0 fixture run (a tiny factory model, recorded on another machine): its finished
+    trial and the one ASHA stopped after epoch 1 train to the same figures today; the trial
+    killed before its first epoch has nothing to compare. If a change to the trainer alters
+    its figures on purpose, this is where it shows: old runs no longer reproduce."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fixtures"))  # the model factory
+    run = ROOT / "tests" / "fixtures" / "runs_v0.1.0" / "old-run"
+    for trial_id, epochs in (("9294ffbd", 2), ("c0368dca", 1)):
+        res = _reproduce(run, trial_id)
+        assert res.exit_code == 0, res.output
+        assert f"{epochs} of 2 epoch(s) on cpu" in res.output
+        assert f"all {3 * epochs} figures match exactly" in res.output
+    res = CliRunner().invoke(main, ["reproduce", str(run), "4d02f39d"])
+    assert res.exit_code == 2 and "reported no epoch" in res.output, res.output
+
+
 # --------------------------------------------------------------------------------------------
 # A real search, then its trials again
 # --------------------------------------------------------------------------------------------
