@@ -7,13 +7,16 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.job_config import JobConfig
 
 from raytune_ft.errors import UserError, first_line
-from raytune_ft.runs import Echo
+from raytune_ft.runs import Echo, RunLocation
+from raytune_ft.search.ray_private import loopback_node
 from raytune_ft.spec import Spec, check_fit
 
 # Our own progress lines replace Ray's tables; Ray's warning about checkpoint-driven state
@@ -24,18 +27,22 @@ _RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0",
             "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
-def ensure_ray(address: str | None, echo: Echo) -> bool:
+def ensure_ray(address: str | None, echo: Echo,
+               metadata: dict[str, str] | None = None) -> bool:
     """Join `address` (or $RAY_ADDRESS), or start a local Ray; True when we started it.
 
     `auto` and `host:6379` join as a driver (on a cluster node, or inside a Ray job);
     `ray://host:10001` joins through Ray Client (the Tune loop then runs on the head node, so
     run.storage_path must be storage both sides see). `http://head:8265` is the Jobs API,
     which ray.init cannot join: `rtft search --address http://…` submits a job instead.
+    A local Ray listens on 127.0.0.1 only (README, "Operating a search"). `metadata` is the
+    driver's job metadata, shown in the dashboard's Jobs view (`job_metadata`).
     """
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         return False
+    job_config = JobConfig(metadata=dict(metadata or {}))
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         if address.startswith(("http://", "https://")):
@@ -44,7 +51,8 @@ def ensure_ray(address: str | None, echo: Echo) -> bool:
                             f"`rtft search --address {address}`, which submits a job), 'auto' "
                             f"or host:6379 on a cluster node, ray://host:10001 (Ray Client)")
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ctx = ray.init(address=address, logging_level=logging.WARNING,
+                           job_config=job_config)
         except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as e:
             first = first_line(e)
             hint = (" The cluster uses token authentication: set RAY_AUTH_MODE=token and "
@@ -54,13 +62,64 @@ def ensure_ray(address: str | None, echo: Echo) -> bool:
         echo(f"connected to Ray at {address}"
              + (" (Ray Client: the search loop runs on the head node)"
                 if address.startswith("ray://") else ""))
+        if not address.startswith("ray://"):  # a client has no node of its own to name
+            for line in watch_lines(getattr(ctx, "dashboard_url", None), local=False):
+                echo(line)
         return True
-    ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
-                   logging_level=logging.WARNING, configure_logging=True)
-    url = getattr(ctx, "dashboard_url", None)
-    if url:
-        echo(f"Ray dashboard: http://{url}  (bound to 127.0.0.1)")
+    with loopback_node() as on_loopback:
+        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
+                       logging_level=logging.WARNING, configure_logging=True,
+                       job_config=job_config, **on_loopback)
+    for line in watch_lines(getattr(ctx, "dashboard_url", None), local=True):
+        echo(line)
     return True
+
+
+def job_metadata(spec: Spec, loc: RunLocation) -> dict[str, str]:
+    """The search's job metadata (the dashboard's Jobs view, `rtft jobs status`): run name,
+    the run's spec file, its folder, rtft's version; `rtft submit` adds its own."""
+    import raytune_ft
+
+    return {"rtft_run": spec.name, "rtft_spec_file": str(loc.local / "spec.yaml"),
+            "rtft_run_dir": loc.root, "rtft_version": raytune_ft.__version__}
+
+
+def auth_hint(env: Mapping[str, str] | None = None) -> str | None:
+    """How to open a dashboard that asks for Ray's token: the command that prints it and where
+    it lives (never the token itself); None when token auth is off. Read after `ray.init`,
+    which turns token auth on for a new local Ray (RAY_AUTH_MODE=token in this process)."""
+    env = os.environ if env is None else env
+    if env.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    if env.get("RAY_AUTH_TOKEN"):
+        where = "it is the value of $RAY_AUTH_TOKEN in rtft's environment"
+    elif env.get("RAY_AUTH_TOKEN_PATH"):
+        where = f"it is in the file {env['RAY_AUTH_TOKEN_PATH']}"
+    else:
+        where = "it is in the file ~/.ray/auth_token"
+    return (f"token auth is on: the dashboard asks for Ray's token; `ray get-auth-token` "
+            f"prints it ({where})")
+
+
+def watch_lines(dashboard_url: str | None, *, local: bool) -> list[str]:
+    """What rtft prints to open the Ray dashboard of the search it runs: the URL, how to
+    authenticate, the job, the names the trials go by, the Prometheus endpoint."""
+    lines = []
+    if dashboard_url:
+        lines.append(f"Ray dashboard: http://{dashboard_url}"
+                     + ("  (bound to 127.0.0.1)" if local else ""))
+        hint = auth_hint()
+        if hint:
+            lines.append(f"  {hint}")
+    lines.append(f"  Jobs: this search is job {ray.get_runtime_context().get_job_id()}; Actors: "
+                 f"its trials are RtftTrial, `rtft <run> trial <id>`")
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == here), {})
+    if node.get("MetricsExportPort"):
+        lines.append(f"  metrics: http://{node.get('NodeManagerAddress')}:"
+                     f"{node['MetricsExportPort']}/metrics  (Prometheus; rtft's series are "
+                     f"ray_rtft_*; Grafana: cluster/grafana_rtft.json)")
+    return lines
 
 
 def cluster_resources(address: str, headers: Any = None) -> dict[str, float]:

@@ -17,11 +17,21 @@ lacks an attribute used here.
   COMPLETE with its last value.
 - `JobSubmissionClient._do_request`: the SDK's request helper (auth headers, cookies, TLS) for
   the dashboard's node list, which the Jobs SDK does not expose.
+- `ray_constants.ENABLE_RAY_CLUSTER`: a local Ray whose node address is 127.0.0.1 binds its
+  servers to loopback, but `ray.init` turns 127.0.0.1 into the machine's LAN address unless
+  this flag (Ray's switch for single-machine Windows/macOS) is off while it starts.
+- `ray_constants.LOG_PREFIX_ACTOR_NAME`: Ray sets an actor's log prefix once, when the actor is
+  created; a Tune actor reused for trial after trial (`reuse_actors`) would keep its first
+  trial's. (The dashboard's Actors "Repr" is also set once, and Ray 2.60 has no way to renew
+  it: it stays the actor's first trial.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 CHECKED_RAY = ("2.60",)
@@ -51,6 +61,8 @@ USED: tuple[tuple[str, str, str], ...] = (
     ("ray.tune.search.optuna.OptunaSearch", "_completed_trials", "instance"),
     ("ray.tune.logger.TBXLoggerCallback", "_try_log_hparams", "class"),
     ("ray.job_submission.JobSubmissionClient", "_do_request", "class"),
+    ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER", "class"),
+    ("ray._private.ray_constants", "LOG_PREFIX_ACTOR_NAME", "class"),
 )
 
 
@@ -155,3 +167,36 @@ def tbx_file_writer(callback: Any, trial: Any) -> Any:
 def job_client_get(client: Any, path: str) -> Any:
     """GET `path` on the dashboard with the Jobs SDK's own request helper."""
     return client._do_request("GET", path)
+
+
+# A local Ray on loopback --------------------------------------------------------------------
+@contextlib.contextmanager
+def loopback_node() -> Iterator[dict[str, Any]]:
+    """While a local Ray starts: the `ray.init` options that make its node address 127.0.0.1.
+
+    Ray's gRPC servers (GCS, raylet, every worker and the driver), the dashboard agent and the
+    metrics export bind to loopback only when the node address is a loopback address. But
+    `ray.init(_node_ip_address="127.0.0.1")` replaces a loopback address with the machine's
+    LAN address (`services.resolve_ip_for_localhost`) unless `ENABLE_RAY_CLUSTER` is off, which
+    Ray itself does on Windows and macOS; it is read only while Ray works out its address."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield {"_node_ip_address": "127.0.0.1"}
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+# Names in Ray's logs and dashboard --------------------------------------------------------
+def name_this_actor(name: str) -> None:
+    """From now on, this actor's log lines read `(name pid=…)`: what Ray does once, when an
+    actor is created, done again for the next trial of a reused actor. Ray's log monitor reads
+    the prefix from a line of this form in the worker's stdout and stderr files."""
+    from ray._private import ray_constants
+
+    line = f"{ray_constants.LOG_PREFIX_ACTOR_NAME}{name}\n"
+    for stream in (sys.stdout, sys.stderr):
+        stream.write(line)
+        stream.flush()

@@ -40,7 +40,13 @@ from raytune_ft.runs import (
     write_records,
 )
 from raytune_ft.search.callbacks import FailureBudget, Progress, TensorBoard, UploadRunFiles
-from raytune_ft.search.cluster import check_cluster_fit, check_shared_storage, ensure_ray
+from raytune_ft.search.cluster import (
+    check_cluster_fit,
+    check_shared_storage,
+    ensure_ray,
+    job_metadata,
+)
+from raytune_ft.search.metrics import SearchMetrics
 from raytune_ft.search.ray_private import restored_searcher
 from raytune_ft.search.records import load_records, records_from_results
 from raytune_ft.search.schedulers import FIFO, PersistentASHA
@@ -93,7 +99,7 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     warm = None if restore else warm_start.plan_for(spec, data=splits.fingerprint)
     created = preflight.first_missing(loc.local)  # removed again if the cluster refuses
     with _run_lock(loc.local):
-        started = ensure_ray(address, echo)
+        started = ensure_ray(address, echo, job_metadata(spec, loc))
         try:
             if not local:  # a cluster, or a Ray this process already runs: ask it
                 check_cluster_fit(spec, created)
@@ -258,7 +264,8 @@ def _tuner(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool
                 checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
             verbose=0, stop=budget,
-            callbacks=[Progress(spec, echo, quiet), TensorBoard(spec), budget, *uploads]),
+            callbacks=[Progress(spec, echo, quiet), TensorBoard(spec), budget,
+                       SearchMetrics(spec), *uploads]),
     )
 
 

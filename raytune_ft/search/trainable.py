@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 from ray import tune
+from ray.tune.trainable import wrap_function
 
 from raytune_ft.data import Splits
 from raytune_ft.errors import TrialOOMError
 from raytune_ft.models import absolute_weights
+from raytune_ft.search.ray_private import name_this_actor
 from raytune_ft.space import hparams_for
 from raytune_ft.spec import Spec
 from raytune_ft.train import train
@@ -71,12 +73,32 @@ _trainable = run_trial
 
 def trainable_for(spec: Spec, splits: Splits) -> Any:
     """`run_trial` bound to this search's spec and data (the data goes into Ray's object store
-    once, without its test split), with the spec's resources per trial."""
+    once, without its test split), with the spec's resources per trial, as a named class."""
     res = spec.run.resources
     spec_json = spec.model_dump(mode="json")
     # Trials run in their own folders: a weights file named relative to where rtft was
     # started must reach them as an absolute path.
     spec_json["model"]["weights"] = absolute_weights(spec.model.weights)
-    return tune.with_resources(
+    return _named(tune.with_resources(
         tune.with_parameters(run_trial, spec_json=spec_json, data=splits.without_test()),
-        {"cpu": res.cpu, "gpu": res.gpu})
+        {"cpu": res.cpu, "gpu": res.gpu}), spec.name)
+
+
+def _named(fn: Any, run: str) -> type:
+    """Tune's class for `fn` (`ImplicitFunc`), renamed for Ray's dashboard and logs: class
+    `RtftTrial`, shown as `rtft <run> trial <id>` in the log prefix (renewed for each trial a
+    reused actor runs) and the Actors tab's Repr (Ray sets it once: the actor's first trial).
+    Its trainable name stays `fn`'s, "_trainable", which Tuner.restore checks."""
+    base = wrap_function(fn)
+
+    def __repr__(self: Any) -> str:  # noqa: N807
+        return f"rtft {run} trial {self.trial_id}"
+
+    def reset_config(self: Any, new_config: dict) -> bool:
+        ok = base.reset_config(self, new_config)
+        if ok:
+            name_this_actor(repr(self))
+        return ok
+
+    return type("RtftTrial", (base,), {"__repr__": __repr__, "reset_config": reset_config,
+                                       "__module__": __name__, "__qualname__": "RtftTrial"})
