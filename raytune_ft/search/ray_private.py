@@ -101,6 +101,13 @@ def optuna_trial(searcher: Any, trial_id: str) -> Any:
     return searcher._ot_trials[trial_id]
 
 
+def optuna_forget(searcher: Any, trial_id: str) -> None:
+    """Drop a finished trial's Optuna handle. Ray's OptunaSearch keeps one per trial for the
+    whole search and pickles them all into every experiment snapshot: memory and snapshot
+    bytes that grow with the trials (bench/load.py --bookkeeping)."""
+    searcher._ot_trials.pop(trial_id, None)
+
+
 def optuna_completed(searcher: Any) -> set[str]:
     """The Tune trial ids OptunaSearch has already told Optuna about."""
     return searcher._completed_trials

@@ -16,7 +16,12 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from raytune_ft.fidelity import finite, tell
-from raytune_ft.search.ray_private import optuna_completed, optuna_study, optuna_trial
+from raytune_ft.search.ray_private import (
+    optuna_completed,
+    optuna_forget,
+    optuna_study,
+    optuna_trial,
+)
 
 STEP = "training_iteration"
 
@@ -56,6 +61,7 @@ class FidelityOptunaSearch(OptunaSearch):
                           error: bool = False) -> None:
         if self._telling == "last":
             super().on_trial_complete(trial_id, result=result, error=error)
+            optuna_forget(self, trial_id)
             return
         if trial_id in optuna_completed(self):
             return  # told already (Ray repeats a completion after some restores)
@@ -73,3 +79,4 @@ class FidelityOptunaSearch(OptunaSearch):
             logging.getLogger(__name__).warning("could not tell Optuna about %s", trial_id,
                                                 exc_info=True)
         optuna_completed(self).add(trial_id)
+        optuna_forget(self, trial_id)  # told: nothing asks for it again
