@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from raytune_ft.cli_common import guard, load_spec, spec_options
+from raytune_ft.cli_export import export
 from raytune_ft.cli_jobs import jobs, submit, submit_and_exit
 from raytune_ft.cli_reproduce import reproduce
 
@@ -253,6 +254,7 @@ def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
 
 main.add_command(submit)
 main.add_command(jobs)
+main.add_command(export)
 main.add_command(reproduce)
 
 if __name__ == "__main__":

@@ -51,9 +51,14 @@ class Hyperparams(Strict):
     weight_decay: float = Field(1e-4, ge=0, le=1)
     batch_size: int = Field(64, ge=1, le=65536)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Focal loss (Lin et al. 2017) down-weights examples the model already gets right by
+    # (1 - p)^focal_gamma; gamma 0 is cross-entropy. focal_gamma only counts with loss: focal.
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: float = Field(2.0, ge=0, le=10)
     head_dropout: float = Field(0.0, ge=0, lt=1)
     head_hidden: int = Field(0, ge=0, le=65536)
-    activation: Literal["relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh"] = "relu"
+    activation: Literal["relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh",
+                        "sigmoid"] = "relu"
     activation_scope: Literal["head", "all"] = "head"
     init: Literal[
         "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",

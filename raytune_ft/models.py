@@ -82,6 +82,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "elu": lambda: nn.ELU(inplace=True),
     "mish": lambda: nn.Mish(inplace=True),
     "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,  # no inplace form
 }
 # Activation modules a backbone may hold; gates (Sigmoid in squeeze-excite) are not swapped.
 _SWAPPABLE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)

@@ -8,6 +8,7 @@ resume, then the epoch loop (train, evaluate, checkpoint, report). The search wr
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -37,7 +38,8 @@ from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import build_model, freeze_stages, input_stats, param_groups, resolve_weights
 from raytune_ft.spec import METRICS, Spec
 
-__all__ = ["DIVERGED", "TrainResult", "evaluate", "pick_device", "train", "trial_config"]
+__all__ = ["DIVERGED", "TrainResult", "evaluate", "focal_loss", "loss_function", "pick_device",
+           "train", "trial_config"]
 
 # A report's checkpoint folder is only valid during the call: copy it if you keep it.
 Report = Callable[[dict[str, Any], "Path | None"], None]
@@ -95,6 +97,38 @@ def evaluate(model: nn.Module, x: Pixels, y: torch.Tensor, *, batch_size: int = 
     model.train(was_training)
     n = max(len(y), 1)
     return loss_sum / n, correct / n
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Focal loss, mean over the batch: -(1 - p_t)^gamma * log p_t for class indices.
+
+    Soft targets (MixUp/CutMix probabilities, label smoothing) use the soft-target form
+    sum_c -y_c (1 - p_c)^gamma log p_c, which is the hard form when y is one-hot; smoothing
+    mixes y with the uniform distribution as CrossEntropyLoss does. gamma 0 is cross-entropy.
+    """
+    if gamma == 0:
+        # The same call as the cross-entropy loss: a focal trial at gamma 0 is bit for bit a
+        # cross-entropy trial (the formula below agrees to float rounding only).
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    logp = F.log_softmax(logits.float(), dim=1)  # float32 under AMP too, as cross_entropy
+    n_classes = logp.shape[1]
+    y = F.one_hot(target, n_classes).to(logp.dtype) if not target.is_floating_point() \
+        else target.to(logp.dtype)
+    if label_smoothing:
+        y = y * (1 - label_smoothing) + label_smoothing / n_classes
+    # 1 - p floored at 1e-6: where p rounds to 1 the pow's gradient at 0 is inf (gamma < 1)
+    # and inf * 0 is NaN; the floor changes the loss by < 1e-6 * |log p| there, i.e. nothing.
+    weight = (1 - logp.exp()).clamp_min(1e-6).pow(gamma)
+    return -(y * weight * logp).sum(1).mean()
+
+
+def loss_function(hp: Hyperparams) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss `hp` names: (logits, class indices or probabilities) -> scalar."""
+    if hp.loss == "focal":
+        return functools.partial(focal_loss, gamma=hp.focal_gamma,
+                                 label_smoothing=hp.label_smoothing)
+    return nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
 
 
 def _mixer(hp: Hyperparams, num_classes: int) -> Callable | None:
@@ -195,7 +229,7 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(round(hp.warmup_epochs * steps_per_epoch), total))
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    loss_fn = loss_function(hp)
     metric, mode = spec.metric, METRICS[spec.metric]
     config = trial_config(spec, hp, data.classes)
 
@@ -232,7 +266,7 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
             xb = augment_batch(normalize(xb, mean, std), hp.augment, hflip=spec.data.flip,
                                generator=gen)
             if mix is not None:
-                xb, yb = mix(xb, yb)  # soft labels: CrossEntropyLoss takes probabilities
+                xb, yb = mix(xb, yb)  # soft labels: both losses take probabilities
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(device, amp_dtype):
