@@ -2,6 +2,7 @@
 
     python bench/overhead.py             # 8 trials x 2 epochs of the default task, 2 at a time, x3
     python bench/overhead.py --smoke     # seconds: 2 tiny trials, once
+    python bench/overhead.py --trials 8 --epochs 8 --image-size 16 --train-limit 200  # short
 
 The same fixed trial configuration (the default fine-tune of ``search_spaces/resnet.yaml``: its
 fixed knobs plus the baseline values of its searched ones, every parameter ``fixed``; all trials
@@ -16,11 +17,15 @@ stopping, 2 trials at a time with 1 thread each, run three ways, each in a fresh
              (c)/(b) measures only what ``raytune_ft/search/`` adds on top of Ray Tune — the trainer
              itself is compared with a hand-written loop in ``bench/trainer.py``;
 (c) rtft     ``run_search`` on that spec (scheduler none; Optuna samples nothing), with
-             everything it does: preflight, Ray with the dashboard, Optuna journal, per-epoch
-             checkpoints, TensorBoard, progress lines, promotion of the best trial.
+             everything it does: preflight, Ray with the dashboard, Optuna journal, its
+             checkpoints (after a trial's last epoch, plus `run.checkpoint_every` epochs or
+             minutes), TensorBoard, progress lines, promotion of the best trial.
 
-(a) and (b) train without checkpoints; (c) keeps rtft's per-epoch checkpoint (it is what makes
-resume work), so its cost counts as overhead. The three ways run in turn, rotated each repeat;
+(a) and (b) train without checkpoints; (c) keeps rtft's checkpoints (they are what makes resume
+and promotion work), so their cost counts as overhead. The trainer traces how long each epoch's
+report took (`report ms/epoch`: Tune's report, and for (c) the checkpoint write and Ray's copy
+of it into the trial's folder). `--image-size 16 --train-limit 200` makes epochs short (about
+half a second here), as they are on a GPU, where a fixed cost per epoch weighs most. The three ways run in turn, rotated each repeat;
 every ratio is the median of the per-repeat ratios. Trial start-up is measured from the
 trainer's own timestamps (``RTFT_TRACE``, see ``raytune_ft/train.py``): the gap between a
 trial ending and the next trial in that slot being ready to take its first step (model built,
@@ -58,11 +63,13 @@ WAYS = {"a": "(a) bare train()", "b": "(b) plain Ray Tune", "c": "(c) rtft run_s
 TARGETS = {"c/a": 1.10, "c/b": 1.03}
 
 
-def fixed_spec(trials: int, epochs: int, smoke: bool, root: Path) -> Spec:
-    """The default task with every search parameter fixed to its baseline value."""
+def fixed_spec(trials: int, epochs: int, smoke: bool, root: Path,
+               short: list[str] | None = None) -> Spec:
+    """The default task with every search parameter fixed to its baseline value (`short`:
+    overrides that make epochs short, as on a GPU)."""
     from raytune_ft.space import baseline_params
 
-    overrides = (SMOKE_OVERRIDES if smoke else []) + [
+    overrides = (SMOKE_OVERRIDES if smoke else []) + (short or []) + [
         f"train.max_epochs={epochs}", "scheduler.type=none", f"run.num_samples={trials}",
         "run.max_concurrent_trials=2", "run.resources.cpu=1", f"run.storage_path={root}/runs",
         f"promote.dir={root}/models", "name=overhead"]
@@ -192,7 +199,10 @@ def startup(trace: Path, t_launch: float, concurrency: int) -> dict[str, Any]:
     ready = sorted(e["t"] for e in ev if e["event"] == "ready")
     start = sorted(e["t"] for e in ev if e["event"] == "start")
     end = sorted(e["t"] for e in ev if e["event"] == "end")
-    return {"first": [r - t_launch for r in ready[:concurrency]],
+    reports = [e for e in ev if e["event"] == "report"]
+    return {"report_s": sum(e["s"] for e in reports), "epochs_seen": len(reports),
+            "checkpoints": sum(e.get("ckpt", 0) for e in reports),
+            "first": [r - t_launch for r in ready[:concurrency]],
             "later": [r - e for r, e in zip(ready[concurrency:], end, strict=False)],
             "setup": [r - s for r, s in zip(ready, start, strict=False)],
             "trials_seen": len(ready)}
@@ -254,6 +264,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="short epochs, as on a GPU: e.g. --image-size 16 --train-limit 200 "
+                         "(with no pretrained weights: nothing to pretrain at that size)")
+    ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--ways", default="abc")
     ap.add_argument("--out", help="results folder (default bench/results)")
     ap.add_argument("--profile", action="store_true",
@@ -270,10 +284,15 @@ def main() -> None:
         return
     if args.smoke:
         args.trials, args.epochs, args.repeats = 2, 1, 1
+    short = ([f"data.image_size={args.image_size}"] if args.image_size else []) + \
+        ([f"data.train_limit={args.train_limit}"] if args.train_limit else [])
+    if short:
+        short.append("model.weights=none")
     if args.profile:
         profile_driver(args.trials, args.epochs, args.smoke)
         return
-    res = Results("overhead", smoke=args.smoke, out_dir=Path(args.out) if args.out else RESULTS)
+    res = Results("overhead_short" if short else "overhead", smoke=args.smoke,
+                  out_dir=Path(args.out) if args.out else RESULTS)
     if args.summarize:  # the tables of an earlier (possibly cut short) run's results file
         old = json.loads(Path(args.summarize).read_text())
         res.data.update(machine=old["machine"], load_start=old["load_start"])
@@ -284,7 +303,7 @@ def main() -> None:
     runs: list[dict[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="rtft-overhead-") as tmp:
         root = Path(tmp)
-        spec = fixed_spec(args.trials, args.epochs, args.smoke, root)
+        spec = fixed_spec(args.trials, args.epochs, args.smoke, root, short)
         ways = list(args.ways)
         for r in range(args.repeats):
             order = ways[r % len(ways):] + ways[:r % len(ways)]  # rotate: no way always first
@@ -296,7 +315,8 @@ def main() -> None:
             runs.append(got)
             # Each finished repeat is on disk at once: a long run cut short keeps its numbers.
             res.write(settings={"trials": args.trials, "epochs": args.epochs,
-                                "repeats": args.repeats, "concurrency": 2}, runs=runs,
+                                "repeats": args.repeats, "concurrency": 2, "short": short},
+                      runs=runs,
                       repeats_done=len(runs))
     summarize(res, runs, ways, args, spec)
 
@@ -316,10 +336,15 @@ def summarize(res: Results, runs: list[dict[str, dict[str, Any]]], ways: list[st
                       "driver_cpu_s": med(w, "driver_cpu_s"),
                       "first_start_s": med_list(w, "first"),
                       "later_start_s": med_list(w, "later"),
-                      "setup_s": med_list(w, "setup")}
+                      "setup_s": med_list(w, "setup"),
+                      "report_ms_per_epoch": 1000 * median(
+                          [x[w]["report_s"] / x[w]["epochs_seen"] for x in runs
+                           if w in x and x[w].get("epochs_seen")]),
+                      "checkpoints": med(w, "checkpoints")}
         s = summary[w]
         rows.append([WAYS[w], s["wall_s"], s["ray_init_s"] if w != "a" else None,
-                     s["driver_cpu_s"], s["first_start_s"], s["later_start_s"], s["setup_s"]])
+                     s["driver_cpu_s"], s["first_start_s"], s["later_start_s"], s["setup_s"],
+                     s["report_ms_per_epoch"], s["checkpoints"]])
     ratios = {}
     for name, (num, den) in {"c/a": ("c", "a"), "c/b": ("c", "b"), "b/a": ("b", "a")}.items():
         if num in ways and den in ways:
@@ -331,7 +356,7 @@ def summarize(res: Results, runs: list[dict[str, dict[str, Any]]], ways: list[st
     print(f"\n{args.trials} trials x {args.epochs} epochs, 2 at a time, median of "
           f"{len(runs)} repeats (seconds)")
     print(table(["way", "wall", "Ray start", "driver CPU", "first trial ready",
-                 "next trial ready", "train() setup"], rows))
+                 "next trial ready", "train() setup", "report ms/epoch", "checkpoints"], rows))
     if "c" in ways:
         print(f"Ray on_trial_start -> trainer ready (rtft): "
               f"{med_list('c', 'ray_start_to_ready'):.3f} s median")

@@ -25,17 +25,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder that is missing, truncated or not ours."""
 
 
-def save_checkpoint(folder: str | Path, *, model: dict, optimizer: dict, scheduler: dict,
-                    epoch: int, best: float | None, config: dict[str, Any]) -> Path:
+def save_checkpoint(folder: str | Path, *, model: dict, optimizer: dict | None,
+                    scheduler: dict | None, epoch: int, best: float | None,
+                    config: dict[str, Any],
+                    best_model: dict | None = None, best_epoch: int | None = None) -> Path:
     """Write `state.pt` and `config.json` into `folder` (created); returns the folder.
+
+    `model`, `optimizer`, `scheduler` and `epoch` are the latest training state (what a
+    resumed trial continues from); `best_model` and `best_epoch`, the weights of the best
+    epoch so far (what promotion takes), when they are not the latest epoch's. A trial's
+    final checkpoint, which no trial continues from, leaves out the optimizer and scheduler
+    (None): for resnet18 with Adam, 45 MB instead of 128.
 
     Each file is written under a temporary name and renamed, so a crash leaves the previous
     file or the new one, never half of one.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": epoch,
-             "best": best}
+    state: dict[str, Any] = {"model": model, "epoch": epoch, "best": best}
+    if optimizer is not None and scheduler is not None:
+        state["optimizer"], state["scheduler"] = optimizer, scheduler
+    if best_model is not None and best_epoch is not None and best_epoch != epoch:
+        state["best_model"], state["best_epoch"] = best_model, best_epoch
     tmp = folder / (STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, folder / STATE)
@@ -57,6 +68,6 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
         # First line only: torch's refusal of a pickle runs to a page of advice.
         raise CheckpointError(f"checkpoint {folder} cannot be read ({type(e).__name__}: "
                               f"{first_line(e)})") from e
-    if not {"model", "optimizer", "epoch"} <= set(state):
+    if not {"model", "epoch"} <= set(state):
         raise CheckpointError(f"checkpoint {folder} is not an rtft checkpoint")
     return state, config

@@ -214,6 +214,13 @@ class RunSpec(Strict):
     resources: Resources = Resources()
     storage_path: str = "./rtft_runs"
     checkpoints_to_keep: int = Field(1, ge=1)
+    # When a trial writes a checkpoint (its training state, and the best epoch's weights,
+    # kept in memory until then): after its last epoch (max_t), every `checkpoint_every`
+    # epochs (0: no epoch rule), and after any epoch that ends `checkpoint_every_minutes`
+    # after the last checkpoint. A retried or resumed trial re-trains the epochs since its
+    # last checkpoint, with the same results (bench/README.md: "Per-epoch cost").
+    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_every_minutes: float = Field(10.0, gt=0)
     max_failures: int = Field(0, ge=0)  # retries of one trial, from its last checkpoint
     max_failed_trials: int | None = Field(None, ge=1)  # end the search after this many
 

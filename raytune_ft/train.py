@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytune_ft.checkpoint import load_checkpoint, save_checkpoint
+from raytune_ft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from raytune_ft.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -163,13 +163,32 @@ def _optimizer(hp: Hyperparams, groups: list[dict]) -> torch.optim.Optimizer:
     return cls(groups, lr=hp.lr)
 
 
-def _trace(event: str) -> None:
+def _checkpoint_due(spec: Spec, epoch: int, last_saved: float) -> bool:
+    """Whether epoch `epoch` ends with a checkpoint: the trial's last epoch (`max_t`, where
+    ASHA ends it, or `train.max_epochs`), every `run.checkpoint_every` epochs, and any epoch
+    ending `run.checkpoint_every_minutes` after the last checkpoint.
+
+    Not every epoch: a checkpoint is the model and optimizer state (128 MB for resnet18 with
+    Adam), written, then copied by Ray into the trial's folder, on the training path
+    (bench/README.md, "Per-epoch cost"). A retried or resumed trial re-trains the epochs since
+    its last checkpoint, with the same results: each epoch is seeded by its number."""
+    run = spec.run
+    return (epoch >= min(spec.max_t, spec.train.max_epochs)
+            or (run.checkpoint_every > 0 and epoch % run.checkpoint_every == 0)
+            or time.monotonic() - last_saved >= 60 * run.checkpoint_every_minutes)
+
+
+def _trace(event: str, **extra: float) -> None:
     """With RTFT_TRACE=<file>, append when a trial starts, is ready to take its first step and
-    ends (bench/overhead.py measures trial start-up with it); unset, nothing is done."""
+    ends, and how long each epoch's report took (`report`, with `s` seconds and `ckpt` 1 when
+    it wrote a checkpoint): bench/overhead.py measures trial start-up and the per-epoch cost
+    with it. Unset, nothing is done."""
     path = os.environ.get("RTFT_TRACE")
     if path:
+        fields = "".join(f', "{k}": {v}' for k, v in extra.items())
         with open(path, "a") as f:
-            f.write(f'{{"event": "{event}", "t": {time.time()}, "pid": {os.getpid()}}}\n')
+            f.write(f'{{"event": "{event}", "t": {time.time()}, "pid": {os.getpid()}'
+                    f'{fields}}}\n')
 
 
 def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
@@ -226,6 +245,7 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
                                             backbone_lr_mult=hp.backbone_lr_mult,
                                             layer_decay=hp.layer_decay))
     total = epochs * steps_per_epoch
+    last_epoch = min(spec.max_t, epochs)  # where ASHA (max_t) or the schedule ends the trial
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(round(hp.warmup_epochs * steps_per_epoch), total))
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
@@ -235,12 +255,24 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
 
     # -- resume ----------------------------------------------------------------------------------
     start, best = 0, None
+    best_model: dict[str, torch.Tensor] | None = None  # the best epoch's weights, on the CPU
+    best_epoch: int | None = None
     if resume_from is not None:
         state, _ = load_checkpoint(resume_from)
         model.load_state_dict(state["model"])
+        start, best = int(state["epoch"]), state.get("best")
+        if "optimizer" not in state:  # a final checkpoint: the trial has nothing left to do
+            if start < last_epoch:
+                raise CheckpointError(f"checkpoint {resume_from} holds no optimizer state, "
+                                      f"yet epoch {start} is not the trial's last")
+            _trace("end")
+            return TrainResult(model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start, best = int(state["epoch"]), state.get("best")
+        # Checkpoints of rtft <= 0.2 (one per epoch) hold no best weights: the epoch's own.
+        best_model = state.get("best_model", state["model"])
+        best_epoch = int(state.get("best_epoch", state["epoch"]))
+    last_saved = time.monotonic()
 
     _trace("ready")
     result = TrainResult(model)
@@ -304,19 +336,29 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
         # -- checkpoint, report ----------------------------------------------------------------
         value = {"val_acc": val_acc, "val_loss": val_loss}[metric]
         if best is None or (value > best if mode == "max" else value < best):
-            best = value
+            best, best_epoch = value, epoch
+            if checkpoints:  # a copy, not a write: the next checkpoint takes it along
+                best_model = {k: v.detach().to("cpu", copy=True)
+                              for k, v in model.state_dict().items()}
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, f"best_{metric}": best,
                    "lr": optimizer.param_groups[-1]["lr"],
                    "images_per_s": steps_per_epoch * bs / seconds, "diverged": False}
         result.history.append(metrics)
-        if not checkpoints:
+        t_report = time.perf_counter()
+        if not (checkpoints and _checkpoint_due(spec, epoch, last_saved)):
             report(metrics, None)
+            _trace("report", s=time.perf_counter() - t_report, ckpt=0)
             continue
+        final = epoch >= last_epoch  # no trial continues from it: weights only
         with tempfile.TemporaryDirectory(prefix="rtft-ckpt-") as tmp:
-            save_checkpoint(tmp, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), epoch=epoch, best=best,
-                            config=config)
+            save_checkpoint(tmp, model=model.state_dict(),
+                            optimizer=None if final else optimizer.state_dict(),
+                            scheduler=None if final else scheduler.state_dict(), epoch=epoch,
+                            best=best, config=config, best_model=best_model,
+                            best_epoch=best_epoch)
             report(metrics, Path(tmp))
+        last_saved = time.monotonic()
+        _trace("report", s=time.perf_counter() - t_report, ckpt=1)
     _trace("end")
     return result

@@ -59,3 +59,17 @@ def test_truncated_checkpoint_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="cannot be read") as info:
         load_checkpoint(folder)
     assert "\n" not in str(info.value)
+
+
+def test_a_final_checkpoint_holds_weights_only(tmp_path: Path) -> None:
+    w = {"w": torch.ones(4, 4)}
+    folder = save_checkpoint(tmp_path / "c", model=w, optimizer=None, scheduler=None, epoch=3,
+                             best=0.5, config={}, best_model={"w": torch.zeros(4, 4)},
+                             best_epoch=2)
+    state, _ = load_checkpoint(folder)
+    assert "optimizer" not in state and "scheduler" not in state
+    assert state["best_epoch"] == 2 and torch.equal(state["best_model"]["w"], torch.zeros(4, 4))
+    folder = save_checkpoint(tmp_path / "d", model=w, optimizer={}, scheduler={}, epoch=3,
+                             best=0.5, config={}, best_model=w, best_epoch=3)
+    state, _ = load_checkpoint(folder)
+    assert "best_model" not in state  # the best epoch is the latest: stored once

@@ -29,7 +29,8 @@ def test_promote_writes_a_versioned_folder_that_reloads(tmp_path: Path) -> None:
 
     def report(m: dict, folder: Path | None) -> None:
         history.append(m)
-        shutil.copytree(folder, ckpt_root, dirs_exist_ok=True)
+        if folder is not None:  # the trial's last epoch (and every N epochs, if asked)
+            shutil.copytree(folder, ckpt_root, dirs_exist_ok=True)
 
     hp = Hyperparams(batch_size=32, augment="none", head_hidden=8)
     train(hp, spec=spec, data=data, report=report)
@@ -132,7 +133,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
 
     def report(m: dict, folder: Path | None) -> None:
         history.append(m)
-        shutil.copytree(folder, root / "ckpt", dirs_exist_ok=True)
+        if folder is not None:
+            shutil.copytree(folder, root / "ckpt", dirs_exist_ok=True)
 
     train(Hyperparams(batch_size=32, augment="none"), spec=spec, data=prepare(spec.data),
           report=report)

@@ -33,11 +33,18 @@ def _keep(store: list, root: Path):  # noqa: ANN202
     return report
 
 
-def test_reports_every_epoch_with_a_checkpoint(setup, tmp_path: Path, hp: Hyperparams) -> None:  # noqa: ANN001
+def _every_epoch(spec):  # noqa: ANN001, ANN202
+    """The spec with a checkpoint after every epoch (`run.checkpoint_every: 1`)."""
+    return spec.model_copy(update={"run": spec.run.model_copy(update={"checkpoint_every": 1})})
+
+
+def test_reports_every_epoch_and_checkpoints_the_last(setup, tmp_path: Path,  # noqa: ANN001
+                                                      hp: Hyperparams) -> None:
     spec, data = setup
     got: list = []
     result = train(hp, spec=spec, data=data, report=_keep(got, tmp_path))
     assert [m["epoch"] for m, _ in got] == [1, 2]
+    assert got[0][1] is None  # by default no checkpoint before the last epoch (max_t)
     m, ckpt = got[-1]
     assert {"train_loss", "val_loss", "val_acc", "best_val_acc", "lr", "images_per_s"} <= set(m)
     assert m["best_val_acc"] == max(x["val_acc"] for x, _ in got)
@@ -47,8 +54,52 @@ def test_reports_every_epoch_with_a_checkpoint(setup, tmp_path: Path, hp: Hyperp
     assert evaluate(result.model, data.val_x, data.val_y)[1] == pytest.approx(m["val_acc"])
 
 
+def test_checkpoint_schedule(setup) -> None:  # noqa: ANN001
+    from raytune_ft.train import _checkpoint_due
+
+    spec, _ = setup
+    def with_run(**run: object):  # noqa: ANN202
+        return spec.model_validate({**spec.model_dump(), "train": {"max_epochs": 8},
+                                    "scheduler": {"type": "asha", "grace_period": 1,
+                                                  "max_t": 6}, "run": run})
+    now = __import__("time").monotonic()
+    plain = with_run()
+    assert [e for e in range(1, 9) if _checkpoint_due(plain, e, now)] == [6, 7, 8]  # max_t on
+    every3 = with_run(checkpoint_every=3)
+    assert [e for e in range(1, 7) if _checkpoint_due(every3, e, now)] == [3, 6]
+    assert _checkpoint_due(plain, 1, now - 601)  # 10 minutes since the last checkpoint
+
+
+def test_the_last_checkpoint_holds_the_best_epochs_weights(setup, tmp_path: Path,  # noqa: ANN001
+                                                            hp: Hyperparams,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Promotion takes the best epoch's weights, which need not be the last epoch's: the
+    trainer keeps them in memory and writes them with its next checkpoint."""
+    import raytune_ft.train as trainer
+
+    spec, data = setup
+    scripted = iter([(0.5, 0.9), (0.9, 0.4)])  # (val_loss, val_acc): epoch 1 is the best
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: next(scripted))
+    got: list = []
+    train(hp, spec=_every_epoch(spec), data=data, report=_keep(got, tmp_path))
+    first, _ = load_checkpoint(got[0][1])
+    last, _ = load_checkpoint(got[1][1])
+    assert "best_model" not in first  # epoch 1 was the best so far: its own weights
+    assert last["epoch"] == 2 and last["best_epoch"] == 1 and last["best"] == 0.9
+    for k, v in first["model"].items():
+        assert torch.equal(last["best_model"][k], v), k
+    # The final checkpoint is weights only: no trial continues from it.
+    assert "optimizer" in first and "optimizer" not in last
+    again: list = []
+    done = train(hp, spec=_every_epoch(spec), data=data, report=_keep(again, tmp_path / "r"),
+                 resume_from=got[1][1])  # Ray restarting a trial that had finished
+    assert again == [] and torch.equal(done.model.state_dict()["conv1.weight"],
+                                       last["model"]["conv1.weight"])
+
+
 def test_resume_continues_exactly(setup, tmp_path: Path, hp: Hyperparams) -> None:  # noqa: ANN001
     spec, data = setup
+    spec = _every_epoch(spec)
     full: list = []
     train(hp, spec=spec, data=data, report=_keep(full, tmp_path / "a"))
     resumed: list = []
@@ -82,7 +133,7 @@ def test_frozen_backbone_trains_only_the_head_until_unfrozen(setup) -> None:  # 
     def report(m: dict, folder: Path | None) -> None:
         snapshots.append(load_checkpoint(folder)[0]["model"])
 
-    train(hp, spec=spec, data=data, report=report)
+    train(hp, spec=_every_epoch(spec), data=data, report=report)
     after1, after2 = snapshots
     assert torch.equal(after1["conv1.weight"], start["conv1.weight"])
     assert torch.equal(after1["layer1.0.bn1.running_mean"], start["layer1.0.bn1.running_mean"])
@@ -108,6 +159,7 @@ def test_mixup_cutmix_and_layer_decay_train_and_resume_exactly(setup, tmp_path: 
                                                                knobs: dict) -> None:
     spec, data = setup
     hp = Hyperparams(batch_size=32, augment="light", **knobs)
+    spec = _every_epoch(spec)
     full: list = []
     train(hp, spec=spec, data=data, report=_keep(full, tmp_path / "a"))
     assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m, _ in full)

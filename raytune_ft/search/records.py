@@ -26,8 +26,12 @@ def records_from_results(results: Any, metric: str, mode: str) -> list[TrialReco
         history = []
         if df is not None and len(df):
             cols = [c for c in HISTORY_KEYS if c in df.columns]
-            history = [{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                        for k, v in row.items()} for row in df[cols].to_dict("records")]
+            rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                     for k, v in row.items()} for row in df[cols].to_dict("records")]
+            # A trial retried or resumed from an earlier checkpoint (or from none) reports
+            # the epochs since it again, with the same figures: one row per epoch, the last.
+            by_epoch = {row.get("epoch"): row for row in rows}
+            history = list(by_epoch.values()) if None not in by_epoch else rows
         best = None
         if r.best_checkpoints:
             # Ranked by best-so-far: a checkpoint holds the best epoch's weights so far, so

@@ -261,7 +261,10 @@ def _tuner(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool
             name=TUNE_DIR, storage_path=loc.remote or str(loc.local),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=spec.run.checkpoints_to_keep,
-                checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
+                # Ranked by best-so-far: a trial's checkpoint holds the best epoch's weights
+                # beside its latest state (train.py), so its latest is its best.
+                checkpoint_score_attribute=f"best_{spec.metric}",
+                checkpoint_score_order=spec.mode),
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
             verbose=0, stop=budget,
             callbacks=[Progress(spec, echo, quiet), TensorBoard(spec), budget,
