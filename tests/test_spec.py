@@ -85,7 +85,8 @@ def test_knobs_are_the_same_objects_through_spec() -> None:
     from raytune_ft import knobs, spec
 
     assert spec.Hyperparams is knobs.Hyperparams and spec.param_order is knobs.param_order
-    assert spec.ACTIVATIONS == ("relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh")
+    assert spec.ACTIVATIONS == ("relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh",
+                                "sigmoid")
     assert spec.INITS[0] == "default" and "trunc_normal" in spec.INITS
 
 
