@@ -86,6 +86,9 @@ class Splits:
     test_y: torch.Tensor
     classes: list[str]
     fingerprint: dict = field(default_factory=dict)
+    # The teacher's logits on train_x, row for row (`model.teacher`; None without one):
+    # computed once in the driver, they travel to the trials with the images.
+    teacher_logits: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -96,7 +99,7 @@ class Splits:
         empty_x = self.test_x[:0] if isinstance(self.test_x, torch.Tensor) \
             else self.test_x.subset(torch.zeros(0, dtype=torch.long))
         return Splits(self.train_x, self.train_y, self.val_x, self.val_y, empty_x,
-                      self.test_y[:0], self.classes, self.fingerprint)
+                      self.test_y[:0], self.classes, self.fingerprint, self.teacher_logits)
 
 
 

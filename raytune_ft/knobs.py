@@ -78,6 +78,11 @@ class Hyperparams(Strict):
     mixup_alpha: float = Field(0.0, ge=0, le=10)
     cutmix_alpha: float = Field(0.0, ge=0, le=10)
     grad_clip: float = Field(0.0, ge=0)
+    # Knowledge distillation from `model.teacher` (Hinton et al. 2015): the loss is
+    # (1 - alpha) * task loss + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+    # Both only count when the spec names a teacher; alpha 0 is the plain loss, bit for bit.
+    distill_alpha: float = Field(0.5, ge=0, le=1)
+    distill_temperature: float = Field(4.0, gt=0, le=100)
 
 
 # Read off the knobs' own Literals, so the names are written once.

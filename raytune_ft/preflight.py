@@ -14,6 +14,7 @@ Ray is imported here only to read the resources of a cluster named with `rtft va
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -277,6 +278,34 @@ class Plan:
 _SOME_CLASSES = 10
 
 
+def _check_teacher(spec: Spec, num_classes: int | None) -> None:
+    """`model.teacher` is a promoted model folder (its config.json read, nothing loaded) with
+    as many classes as the data (names are compared once the data is read, by the search),
+    and no mixup/cutmix is searched beside it (a mixed batch has no teacher logits)."""
+    path = spec.model.teacher
+    if path is None:
+        return
+    cfg = Path(path).expanduser() / "config.json"
+    try:
+        classes = list(json.loads(cfg.read_text())["classes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path!r} is not a promoted rtft model ({cfg} unreadable: {e}); "
+                        f"allowed: a folder models/<name>/vN written by promotion",
+                        field="model.teacher") from e
+    if num_classes is not None and len(classes) != num_classes:
+        shown = ", ".join(classes[:6]) + (", …" if len(classes) > 6 else "")
+        raise UserError(f"{path!r} predicts {len(classes)} classes [{shown}], the data has "
+                        f"{num_classes}; allowed: a teacher promoted on the same classes",
+                        field="model.teacher")
+    for knob in ("mixup_alpha", "cutmix_alpha"):
+        param = spec.search.get(knob)
+        if param is not None and any(isinstance(v, (int, float)) and v > 0
+                                     for v in param.candidates().values()):
+            raise UserError(f"{knob} > 0 with model.teacher: the teacher's logits are of the "
+                            f"unmixed images; allowed: distillation or {knob}, not both",
+                            field=f"search.{knob}")
+
+
 def _check_new_run(spec: Spec) -> None:
     """A search without --resume never writes over an existing run (a local run folder holding
     Ray's experiment; an s3:// / gs:// run is checked by the search, which reads the bucket)."""
@@ -309,6 +338,7 @@ def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True,
         fit = Fit(on.where, fits, min(fits, spec.run.max_concurrent_trials))
     weights = _check_weights_name(spec)
     num_classes = check_source(spec.data)
+    _check_teacher(spec, num_classes)
     if warm:  # `rtft search` reads them once it knows the run is new (a resume needs none)
         warm_start.plan_for(spec)  # every earlier run it names is readable and fits
     shape = _check_model(spec, num_classes or _SOME_CLASSES)

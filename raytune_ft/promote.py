@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -79,7 +80,39 @@ def _next_version(root: Path) -> int:
     return max(nums, default=0) + 1
 
 
-def _card(spec: Spec, rec: TrialRecord, metrics: dict, params: dict) -> str:
+def _n_params(weights: Path) -> int:
+    """Number of values in a safetensors file, read from its header (no tensor loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape())
+                   for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
+
+
+def _teacher_section(spec: Spec, metrics: dict, n_params: int) -> str:
+    """The student beside its teacher (`model.teacher`): held-out accuracy and size."""
+    if spec.model.teacher is None:
+        return ""
+    t = Path(spec.model.teacher).expanduser()
+    try:
+        t_acc = f"{json.loads((t / 'metrics.json').read_text())['test']['acc']:.4f}"
+        t_params = f"{_n_params(t / 'model.safetensors'):,}"
+    except (OSError, ValueError, KeyError):  # the teacher moved since the search: say so
+        t_acc = t_params = "(teacher folder unreadable)"
+    return f"""
+## Distilled from `{spec.model.teacher}`
+
+| model | test accuracy | parameters (values in model.safetensors) |
+|---|---|---|
+| student (this model) | {metrics['test']['acc']:.4f} | {n_params:,} |
+| teacher | {t_acc} | {t_params} |
+
+The teacher's accuracy is on its own held-out test split (the same one when both used the
+same data and split settings).
+"""
+
+
+def _card(spec: Spec, rec: TrialRecord, metrics: dict, params: dict, n_params: int = 0) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
     val, test, size = metrics["val"], metrics["test"], spec.data.image_size
     val_row = f"{val['val_acc']:.4f} | {val['val_loss']:.4f} | {metrics['data']['val']}"
@@ -96,7 +129,7 @@ Fine-tuned from `{spec.model.weights}` on `{spec.data.source}` by an rtft search
 
 Trained {rec.epochs} epoch(s); checkpoint of epoch {metrics['val']['epoch']}.
 Data fingerprint: `{metrics['data']['sha256']}`. Weights sha256: `{metrics['sha256']}`.
-
+{_teacher_section(spec, metrics, n_params)}
 ## Parameters
 | parameter | value |
 |---|---|
@@ -164,7 +197,8 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
                 dest = root / f"v{_next_version(root)}"
                 metrics["path"] = str(dest)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-                (tmp / "MODEL_CARD.md").write_text(_card(spec, rec, metrics, params))
+                n_values = sum(v.numel() for v in model.state_dict().values())
+                (tmp / "MODEL_CARD.md").write_text(_card(spec, rec, metrics, params, n_values))
                 try:
                     os.rename(tmp, dest)  # atomic: the folder appears whole or not at all
                     break

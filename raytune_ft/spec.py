@@ -84,6 +84,9 @@ class ModelSpec(Strict):
     # section as a dict; `arch` is then only a label (see models.py, "factory protocol").
     factory: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # free-form, for the factory
+    # A promoted model folder (models/<name>/vN) to distill from: its logits on the training
+    # images are computed once, before the trials (knobs distill_alpha, distill_temperature).
+    teacher: str | None = None
 
     @field_validator("factory")
     @classmethod

@@ -38,8 +38,8 @@ from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import build_model, freeze_stages, input_stats, param_groups, resolve_weights
 from raytune_ft.spec import METRICS, Spec
 
-__all__ = ["DIVERGED", "TrainResult", "evaluate", "focal_loss", "loss_function", "pick_device",
-           "train", "trial_config"]
+__all__ = ["DIVERGED", "TrainResult", "distill_loss", "evaluate", "focal_loss", "loss_function",
+           "pick_device", "train", "trial_config"]
 
 # A report's checkpoint folder is only valid during the call: copy it if you keep it.
 Report = Callable[[dict[str, Any], "Path | None"], None]
@@ -131,6 +131,20 @@ def loss_function(hp: Hyperparams) -> Callable[[torch.Tensor, torch.Tensor], tor
     return nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
 
 
+def distill_loss(task_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, *,
+                 alpha: float, temperature: float) -> torch.Tensor:
+    """(1 - alpha) * task_loss + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
+    the KL summed over classes and averaged over the batch (Hinton et al. 2015).
+
+    T^2 keeps the soft term's gradients on the task loss's scale as T grows. Computed in
+    float32 (under AMP too, as the task losses are)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student.float() / t, dim=1),
+                  F.log_softmax(teacher.float() / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * task_loss + alpha * t * t * kl
+
+
 def _mixer(hp: Hyperparams, num_classes: int) -> Callable | None:
     """torchvision's MixUp / CutMix on a batch (one of the two per batch when both are on)."""
     from torchvision.transforms import v2
@@ -207,6 +221,11 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
     if hp.warmup_epochs >= spec.train.max_epochs:
         raise ValueError(f"warmup_epochs ({hp.warmup_epochs}) must be below train.max_epochs "
                          f"({spec.train.max_epochs}): the schedule would never leave warmup")
+    teacher_logits = data.teacher_logits if hp.distill_alpha > 0 else None
+    if teacher_logits is not None and (hp.mixup_alpha > 0 or hp.cutmix_alpha > 0):
+        # The teacher's logits are those of the unmixed images: a mixed batch has none.
+        raise ValueError("distillation (model.teacher) cannot be combined with mixup_alpha / "
+                         "cutmix_alpha > 0: the teacher's logits are of the unmixed images")
     # -- devices, threads, seeds ---------------------------------------------------------------
     device = pick_device(spec.train.device)
     if num_threads and device.type == "cpu":
@@ -222,6 +241,8 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
         return x.to(device) if isinstance(x, torch.Tensor) else x
 
     train_x, train_y = on_device(data.train_x), data.train_y.to(device)
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.to(device)
     val_x, val_y = on_device(data.val_x), data.val_y.to(device)
     if isinstance(train_x, Images) and hp.augment != "none":
         train_x = replace(train_x, train_crop=True)
@@ -294,7 +315,7 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
         loss_sum = torch.zeros((), device=device)
         batches = iter_batches(train_x, train_y, perm, bs, device=device, workers=workers,
                                drop_last=True, generator=gen)
-        for xb, yb in batches:
+        for b, (xb, yb) in enumerate(batches):
             xb = augment_batch(normalize(xb, mean, std), hp.augment, hflip=spec.data.flip,
                                generator=gen)
             if mix is not None:
@@ -302,7 +323,15 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(device, amp_dtype):
-                loss = loss_fn(model(xb), yb)
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+            if teacher_logits is not None:
+                # iter_batches yields perm in consecutive chunks of bs: batch b is this slice.
+                # The teacher saw the unaugmented images; with `augment` that is an
+                # approximation (the usual one for logits computed offline).
+                idx = perm[b * bs:(b + 1) * bs].to(device)
+                loss = distill_loss(loss, logits, teacher_logits[idx], alpha=hp.distill_alpha,
+                                    temperature=hp.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

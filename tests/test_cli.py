@@ -3,6 +3,7 @@ input → one paragraph, exit 2, nothing written."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,11 @@ def test_every_shipped_search_space_validates(name: str, tmp_path: Path,
     spec = ROOT / "search_spaces" / name
     sets = ["--set", f"data.root={_images(tmp_path / 'data')}"] \
         if "\n  root: " in spec.read_text() else []
+    if "\n  teacher: " in spec.read_text():  # distill.yaml: a teacher promoted on its classes
+        teacher = tmp_path / "teacher"
+        teacher.mkdir()
+        (teacher / "config.json").write_text(json.dumps({"classes": [str(i) for i in range(10)]}))
+        sets += ["--set", f"model.teacher={teacher}"]
     before = sorted(tmp_path.rglob("*"))
     res = CliRunner().invoke(main, ["validate", str(spec), "--cluster-gpus", "1",
                                     "--cluster-cpus", "16", *sets])

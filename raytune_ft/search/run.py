@@ -26,6 +26,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from raytune_ft import preflight, warm_start
 from raytune_ft.data import Splits, prepare
+from raytune_ft.distill import with_teacher_logits
 from raytune_ft.errors import UserError
 from raytune_ft.pretrain import ensure_backbone
 from raytune_ft.promote import promote
@@ -92,6 +93,8 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     ensure_backbone(spec, echo=echo)
     splits = prepare(spec.data)
     preflight.check_pretrained(spec, splits.num_classes)
+    # The teacher (model.teacher) runs once, here; its logits travel with the splits.
+    splits = with_teacher_logits(spec, splits)
     echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
          f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
     restore = _check_run_folder(spec, loc, resume, echo)
