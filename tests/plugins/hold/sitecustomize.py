@@ -8,10 +8,11 @@ file at start-up. It waits for `raytune_ft.search.trainable` to be imported and 
 
 - prints `rtft-test: trial <id> epoch <n>` from the trial's worker (a line the driver shows
   under the worker's log prefix, so the test can match prefix and trial), then reports;
-- for the trial that starts RTFT_TEST_HOLD_AT-th (0-based; default 3), after its first
-  report: writes `held` (its trial id) in the folder and waits until the test writes
-  `release` there. Meanwhile every process of the search stays up. Used by
-  tests/test_e2e_dashboard.py.
+- for the first trial to reach epoch RTFT_TEST_HOLD_EPOCH (default 2), before reporting it:
+  writes `held` (its trial id) in the folder and waits until the test writes `release` there.
+  Held before its report, the trial gives ASHA nothing to stop it on: it stays running, the
+  search goes on around it until every other trial has ended, and every process of the search
+  stays up. Used by tests/test_e2e_dashboard.py.
 """
 
 from __future__ import annotations
@@ -28,40 +29,33 @@ ENV = "RTFT_TEST_HOLD"
 TARGET = "raytune_ft.search.trainable"
 
 
-def _ordinal(folder: Path, trial_id: str) -> int:
-    """This trial's start order among the search's trials (claimed once, race-free)."""
-    mine = folder / f"trial-{trial_id}"
-    if mine.exists():
-        return int(mine.read_text())
-    k = 0
-    while True:
-        try:
-            fd = os.open(folder / f"slot-{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            k += 1
-            continue
-        os.close(fd)
-        mine.write_text(str(k))
-        return k
+def _claim(path: Path, trial_id: str) -> bool:
+    """True for the one trial that creates `path`, holding its id: written aside, then linked
+    into place (atomic, and refused when the name exists), so a reader never sees it empty."""
+    mine = path.with_name(f"{path.name}-{trial_id}")
+    mine.write_text(trial_id)
+    try:
+        os.link(mine, path)
+    except FileExistsError:
+        return False
+    return True
 
 
-def _wrap(make_report: Any, folder: Path, hold_at: int) -> Any:
+def _wrap(make_report: Any, folder: Path, hold_epoch: int) -> Any:
     def holding_make_report(checkpoint: Any) -> Any:
         from ray import tune
 
         report = make_report(checkpoint)
         trial_id = tune.get_context().get_trial_id()
-        ordinal = _ordinal(folder, trial_id)
 
-        def report_and_hold(metrics: dict[str, Any], ckpt: Path | None) -> None:
+        def hold_and_report(metrics: dict[str, Any], ckpt: Path | None) -> None:
             print(f"rtft-test: trial {trial_id} epoch {metrics['epoch']}", flush=True)
-            report(metrics, ckpt)
-            if ordinal == hold_at and metrics["epoch"] == 1:
-                (folder / "held").write_text(trial_id)
+            if metrics["epoch"] == hold_epoch and _claim(folder / "held", trial_id):
                 while not (folder / "release").exists():  # the test's signal, on disk
                     time.sleep(0.2)
+            report(metrics, ckpt)
 
-        return report_and_hold
+        return hold_and_report
 
     return holding_make_report
 
@@ -69,8 +63,8 @@ def _wrap(make_report: Any, folder: Path, hold_at: int) -> Any:
 class _Patch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds TARGET with the normal machinery, then wraps its seam once it has executed."""
 
-    def __init__(self, folder: Path, hold_at: int) -> None:
-        self.folder, self.hold_at = folder, hold_at
+    def __init__(self, folder: Path, hold_epoch: int) -> None:
+        self.folder, self.hold_epoch = folder, hold_epoch
         self.spec: Any = None
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
@@ -91,9 +85,9 @@ class _Patch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module: Any) -> None:
         module.__file__ = self.spec.origin
         self.spec.loader.exec_module(module)
-        module.make_report = _wrap(module.make_report, self.folder, self.hold_at)
+        module.make_report = _wrap(module.make_report, self.folder, self.hold_epoch)
 
 
 if os.environ.get(ENV):
     sys.meta_path.insert(0, _Patch(Path(os.environ[ENV]),
-                                   int(os.environ.get("RTFT_TEST_HOLD_AT", "3"))))
+                                   int(os.environ.get("RTFT_TEST_HOLD_EPOCH", "2"))))
