@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ENV, ROOT, write_tiny_spec
+from helpers import ENV, ROOT, free_port, write_tiny_spec
 
 from raytune_ft.search.cluster import auth_hint
 from raytune_ft.search.metrics import STATES
@@ -39,6 +40,7 @@ from raytune_ft.search.metrics import STATES
 # Ray 2.60 binds everything to 127.0.0.1 once the node address is 127.0.0.1: nothing is left.
 NON_LOOPBACK_ALLOWED: dict[str, str] = {}
 
+GRAFANA = ROOT / "cluster" / "grafana_rtft.json"
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 DEADLINE_S = 240.0
 
@@ -279,6 +281,48 @@ def test_dashboard_names_the_search_and_its_trials(held: dict) -> None:
     assert trials, [a["class_name"] for a in actors]
     # Ray sets an actor's Repr once: a reused actor's is its first trial's.
     assert all(re.fullmatch(r"rtft tiny trial [0-9a-f]+", a["repr_name"]) for a in trials), trials
+
+
+@pytest.mark.slow
+def test_a_real_prometheus_answers_every_query_of_the_grafana_dashboard(
+        live: LiveSearch, held: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("no prometheus on PATH (optional here: apt-get install prometheus)")
+    folder = tmp_path_factory.mktemp("prometheus")
+    target = held["metrics_url"].removeprefix("http://").removesuffix("/metrics")
+    (folder / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['{target}']}}]}}]\n")
+    port = free_port()
+    proc = subprocess.Popen([prometheus, f"--config.file={folder / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={folder / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def query(expr: str) -> dict:
+            url = (f"http://127.0.0.1:{port}/api/v1/query?"
+                   + urllib.parse.urlencode({"query": expr}))
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return json.loads(r.read())
+
+        deadline = time.monotonic() + DEADLINE_S
+        # rate() needs two scrapes of a series: wait until there are three.
+        _until(deadline, live, lambda: query("count_over_time(ray_rtft_trials_planned[1m])"),
+               lambda r: r["data"]["result"] and float(r["data"]["result"][0]["value"][1]) >= 3)
+        board = json.loads(GRAFANA.read_text())
+        for panel in board["panels"]:
+            for t in panel["targets"]:
+                expr = (t["expr"].replace("$SessionName", ".*").replace("$run", "tiny")
+                        .replace("$window", "1m"))
+                answer = query(expr)
+                assert answer["status"] == "success", (panel["title"], expr, answer)
+                # Every series is there but ASHA's stops, which exist once a trial is stopped.
+                if "trials_stopped" not in expr:
+                    assert answer["data"]["result"], (panel["title"], expr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 @pytest.mark.slow
