@@ -267,7 +267,9 @@ def test_worker_node_dies_mid_search_trials_resume_from_checkpoints(
         driver = subprocess.Popen(
             [sys.executable, "-m", "raytune_ft.cli", "search", str(spec),
              "--address", f"127.0.0.1:{cluster.port}", "--set", "run.max_failures=2",
-             "--set", f"train.max_epochs={max_t}", "--set", "scheduler.type=none"],
+             "--set", f"train.max_epochs={max_t}", "--set", "scheduler.type=none",
+             # a checkpoint every epoch: the kill must find one before the trial's last
+             "--set", "run.checkpoint_every=1"],
             cwd=tmp_path, env=_client_env(cluster, token=True), stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -152,7 +152,8 @@ def test_truncated_trial_checkpoint_fails_that_trial_only(tmp_path: Path) -> Non
     proc = subprocess.run(
         [sys.executable, "-m", "raytune_ft.cli", "search", str(spec_file), "--quiet",
          "--set", "run.max_failures=1", "--set", "scheduler.type=none",
-         "--set", "search.freeze_depth=0"],
+         "--set", "search.freeze_depth=0",
+         "--set", "run.checkpoint_every=1"],  # the retry must find epoch 1's checkpoint
         capture_output=True, text=True, env={**ENV, "RTFT_TEST_FAULTS": str(faults),
                                                "PYTHONPATH": os.pathsep.join(
                                                    [str(ROOT / "tests" / "plugins" / "faults"),
