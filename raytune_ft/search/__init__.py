@@ -6,6 +6,7 @@
 | `trainable`   | what runs in a Ray worker for one trial (calls `train.train`)          |
 | `searcher`    | Ray's OptunaSearch, telling Optuna how each trial ended (PRUNED, …)    |
 | `callbacks`   | progress lines, failure budget, TensorBoard, uploads of run files      |
+| `metrics`     | the search's own series in Ray's metrics (Prometheus, Grafana)         |
 | `schedulers`  | ASHA with persistent rungs; snapshots when trials start or end         |
 | `cluster`     | start or join Ray, cluster resources, the shared-storage probe         |
 | `storage`     | s3:// / gs:// run locations: upload, download, checkpoints             |
