@@ -164,3 +164,26 @@ def test_a_promoted_teacher_is_run_once_and_named_on_the_students_card(tmp_path:
         update={"image_size": 24})})
     with pytest.raises(UserError, match="16-px images, the data here is 24 px"):
         with_teacher_logits(bigger, prepare(bigger.data))
+
+
+@pytest.mark.slow
+def test_a_tiny_distillation_search_end_to_end(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
+    """`rtft search` with `model.teacher`: Ray trials learn from the teacher's logits (computed
+    once in the driver), and the promoted student's card stands beside its teacher."""
+    spec = tiny_spec(tmp_path)
+    data = prepare(spec.data)
+    teacher_dir = _train_and_promote(spec, data, Hyperparams(**HP), tmp_path / "ckpt_t")
+    spec_file = write_tiny_spec(tmp_path, n=2)
+    text = spec_file.read_text().replace(
+        "weights: none}", f"weights: none, teacher: {teacher_dir}}}").replace(
+        "  batch_size: 32\n", "  batch_size: 32\n  distill_alpha: {space: uniform, low: 0.3, "
+        "high: 0.9}\n  distill_temperature: 4.0\n")
+    spec_file.write_text(text.replace("name: tiny", "name: student"))
+    res = CliRunner().invoke(main, ["search", str(spec_file)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    trials = json.loads((tmp_path / "runs" / "student" / "trials.json").read_text())
+    assert len(trials) == 2 and all(0.3 <= t["params"]["distill_alpha"] <= 0.9 for t in trials)
+    assert all(t["error"] is None and t["history"] for t in trials)
+    [student] = sorted((tmp_path / "models" / "student").glob("v*"))
+    card = (student / "MODEL_CARD.md").read_text()
+    assert f"Distilled from `{teacher_dir}`" in card
