@@ -17,12 +17,15 @@ import os
 import re
 import shutil
 import socket
+import statistics
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -89,30 +92,51 @@ def _n_params(weights: Path) -> int:
                    for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
 
 
-def _teacher_section(spec: Spec, metrics: dict, n_params: int) -> str:
-    """The student beside its teacher (`model.teacher`): held-out accuracy and size."""
+def _latency_ms(model: nn.Module, image_size: int, repeats: int = 20) -> float:
+    """Median CPU time of one forward pass at batch 1 (after 3 warm-up passes), in ms."""
+    x = torch.rand(1, 3, image_size, image_size)
+    model = model.cpu().eval()
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def _teacher_section(spec: Spec, metrics: dict, n_params: int, model: nn.Module) -> str:
+    """The student beside its teacher (`model.teacher`): held-out accuracy, size, and CPU
+    latency at batch 1, both measured here on this machine, one after the other."""
     if spec.model.teacher is None:
         return ""
     t = Path(spec.model.teacher).expanduser()
+    size = spec.data.image_size
+    s_ms = f"{_latency_ms(model, size):.2f}"
     try:
         t_acc = f"{json.loads((t / 'metrics.json').read_text())['test']['acc']:.4f}"
         t_params = f"{_n_params(t / 'model.safetensors'):,}"
-    except (OSError, ValueError, KeyError):  # the teacher moved since the search: say so
-        t_acc = t_params = "(teacher folder unreadable)"
+        t_ms = f"{_latency_ms(load_promoted(t).model, size):.2f}"
+    except (OSError, ValueError, KeyError, PromotedModelError):  # moved since the search
+        t_acc = t_params = t_ms = "(teacher folder unreadable)"
     return f"""
 ## Distilled from `{spec.model.teacher}`
 
-| model | test accuracy | parameters (values in model.safetensors) |
-|---|---|---|
-| student (this model) | {metrics['test']['acc']:.4f} | {n_params:,} |
-| teacher | {t_acc} | {t_params} |
+| model | test accuracy | parameters (values in model.safetensors) | CPU latency, batch 1 |
+|---|---|---|---|
+| student (this model) | {metrics['test']['acc']:.4f} | {n_params:,} | {s_ms} ms |
+| teacher | {t_acc} | {t_params} | {t_ms} ms |
 
 The teacher's accuracy is on its own held-out test split (the same one when both used the
-same data and split settings).
+same data and split settings). Latency: median of 20 forward passes on a random
+{size} px image, PyTorch on this machine's CPU, at promotion.
 """
 
 
-def _card(spec: Spec, rec: TrialRecord, metrics: dict, params: dict, n_params: int = 0) -> str:
+def _card(spec: Spec, rec: TrialRecord, metrics: dict, params: dict, n_params: int,
+          model: nn.Module) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
     val, test, size = metrics["val"], metrics["test"], spec.data.image_size
     val_row = f"{val['val_acc']:.4f} | {val['val_loss']:.4f} | {metrics['data']['val']}"
@@ -129,7 +153,7 @@ Fine-tuned from `{spec.model.weights}` on `{spec.data.source}` by an rtft search
 
 Trained {rec.epochs} epoch(s); checkpoint of epoch {metrics['val']['epoch']}.
 Data fingerprint: `{metrics['data']['sha256']}`. Weights sha256: `{metrics['sha256']}`.
-{_teacher_section(spec, metrics, n_params)}
+{_teacher_section(spec, metrics, n_params, model)}
 ## Parameters
 | parameter | value |
 |---|---|
@@ -198,7 +222,8 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
                 metrics["path"] = str(dest)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
                 n_values = sum(v.numel() for v in model.state_dict().values())
-                (tmp / "MODEL_CARD.md").write_text(_card(spec, rec, metrics, params, n_values))
+                (tmp / "MODEL_CARD.md").write_text(_card(spec, rec, metrics, params, n_values,
+                                                           model))
                 try:
                     os.rename(tmp, dest)  # atomic: the folder appears whole or not at all
                     break

@@ -159,6 +159,10 @@ def test_a_promoted_teacher_is_run_once_and_named_on_the_students_card(tmp_path:
     teacher_acc = json.loads((teacher_dir / "metrics.json").read_text())["test"]["acc"]
     assert f"Distilled from `{teacher_dir}`" in card and f"{teacher_acc:.4f}" in card
     assert "(teacher folder unreadable)" not in card
+    import re  # both measured at promotion: accuracy, parameters, CPU latency at batch 1
+
+    for who in ("student \\(this model\\)", "teacher"):
+        assert re.search(rf"\| {who} \| [0-9.]+ \| [0-9,]+ \| [0-9.]+ ms \|", card), card
     # Another image size is refused, naming both sizes.
     bigger = student_spec.model_copy(update={"data": spec.data.model_copy(
         update={"image_size": 24})})
