@@ -123,6 +123,7 @@ def restored_searcher(tuner: Any) -> Any:
 # The share of the driver's time that snapshots forced at trial ends may take: Ray's own rule
 # for its periodic snapshot (`_update_auto_checkpoint_time`: period = 19 x its duration).
 SNAPSHOT_SHARE = 0.05
+SNAPSHOT_CHEAP_S = 0.1  # a snapshot of a few thousand trials' state takes about this long
 
 
 def snapshot_at_step_end(tune_controller: Any) -> None:
@@ -131,8 +132,9 @@ def snapshot_at_step_end(tune_controller: Any) -> None:
 
     A snapshot writes every trial's state (about 17 kB a trial in Ray 2.60), so one per trial
     end costs the driver time and bytes quadratic in the trials: 5 MB written per trial at 100
-    trials (bench/load.py --bookkeeping). A snapshot is forced only once the time since the
-    last one is at least 19 times what the last one took (measured here, by wrapping the
+    trials (bench/load.py --bookkeeping). A snapshot is forced while one takes under
+    SNAPSHOT_CHEAP_S, and past that only once the time since the last one is at least 19
+    times what the last one took (measured here, by wrapping the
     manager's `sync_up_experiment_state` once). In a search of minutes-long trials that is
     every trial end, as before; with thousands of instant trials it is Ray's own period.
     The flag is the one Ray's checkpoint-count rule sets, honoured by the step's closing
@@ -142,8 +144,11 @@ def snapshot_at_step_end(tune_controller: Any) -> None:
     if manager is None or not hasattr(manager, "_should_force_sync_up"):
         return
     _time_snapshots(manager)
+    took = getattr(manager, "_rtft_took", 0.0)
     since = time.monotonic() - getattr(manager, "_last_save_time", float("-inf"))
-    if since >= getattr(manager, "_rtft_took", 0.0) * (1 / SNAPSHOT_SHARE - 1):
+    # Under SNAPSHOT_CHEAP_S a snapshot is always taken (every trial start and end: a resumed
+    # search neither loses a started trial nor re-runs an ended one); past it, the 5 % rule.
+    if took < SNAPSHOT_CHEAP_S or since >= took * (1 / SNAPSHOT_SHARE - 1):
         manager._should_force_sync_up = True
 
 

@@ -186,7 +186,7 @@ def test_forced_snapshots_take_at_most_a_twentieth_of_the_driver(
                 self._last_save_time, self._should_force_sync_up = clock.now, False
 
     fifo = FIFO()
-    quick, slow = Manager(takes=0.001), Manager(takes=5.0)
+    quick, slow = Manager(takes=0.001), Manager(takes=5.0)  # cheap: under SNAPSHOT_CHEAP_S
     for manager in (quick, slow):
         raw = SimpleNamespace(_checkpoint_manager=manager)
         fifo.on_trial_add(raw, SimpleNamespace(trial_id="a", config={}))
