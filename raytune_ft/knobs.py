@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "ACTIVATIONS", "INITS", "SPACES", "SPACE_MODELS",
     "Choice", "FieldError", "Fixed", "Hyperparams", "IntRange", "LogUniform", "Scalar",
-    "SearchParam", "Strict", "Uniform", "allowed", "check_params", "param_order",
+    "SearchParam", "Strict", "Uniform", "allowed", "arch_param", "check_params", "param_order",
+    "params_for_arch",
 ]
 
 
@@ -66,6 +67,10 @@ class Hyperparams(Strict):
     ] = "default"
     reinit_blocks: int = Field(0, ge=0, le=64)
     freeze_depth: int = Field(0, ge=0, le=64)
+    # The same as a share of the network's stages, so one range means the same in every
+    # family (resnet18 has 5 stages, mobilenet_v3_small 13): the trainer freezes
+    # max(freeze_depth, round(freeze_fraction * stages)) of them (models.frozen_stages).
+    freeze_fraction: float = Field(0.0, ge=0, le=1)
     # Epoch (1-based) from which the whole backbone trains; 0 keeps frozen stages frozen.
     unfreeze_at_epoch: int = Field(0, ge=0, le=10000)
     backbone_lr_mult: float = Field(1.0, gt=0, le=100)
@@ -197,10 +202,11 @@ def allowed(err: dict) -> str:
     return msg[0].lower() + msg[1:] if msg else t
 
 
-def check_params(search: dict[str, Any]) -> None:
+def check_params(search: dict[str, Any], arch: Choice | None = None) -> None:
     """Check a parsed `search:` block against the knobs: known names, spaces that suit each
     knob's type, every candidate value a valid knob value, and `when:` conditions that name a
-    choice/fixed parameter's values without forming a cycle. Raises :class:`FieldError`."""
+    choice/fixed parameter's values without forming a cycle. `arch`: `model.arch` when it is
+    a choice, which conditions may then name as `arch`. Raises :class:`FieldError`."""
     knobs = list(Hyperparams.model_fields)
     for name, param in search.items():
         if name not in knobs:
@@ -218,15 +224,20 @@ def check_params(search: dict[str, Any]) -> None:
                 err = e.errors()[0]
                 raise FieldError(("search", name, *key.split(".")),
                                  f"{value!r} is not a valid {name}: {allowed(err)}") from e
+    parents: dict[str, Any] = {**({"arch": arch} if arch is not None else {}), **search}
     deps: dict[str, set[str]] = {}
     for name, param in search.items():
         deps[name] = set()
         for parent, wanted in (param.when or {}).items():
             loc = ("search", name, "when", parent)
-            if parent not in search:
+            if parent == "arch" and arch is None:
+                raise FieldError(loc, "a condition on 'arch' needs model.arch to be a choice "
+                                      "({space: choice, values: [...]}); allowed: conditions "
+                                      "on search parameters")
+            if parent not in parents:
                 raise FieldError(loc, f"condition names '{parent}', which is not a search "
-                                      f"parameter; allowed: {', '.join(sorted(search))}")
-            pp = search[parent]
+                                      f"parameter; allowed: {', '.join(sorted(parents))}")
+            pp = parents[parent]
             options = pp.values if pp.space == "choice" else [pp.value] if pp.space == "fixed" \
                 else None
             if options is None:
@@ -245,8 +256,62 @@ def check_params(search: dict[str, Any]) -> None:
 
 
 def param_order(search: dict[str, Any]) -> list[str]:
-    """Parameter names with every condition's parent before the parameters it gates."""
-    deps = {n: set((p.when or {}).keys()) for n, p in search.items()}
+    """Parameter names with every condition's parent before the parameters it gates (a
+    parent that is not among them, such as `arch` beside `spec.search`, is left out)."""
+    deps = {n: {k for k in (p.when or {}) if k in search} for n, p in search.items()}
     order = list(graphlib.TopologicalSorter(deps).static_order())
     # Keep the spec's order where conditions allow: stable for humans and for seeds.
     return sorted(order, key=lambda n: (order.index(n) if deps[n] else -1, list(search).index(n)))
+
+
+# --------------------------------------------------------------------------------------------
+# `model.arch` as a search parameter: `{space: choice, values: [...]}`, named `arch`.
+# --------------------------------------------------------------------------------------------
+def arch_param(v: Any) -> Any:
+    """A `model.arch` value as written, parsed: a name passes through (whether torchvision has
+    it is the spec's check), a choice becomes a :class:`Choice` of distinct names without a
+    `when:`. Raises :class:`FieldError`."""
+    if isinstance(v, (str, Choice)):
+        return v
+    if not isinstance(v, dict) or v.get("space") != "choice":
+        raise FieldError(("model", "arch"),
+                         f"got {v!r}; allowed: an architecture name such as resnet18, or "
+                         f"{{space: choice, values: [resnet18, mobilenet_v3_small]}}")
+    try:
+        choice = Choice.model_validate(v)
+    except ValidationError as e:
+        # Parsed here rather than by a union, so an error names `model.arch.values.1`, not
+        # pydantic's union members.
+        err = e.errors()[0]
+        msg = ("unknown key; allowed: space, values" if err["type"] == "extra_forbidden"
+               else allowed(err))
+        raise FieldError(("model", "arch", *err["loc"]), msg) from e
+    if choice.when is not None:
+        raise FieldError(("model", "arch", "when"),
+                         "the architecture is sampled first, unconditionally; allowed: `when:` "
+                         "on the search parameters (when: {arch: [...]})")
+    for i, a in enumerate(choice.values):
+        if not isinstance(a, str):
+            raise FieldError(("model", "arch", "values", i),
+                             f"got {a!r}; allowed: a torchvision architecture name")
+        if a in choice.values[:i]:
+            raise FieldError(("model", "arch", "values", i),
+                             f"{a!r} is listed twice; allowed: each architecture once")
+    return choice
+
+
+def params_for_arch(search: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The `search:` parameters that can apply when the architecture is `arch`, in the same
+    order: those whose `when:` excludes `arch` are dropped, and so are those gated by a dropped
+    one (they could never be sampled); `arch` is taken out of the others' conditions."""
+    kept: dict[str, Any] = {}
+    for name in param_order(search):
+        p = search[name]
+        when = dict(p.when or {})
+        wanted = when.pop("arch", arch)
+        if arch not in (wanted if isinstance(wanted, list) else [wanted]):
+            continue
+        if any(parent not in kept for parent in when):  # its parent never applies
+            continue
+        kept[name] = p.model_copy(update={"when": when or None})
+    return {n: kept[n] for n in search if n in kept}

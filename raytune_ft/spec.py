@@ -41,8 +41,10 @@ from raytune_ft.knobs import (
     SearchParam,
     Strict,
     Uniform,
+    arch_param,
     check_params,
     param_order,
+    params_for_arch,
 )
 from raytune_ft.weights import weights_meta
 
@@ -75,11 +77,23 @@ METRICS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
+def _unknown_arch(arch: str) -> str:
+    known = tv_registry.archs()  # without importing torchvision (see tv_registry)
+    near = difflib.get_close_matches(arch, known, n=3)
+    hint = f" Did you mean {', '.join(near)}?" if near else ""
+    return (f"unknown architecture {arch!r}; allowed: a torchvision classification model name "
+            f"such as resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16, or "
+            f"model.factory for other models.{hint}")
+
+
 class ModelSpec(Strict):
-    arch: str = "resnet18"
+    # One torchvision architecture, or `{space: choice, values: [...]}` of several: the search
+    # then samples `arch` first, like any other parameter (Spec.params, Spec.for_arch).
+    arch: str | Choice = "resnet18"
     # torchvision weights name (DEFAULT, IMAGENET1K_V1), a local .pth/.safetensors file or
     # promoted model folder, `rtft:mnist` (a backbone rtft pretrains itself, offline), or none.
-    weights: str = "none"
+    # With a choice of architectures: one value for all of them, or a mapping arch → value.
+    weights: str | dict[str, str] = "none"
     # A model from outside torchvision: "package.module:function", called with this `model:`
     # section as a dict; `arch` is then only a label (see models.py, "factory protocol").
     factory: str | None = None
@@ -87,6 +101,26 @@ class ModelSpec(Strict):
     # A promoted model folder (models/<name>/vN) to distill from: its logits on the training
     # images are computed once, before the trials (knobs distill_alpha, distill_temperature).
     teacher: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_arch(cls, data: Any) -> Any:
+        # Before the fields: a misspelt architecture is the error to name, not what follows.
+        if not isinstance(data, dict):
+            return data
+        arch = arch_param(data.get("arch", "resnet18"))
+        if isinstance(arch, Choice) and data.get("factory") is not None:
+            raise FieldError(("model", "factory"),
+                             "model.factory builds one network, and model.arch is a choice; "
+                             "allowed: a plain model.arch label with model.factory, or a "
+                             "choice of torchvision architectures without it")
+        if data.get("factory") is None:
+            searched = isinstance(arch, Choice)
+            for i, a in enumerate(arch.values if searched else [arch]):
+                if a not in tv_registry.archs():
+                    loc = ("model", "arch", "values", i) if searched else ("model", "arch")
+                    raise FieldError(loc, _unknown_arch(a))
+        return {**data, "arch": arch}
 
     @field_validator("factory")
     @classmethod
@@ -96,20 +130,42 @@ class ModelSpec(Strict):
                              f"module path, a colon, and a function name")
         return v
 
-    @model_validator(mode="after")
-    def _known_arch(self) -> ModelSpec:
-        if self.factory is not None:
-            return self
-        known = tv_registry.archs()  # without importing torchvision (see tv_registry)
-        if self.arch not in known:
-            near = difflib.get_close_matches(self.arch, known, n=3)
-            hint = f" Did you mean {', '.join(near)}?" if near else ""
-            raise FieldError(
-                ("model", "arch"),
-                f"unknown architecture {self.arch!r}; allowed: a torchvision classification "
-                f"model name such as resnet18, resnet50, efficientnet_b0, convnext_tiny, "
-                f"vit_b_16, or model.factory for other models.{hint}")
-        return self
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights_per_arch(cls, v: Any, info: ValidationInfo) -> Any:
+        if not isinstance(v, dict):
+            if isinstance(v, str):
+                return v
+            raise ValueError(f"got {v!r}; allowed: a weights value (DEFAULT, IMAGENET1K_V1, a "
+                             f"file, rtft:mnist or none), or a mapping architecture → value")
+        arch = info.data.get("arch")  # declared before `weights`; absent when it was refused
+        archs = [] if arch is None else ModelSpec.model_construct(arch=arch).archs
+        for key, value in v.items():
+            if key not in archs and arch is not None:
+                raise FieldError(("model", "weights", str(key)),
+                                 f"{key!r} is not an architecture of model.arch; allowed: one "
+                                 f"entry per architecture ({', '.join(archs)})")
+            if not isinstance(value, str):
+                raise FieldError(("model", "weights", str(key)),
+                                 f"got {value!r}; allowed: a weights value (DEFAULT, a file, "
+                                 f"rtft:mnist or none)")
+        if missing := [a for a in archs if a not in v]:
+            raise FieldError(("model", "weights"),
+                             f"no weights for {', '.join(missing)}; allowed: one value for "
+                             f"every architecture, or a mapping with one entry per "
+                             f"architecture ({', '.join(archs)})")
+        # One architecture: its one value, as every reader of a single-arch spec expects.
+        return v if isinstance(arch, Choice) or arch is None else v[arch]
+
+    @property
+    def archs(self) -> list[str]:
+        """The architectures: the choice's values, or the one name."""
+        return ([str(a) for a in self.arch.values] if isinstance(self.arch, Choice)
+                else [self.arch])
+
+    def weights_for(self, arch: str) -> str:
+        """The `weights:` value of architecture `arch`."""
+        return self.weights[arch] if isinstance(self.weights, dict) else self.weights
 
 
 class DataSpec(Strict):
@@ -231,6 +287,10 @@ class RunSpec(Strict):
 class PromoteSpec(Strict):
     top_k: int = Field(1, ge=1)
     dir: str = "./models"
+    # Cost bounds: the best trial whose measured latency at batch 1 (ms, on the trial's
+    # device) and parameter count fit is promoted; none fitting is said, not worked around.
+    max_latency_ms: float | None = Field(None, gt=0)
+    max_params: int | None = Field(None, gt=0)
 
 
 class Spec(Strict):
@@ -287,13 +347,57 @@ class Spec(Strict):
         if d.image_size is not None and d.hflip is not None:
             return d
         model = info.data.get("model")
+        if model is not None and isinstance(model.arch, Choice):
+            # Each architecture has its own size (Spec.for_arch resolves it): none is written
+            # here unless the spec gives one for all.
+            return d.model_copy(update={"hflip": d.flip})
         meta = weights_meta(model.arch, model.weights) if model and not model.factory else None
         size = d.image_size or (meta["crop_size"] if meta else SOURCES[d.source][0])
         return d.model_copy(update={"image_size": size, "hflip": d.flip})
 
+    @property
+    def archs(self) -> list[str]:
+        """The architectures the search trains: one, or the values of `model.arch`'s choice."""
+        return self.model.archs
+
+    @property
+    def arch_searched(self) -> bool:
+        """Whether `model.arch` is a choice (a search parameter named `arch`)."""
+        return isinstance(self.model.arch, Choice)
+
+    @property
+    def params(self) -> dict[str, SearchParam]:
+        """Every search parameter: `arch` first when it is a choice, then `search:`. What
+        lists, samples or prints the search's parameters reads this, not `search`."""
+        if isinstance(self.model.arch, Choice):
+            return {"arch": self.model.arch, **self.search}
+        return dict(self.search)
+
+    def for_arch(self, arch: str) -> Spec:
+        """This spec for one of its architectures, as if written for it alone: `model.arch`
+        and `model.weights` that architecture's, `data.image_size` resolved for it (the value
+        written, else its weights' crop size, else the source's size), the search parameters
+        whose `when:` excludes it dropped (and those gated by a dropped one), `arch` taken out
+        of the other conditions. A single-arch spec returns itself for its own arch."""
+        if arch not in self.archs:
+            raise UserError(f"{arch!r} is not an architecture of this spec; allowed: "
+                            f"{', '.join(self.archs)}", field="model.arch")
+        if not self.arch_searched:
+            return self
+        data = self.model_dump(mode="json", exclude={"search"})
+        data["model"].update(arch=arch, weights=self.model.weights_for(arch))
+        data["search"] = {n: p.model_dump(mode="json")
+                          for n, p in params_for_arch(self.search, arch).items()}
+        return Spec.model_validate(data)
+
+    def for_trial(self, params: Mapping[str, Any]) -> Spec:
+        """The single-arch spec one trial trains: `for_arch(params["arch"])` when the
+        architecture is searched, else this spec."""
+        return self.for_arch(str(params["arch"])) if self.arch_searched else self
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:
-        check_params(self.search)
+        check_params(self.search, self.model.arch if self.arch_searched else None)
         if self.scheduler.max_t is not None and self.scheduler.max_t > self.train.max_epochs:
             raise FieldError(("scheduler", "max_t"),
                              f"max_t ({self.scheduler.max_t}) exceeds train.max_epochs "
