@@ -1,4 +1,5 @@
-"""From the spec's `search:` block to Optuna: the define-by-run space, the sampler, the rungs.
+"""From the spec's search parameters (`Spec.params`: `search:`, and `arch` when `model.arch` is
+a choice) to Optuna: the define-by-run space, the sampler, the rungs.
 
 An explicit table maps each `space:` name to the Optuna call that samples it; conditional
 parameters are sampled only when their condition holds, so Optuna's TPE sees a true
@@ -51,8 +52,10 @@ class _DefineByRun:
     """A picklable define-by-run function (Ray pickles the searcher into its run state)."""
 
     def __init__(self, spec: Spec) -> None:
-        self.search = dict(spec.search)
-        self.order = param_order(spec.search)
+        # spec.params: `arch` (when searched) has no condition and comes first, so it is
+        # sampled before anything a `when: {arch: ...}` gates.
+        self.search = spec.params
+        self.order = param_order(self.search)
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -84,13 +87,15 @@ def baseline_params(spec: Spec) -> dict[str, Any]:
     """The default knob values that lie inside the searched space, for Optuna to try first.
 
     Parameters whose default is outside their range/choices, or that are inactive under the
-    other defaults (a `when` not met), are left for the sampler.
+    other defaults (a `when` not met), are left for the sampler. A searched architecture has
+    no default: the baseline is the first one the spec lists.
     """
-    defaults = Hyperparams().model_dump()
+    params = spec.params
+    defaults = {**Hyperparams().model_dump(), "arch": spec.archs[0]}
     values: dict[str, Any] = {}
     out: dict[str, Any] = {}
-    for name in param_order(spec.search):
-        p = spec.search[name]
+    for name in param_order(params):
+        p = params[name]
         if not active(p, values):
             continue
         v = defaults[name]

@@ -18,6 +18,7 @@ fingerprints differ.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ def read_source(path: str | Path) -> Source:
             best = m["val"][f"best_{m['metric']}"]
             rec = TrialRecord(str(m.get("trial_id", p.name)), dict(m["params"]),
                               [{"epoch": m["epochs"], m["metric"]: best}])
-            return Source(p, m["metric"], int(m["epochs"]), [rec], m.get("data"))
+            return Source(p, m["metric"], int(m["epochs"]), _with_arch(spec, [rec]),
+                          m.get("data"))
         trials = p / "trials.json"
         if not trials.is_file():
             raise UserError(f"{str(p)!r} has no trials.json: a search still running or "
@@ -90,7 +92,17 @@ def read_source(path: str | Path) -> Source:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{str(p)!r} is not a readable rtft run or model folder ({e}); "
                         f"{ALLOWED}", field=FIELD) from e
-    return Source(p, spec.metric, spec.max_t, records, data)
+    return Source(p, spec.metric, spec.max_t, _with_arch(spec, records), data)
+
+
+def _with_arch(spec: Spec, records: list[TrialRecord]) -> list[TrialRecord]:
+    """An earlier run of one architecture trained it in every trial: say so in the trials'
+    parameters, so a search over architectures keeps it and a search of another one notes
+    the difference."""
+    if spec.arch_searched:
+        return records
+    return [dataclasses.replace(r, params={"arch": spec.model.arch, **r.params})
+            for r in records]
 
 
 def fit_to_space(spec: Spec, params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -102,12 +114,16 @@ def fit_to_space(spec: Spec, params: dict[str, Any]) -> tuple[dict[str, Any], li
     from raytune_ft.knobs import param_order
     from raytune_ft.space import active
 
+    space = spec.params
     out: dict[str, Any] = {}
     values: dict[str, Any] = {}  # what `when:` sees: the kept values and the fixed ones
     changed = [f"{name} dropped (not in this search)" for name in params
-               if name not in spec.search]
-    for name in param_order(spec.search):
-        p = spec.search[name]
+               if name not in space and name != "arch"]
+    if not spec.arch_searched and params.get("arch", spec.model.arch) != spec.model.arch:
+        changed.append(f"arch={params['arch']!r} differs from this search's "
+                       f"{spec.model.arch!r}")
+    for name in param_order(space):
+        p = space[name]
         if not active(p, values):
             if name in params:
                 changed.append(f"{name} dropped (inactive here)")
@@ -142,7 +158,7 @@ def plan(spec: Spec, sources: list[Source], *, top: int, prior: bool,
          data: dict[str, Any] | None = None) -> Plan:
     """The warm start of `spec` from `sources` (see the module docstring); `data` is this
     search's data fingerprint, compared with each source's when `prior` is on."""
-    searched = {n for n, p in spec.search.items() if p.space != "fixed"}
+    searched = {n for n, p in spec.params.items() if p.space != "fixed"}
     out = Plan()
     for src in sources:
         if src.metric != spec.metric:
@@ -206,6 +222,6 @@ def frozen_trial(spec: Spec, cfg: dict[str, Any], rec: TrialRecord, max_t: int) 
 
     state, value, curve = told(rec, spec.metric, max_t)
     return optuna.trial.create_trial(
-        params=cfg, distributions={n: distribution(spec.search[n]) for n in cfg},
+        params=cfg, distributions={n: distribution(spec.params[n]) for n in cfg},
         value=value, state=optuna.trial.TrialState[state], intermediate_values=curve,
         user_attrs={"warm_start": rec.trial_id})
