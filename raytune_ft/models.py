@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "Stage",
     "build_model",
     "freeze_stages",
+    "frozen_stages",
     "input_stats",
     "load_state_file",
     "param_groups",
@@ -262,9 +264,21 @@ def build_model(model: ModelSpec | str, num_classes: int, hp: Hyperparams,
     return Built(net, head_path, stages)
 
 
-def freeze_stages(built: Built, depth: int) -> list[nn.Module]:
-    """Freeze the first `depth` stages; returns their norm layers, which the trainer keeps in
-    eval mode so their running statistics stay those of the pretrained backbone."""
+def frozen_stages(hp: Hyperparams, n_stages: int) -> int:
+    """How many of a network's `n_stages` stages the knobs freeze: `freeze_depth`, or
+    `freeze_fraction` of them (rounded half up) where that is more, never past `n_stages`.
+    The fraction means the same in every family (0.4 of resnet18's 5 stages is 2, of
+    mobilenet_v3_small's 13 is 5); a depth counts one family's stages."""
+    by_fraction = math.floor(hp.freeze_fraction * n_stages + 0.5)
+    return min(n_stages, max(hp.freeze_depth, by_fraction))
+
+
+def freeze_stages(built: Built, depth: int | Hyperparams) -> list[nn.Module]:
+    """Freeze the first `depth` stages (given knobs: as many as :func:`frozen_stages` says);
+    returns their norm layers, which the trainer keeps in eval mode so their running
+    statistics stay those of the pretrained backbone."""
+    if isinstance(depth, Hyperparams):
+        depth = frozen_stages(depth, len(built.stages))
     norms: list[nn.Module] = []
     for p in built.model.parameters():
         p.requires_grad_(True)

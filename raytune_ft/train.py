@@ -261,7 +261,7 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
     model = built.model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    frozen_norms = freeze_stages(built, min(hp.freeze_depth, len(built.stages)))
+    frozen_norms = freeze_stages(built, hp)  # freeze_depth or freeze_fraction, clamped
     optimizer = _optimizer(hp, param_groups(built, lr=hp.lr, weight_decay=hp.weight_decay,
                                             backbone_lr_mult=hp.backbone_lr_mult,
                                             layer_decay=hp.layer_decay))
