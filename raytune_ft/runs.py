@@ -6,6 +6,9 @@ experiment state, when `trials.json` is missing or stale, is `search.records`' j
 
 Records: :class:`TrialRecord` is what the search knows of one trial, free of Ray types.
 Ranking: trials are ranked by their *best-so-far* value of the metric, never their last.
+Cost: what the trainer measured of each trial's model (`COST_KEYS`, :attr:`TrialRecord.cost`);
+promotion may bound it (`promote.max_latency_ms`, `promote.max_params`) or promote the
+accuracy/latency Pareto front (:func:`pareto_front`).
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.errors import TrialOOMError
+from raytune_ft.errors import TrialOOMError, UserError
 from raytune_ft.paths import cache_dir, is_uri
 from raytune_ft.spec import METRICS, Spec
 
-__all__ = ["HISTORY_KEYS", "RUN_FILES", "TUNE_DIR", "Echo", "RunLocation", "TrialRecord",
-           "choose", "fmt", "ranked", "read_records", "records_from_json", "run_location",
-           "rung_summary", "summary_rows", "summary_table", "text_table", "trial_state",
-           "trial_table", "where_it_is", "write_records"]
+__all__ = ["COST_KEYS", "HISTORY_KEYS", "RUN_FILES", "TUNE_DIR", "Echo", "RunLocation",
+           "TrialRecord", "choose", "choose_for", "cost_cells", "fmt", "pareto_front", "ranked",
+           "read_records", "records_from_json", "run_location", "rung_summary", "summary_rows",
+           "summary_table", "text_table", "trial_state", "trial_table", "where_it_is",
+           "write_records"]
 
 Echo = Callable[[str], None]
 # Ray's experiment folder inside our run folder. Ray re-uploads its own folder from a staging
@@ -39,8 +43,12 @@ TUNE_DIR = "tune"
 RUN_FILES = ("spec.yaml", "data.json", "trials.json", "optuna.journal", "asha_rungs.json",
              "asha_decisions.jsonl")
 # Per-epoch metrics kept in TrialRecord.history (Ray adds many bookkeeping columns).
+# The cost of a trial's model, reported by the trainer with every epoch (raytune_ft.cost):
+# parameters, forward FLOPs per image, median latency at batch 1 and 32 on the trial's device
+# (measured once per trial), and each epoch's wall seconds. Runs of rtft before them lack them.
+COST_KEYS = ("params", "flops", "latency_b1_ms", "latency_b32_ms", "epoch_s")
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "best_val_acc", "best_val_loss",
-                "lr", "images_per_s", "diverged", "time_total_s", "timestamp")
+                "lr", "images_per_s", "diverged", "time_total_s", "timestamp", *COST_KEYS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,6 +125,18 @@ class TrialRecord:
             return None
         return max(vals) if METRICS[metric] == "max" else min(vals)
 
+    @property
+    def cost(self) -> dict[str, float]:
+        """What the trial's model costs: `params`, `flops`, `latency_b1_ms`, `latency_b32_ms`
+        (the same every epoch: the last reported value) and `epoch_s` (the mean over its
+        epochs). Only the keys the history holds: empty for runs of rtft before costs."""
+        out: dict[str, float] = {}
+        for key in COST_KEYS:
+            vals = [h[key] for h in self.history if _finite(h.get(key))]
+            if vals:
+                out[key] = sum(vals) / len(vals) if key == "epoch_s" else vals[-1]
+        return out
+
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
@@ -148,15 +168,35 @@ def fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def cost_cells(records: list[TrialRecord]) -> tuple[list[str], Callable[[TrialRecord],
+                                                                      list[str]]]:
+    """(header, cells of one trial) of the cost columns the records have: parameters in
+    millions, FLOPs per image (in M or G, one unit for the column), latency at batch 1 in ms,
+    seconds per epoch. No columns for a run without costs (rtft before them)."""
+    have = {k for r in records for k in r.cost}
+    giga = max((r.cost.get("flops", 0) for r in records), default=0) >= 1e9
+    cols = [("params", "Mparams", 1e-6), ("flops", "GFLOPs" if giga else "MFLOPs",
+                                          1e-9 if giga else 1e-6),
+            ("latency_b1_ms", "ms b1", 1.0), ("epoch_s", "s/epoch", 1.0)]
+    cols = [c for c in cols if c[0] in have]
+
+    def cells(r: TrialRecord) -> list[str]:
+        return [fmt(r.cost[k] * scale if k in r.cost else None) for k, _, scale in cols]
+
+    return [h for _, h, _ in cols], cells
+
+
 def trial_table(records: list[TrialRecord], spec: Spec,
                 limit: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the trials, best first: id, state, epochs, best metric and each
-    searched (non-fixed) parameter. Text and HTML renderers share it."""
+    """(header, rows) of the trials, best first: id, state, epochs, best metric, the cost
+    columns (:func:`cost_cells`) and each searched (non-fixed) parameter, the architecture
+    first when it is searched. Text and HTML renderers share it."""
     m = spec.metric
-    names = [n for n, p in spec.search.items() if p.space != "fixed"]  # fixed: same for all
-    head = ["trial", "state", "epochs", f"best {m}", *names]
+    names = [n for n, p in spec.params.items() if p.space != "fixed"]  # fixed: same for all
+    cost_head, cost = cost_cells(records)
+    head = ["trial", "state", "epochs", f"best {m}", *cost_head, *names]
     rows = [[r.trial_id, trial_state(r, spec.max_t), str(r.epochs),
-             "-" if r.best(m) is None else f"{r.best(m):.4f}",
+             "-" if r.best(m) is None else f"{r.best(m):.4f}", *cost(r),
              *[fmt(r.params.get(n)) for n in names]]
             for r in ranked(records, m)[:limit]]
     return head, rows
@@ -172,17 +212,99 @@ def text_table(head: list[str], rows: list[list[str]], *, rule: bool = True) -> 
     return lines
 
 
-def choose(records: list[TrialRecord], metric: str, top_k: int = 1) -> list[TrialRecord]:
-    """The trials to promote, best first: among trials with a checkpoint that reached the
-    highest epoch any such trial reached, ranked by best-so-far metric."""
+def choose(records: list[TrialRecord], metric: str, top_k: int = 1, *,
+           max_latency_ms: float | None = None,
+           max_params: int | None = None) -> list[TrialRecord]:
+    """The trials to promote, best first: among trials with a checkpoint (not diverged) that
+    fit the bounds and reached the highest epoch any such trial reached, ranked by best-so-far
+    metric.
+
+    Bounds: `max_latency_ms` on the trial's `latency_b1_ms`, `max_params` on its `params`. The
+    highest-epoch rule applies among the trials that fit: the best model that fits is chosen,
+    even when a bigger one trained longer. A trial without cost data (a run of an rtft before
+    costs were recorded) cannot satisfy a bound. When trials could be promoted but none fits,
+    raises :class:`UserError` on the bound, with the smallest latency / size seen.
+    """
     ok = [r for r in records if r.best_checkpoint and not r.diverged
           and r.best(metric) is not None]
     if not ok:
         return []
-    top = max(r.epochs for r in ok)
-    eligible = [r for r in ok if r.epochs == top]
+    fits = [r for r in ok if _fits(r, max_latency_ms, max_params)]
+    if not fits:
+        raise _none_fits(ok, max_latency_ms, max_params)
+    top = max(r.epochs for r in fits)
+    eligible = [r for r in fits if r.epochs == top]
     return ranked(eligible, metric)[:top_k]
 
+
+def _fits(r: TrialRecord, max_latency_ms: float | None, max_params: int | None) -> bool:
+    cost = r.cost
+    if max_latency_ms is not None and not cost.get("latency_b1_ms", math.inf) <= max_latency_ms:
+        return False
+    return max_params is None or cost.get("params", math.inf) <= max_params
+
+
+def _none_fits(ok: list[TrialRecord], max_latency_ms: float | None,
+               max_params: int | None) -> UserError:
+    """One line: which bound no trial meets, the smallest value seen, trials without costs."""
+    parts, fields = [], []
+    for key, bound, field_name, unit in [
+            ("latency_b1_ms", max_latency_ms, "max_latency_ms", " ms"),
+            ("params", max_params, "max_params", "")]:
+        if bound is None:
+            continue
+        seen = [r.cost[key] for r in ok if key in r.cost]
+        smallest = f"the smallest {key} is {fmt(min(seen))}{unit}" if seen else f"none has {key}"
+        parts.append(f"{field_name} {fmt(bound)}{unit} ({smallest})")
+        fields.append(field_name)
+    missing = sum(1 for r in ok if not r.cost)
+    note = (f"; {missing} of them have no cost data (a run of an rtft before costs were "
+            f"recorded) and cannot satisfy a bound" if missing else "")
+    return UserError(f"no trial fits {' and '.join(parts)} among the {len(ok)} trial(s) that "
+                     f"could be promoted{note}; allowed: a bound at least that large, or none",
+                     field=f"promote.{fields[0]}" if len(fields) == 1 else "promote")
+
+
+def pareto_front(records: list[TrialRecord], metric: str, mode: str,
+                 cost: str = "latency_b1_ms") -> list[TrialRecord]:
+    """The trials no other trial beats on both best-so-far `metric` and `cost`, cheapest first.
+
+    Rule: trial A dominates trial B when A's cost <= B's cost and A's metric is at least as
+    good (`mode` "max": >=, "min": <=), one of the two strictly. Trials without a metric value
+    or without a finite `cost` value are left out. Ties are resolved deterministically: of
+    trials with the same cost and metric, only the one with the smallest trial id is kept. The
+    front is sorted by cost ascending (its metric then improves strictly along it).
+    """
+    sign = -1.0 if mode == "max" else 1.0  # sign * metric: smaller is better
+    pts = [(float(r.cost[cost]), sign * float(v), r.trial_id, r) for r in records
+           if (v := r.best(metric)) is not None and _finite(r.cost.get(cost))]
+    front, best = [], math.inf
+    # Cheapest first, best metric first within a cost: a trial is on the front exactly when
+    # its metric is strictly better than every cheaper-or-equal trial's already seen.
+    for _, m, _, r in sorted(pts, key=lambda p: p[:3]):
+        if m < best:
+            front.append(r)
+            best = m
+    return front
+
+
+def choose_for(spec: Spec, records: list[TrialRecord], *,
+               pareto: bool = False) -> list[TrialRecord]:
+    """The trials promotion of `spec`'s run takes, in the order it takes them: :func:`choose`
+    with `spec.promote`'s top_k and bounds; with `pareto`, every point of the accuracy /
+    latency-at-batch-1 front among the trials :func:`choose` finds eligible (cheapest first,
+    top_k not applied). Raises :class:`UserError` when the front needs costs no trial has."""
+    p = spec.promote
+    bounds = {"max_latency_ms": p.max_latency_ms, "max_params": p.max_params}
+    if not pareto:
+        return choose(records, spec.metric, p.top_k, **bounds)
+    eligible = choose(records, spec.metric, len(records), **bounds)
+    front = pareto_front(eligible, spec.metric, spec.mode)
+    if eligible and not front:
+        raise UserError(f"--pareto needs each trial's latency_b1_ms, and none of the "
+                        f"{len(eligible)} trial(s) that could be promoted has it (a run of an "
+                        f"rtft before costs were recorded); allowed: promote without --pareto")
+    return front
 
 
 def records_from_json(run_dir: Path) -> list[TrialRecord] | None:
@@ -201,22 +323,28 @@ def records_from_json(run_dir: Path) -> list[TrialRecord] | None:
 
 
 def read_records(path: Path) -> list[TrialRecord]:
-    """The records in a `trials.json` (ValueError/TypeError when it is not one)."""
-    return [TrialRecord(**r) for r in json.loads(path.read_text())]
+    """The records in a `trials.json` (ValueError/TypeError when it is not one). Its `cost`
+    is derived from the history again, not read."""
+    return [TrialRecord(**{k: v for k, v in r.items() if k != "cost"})
+            for r in json.loads(path.read_text())]
 
 
 def write_records(run_dir: Path, records: list[TrialRecord]) -> None:
-    """Write `trials.json`: what `rtft results`, the report and promotion read back."""
-    (run_dir / "trials.json").write_text(json.dumps([r.__dict__ for r in records], indent=1,
-                                                    default=str))
+    """Write `trials.json`: what `rtft results`, the report and promotion read back; each
+    trial with its `cost` (for readers of the file other than rtft)."""
+    (run_dir / "trials.json").write_text(json.dumps(
+        [{**r.__dict__, "cost": r.cost} for r in records], indent=1, default=str))
 
 
 def summary_rows(records: list[TrialRecord], spec: Spec) -> list[dict[str, Any]]:
-    """One flat dict per trial, best first: id, state, epochs, best metric, every parameter."""
+    """One flat dict per trial, best first: id, state, epochs, best metric, the cost keys
+    (when any trial has them; None where one lacks them), every parameter, the error."""
     m = spec.metric
+    costs = [k for k in COST_KEYS if any(k in r.cost for r in records)]
     return [{"trial": r.trial_id, "state": trial_state(r, spec.max_t), "epochs": r.epochs,
-             f"best_{m}": r.best(m), **{n: r.params.get(n) for n in spec.search},
-             "error": r.error} for r in ranked(records, m)]
+             f"best_{m}": r.best(m), **{k: r.cost.get(k) for k in costs},
+             **{n: r.params.get(n) for n in spec.params}, "error": r.error}
+            for r in ranked(records, m)]
 
 
 def summary_table(records: list[TrialRecord], spec: Spec, limit: int = 10) -> str:
