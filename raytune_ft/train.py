@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytune_ft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from raytune_ft.cost import measure as measure_cost
 from raytune_ft.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -211,7 +212,9 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
     """Fine-tune one configuration for `spec.train.max_epochs` epochs.
 
     Each epoch ends with ``report(metrics, checkpoint_folder)``: metrics are `epoch`,
-    `train_loss`, `val_loss`, `val_acc`, `best_<metric>`, `lr`, `images_per_s`, `diverged`.
+    `train_loss`, `val_loss`, `val_acc`, `best_<metric>`, `lr`, `images_per_s`, `diverged`,
+    the model's cost (`params`, `flops`, `latency_b1_ms`, `latency_b32_ms`: measured once
+    before the first epoch, see cost.py) and `epoch_s` (the epoch's seconds, train + eval).
     `weights` overrides `spec.model.weights` (a resolved file path for `rtft:` recipes).
     A loss that turns NaN/inf ends training at once with :data:`DIVERGED` metrics.
     """
@@ -293,6 +296,11 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
         # Checkpoints of rtft <= 0.2 (one per epoch) hold no best weights: the epoch's own.
         best_model = state.get("best_model", state["model"])
         best_epoch = int(state.get("best_epoch", state["epoch"]))
+    # The model's cost in the trial's own inference setting (device, autocast, channels_last
+    # on CUDA, threads), on a resumed trial too (its report carries it every epoch). It draws
+    # no random numbers and changes no weight, statistic or mode: training is the same.
+    cost = measure_cost(model, spec.data.image_size, amp_dtype=amp_dtype,
+                        channels_last=device.type == "cuda").as_metrics()
     last_saved = time.monotonic()
 
     _trace("ready")
@@ -353,10 +361,12 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
         # -- evaluate; a diverged trial (NaN/inf loss) stops at once with the worst values --
         val_loss, val_acc = evaluate(model, val_x, val_y, amp_dtype=amp_dtype, mean=mean,
                                      std=std, workers=workers)
+        epoch_s = time.perf_counter() - t0
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             metrics = {"epoch": epoch, **DIVERGED, "lr": optimizer.param_groups[-1]["lr"],
                        "images_per_s": 0.0, "diverged": True,
-                       f"best_{metric}": DIVERGED[metric] if best is None else best}
+                       f"best_{metric}": DIVERGED[metric] if best is None else best,
+                       **cost, "epoch_s": epoch_s}
             result.diverged = True
             result.history.append(metrics)
             report(metrics, None)
@@ -372,7 +382,8 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, f"best_{metric}": best,
                    "lr": optimizer.param_groups[-1]["lr"],
-                   "images_per_s": steps_per_epoch * bs / seconds, "diverged": False}
+                   "images_per_s": steps_per_epoch * bs / seconds, "diverged": False,
+                   **cost, "epoch_s": epoch_s}
         result.history.append(metrics)
         t_report = time.perf_counter()
         if not (checkpoints and _checkpoint_due(spec, epoch, last_saved)):

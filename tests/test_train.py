@@ -11,7 +11,10 @@ from helpers import tiny_spec
 from raytune_ft.checkpoint import CheckpointError, load_checkpoint
 from raytune_ft.data import prepare
 from raytune_ft.knobs import Hyperparams
+from raytune_ft.models import count_params
 from raytune_ft.train import DIVERGED, evaluate, train
+
+COST = ("params", "flops", "latency_b1_ms", "latency_b32_ms", "epoch_s")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,12 @@ def test_reports_every_epoch_and_checkpoints_the_last(setup, tmp_path: Path,  # 
     assert got[0][1] is None  # by default no checkpoint before the last epoch (max_t)
     m, ckpt = got[-1]
     assert {"train_loss", "val_loss", "val_acc", "best_val_acc", "lr", "images_per_s"} <= set(m)
+    # The model's cost on every epoch: measured once, the same each epoch; epoch_s its own.
+    for key in COST:
+        assert all(x[key] > 0 for x, _ in got), key
+    assert got[0][0]["params"] == got[1][0]["params"] == count_params(result.model)
+    assert got[0][0]["latency_b1_ms"] == got[1][0]["latency_b1_ms"]
+    assert isinstance(m["params"], int) and isinstance(m["flops"], float)
     assert m["best_val_acc"] == max(x["val_acc"] for x, _ in got)
     state, config = load_checkpoint(ckpt)
     assert state["epoch"] == 2 and config["hparams"]["batch_size"] == 32
@@ -106,8 +115,26 @@ def test_resume_continues_exactly(setup, tmp_path: Path, hp: Hyperparams) -> Non
     train(hp, spec=spec, data=data, report=_keep(resumed, tmp_path / "b"),
           resume_from=full[0][1])
     assert [m["epoch"] for m, _ in resumed] == [2]
+    assert {k: resumed[0][0][k] for k in ("params", "flops")} == \
+        {k: full[1][0][k] for k in ("params", "flops")}  # measured on resume too
     assert resumed[0][0]["val_acc"] == pytest.approx(full[1][0]["val_acc"], abs=1e-6)
     assert resumed[0][0]["train_loss"] == pytest.approx(full[1][0]["train_loss"], rel=1e-5)
+
+
+def test_measuring_the_cost_leaves_training_bit_for_bit_the_same(setup,  # noqa: ANN001
+                                                                  hp: Hyperparams) -> None:
+    """The first run measures the model's cost (forward passes before epoch 1); the second
+    finds it in the process's cache and runs none: the weights they end with are equal."""
+    from raytune_ft import cost
+
+    spec, data = setup
+    hp = hp.model_copy(update={"head_dropout": 0.3, "augment": "light"})  # RNG in training
+    cost.clear_cache()
+    measured = train(hp, spec=spec, data=data, report=lambda m, c: None, checkpoints=False)
+    cached = train(hp, spec=spec, data=data, report=lambda m, c: None, checkpoints=False)
+    a, b = measured.model.state_dict(), cached.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["epoch_s"] > 0 for m in measured.history] == [True, True]
 
 
 def test_divergence_stops_at_once_with_worst_metric(setup) -> None:  # noqa: ANN001
@@ -119,6 +146,7 @@ def test_divergence_stops_at_once_with_worst_metric(setup) -> None:  # noqa: ANN
     assert result.diverged and len(got) == 1
     m, ckpt = got[0]
     assert m["diverged"] and m["val_acc"] == DIVERGED["val_acc"] and ckpt is None
+    assert all(k in m for k in COST)
 
 
 def test_frozen_backbone_trains_only_the_head_until_unfrozen(setup) -> None:  # noqa: ANN001
