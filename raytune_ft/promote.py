@@ -4,7 +4,11 @@ write a versioned model folder atomically (temp folder, then rename).
 How the best trial is chosen: only trials that trained as far as any trial got (the highest
 rung reached) are eligible, ranked by their best-so-far value of the metric — never by their
 last value, and never letting a trial stopped after one epoch beat full-length runs on a lucky
-early score. Diverged and failed trials are never promoted.
+early score. Diverged and failed trials are never promoted. Cost bounds
+(`promote.max_latency_ms`, `promote.max_params`) choose among the trials that fit;
+`pareto=True` promotes every point of the accuracy / latency front instead
+(:func:`raytune_ft.runs.choose_for`). A trial of an architecture search is promoted with its own
+single-architecture spec (`Spec.for_trial`): its model folder reads like any other.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import socket
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +34,13 @@ import yaml
 from torch import nn
 
 from raytune_ft.checkpoint import load_checkpoint
-from raytune_ft.data import Splits
+from raytune_ft.data import Splits, prepare
 from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import build_model, input_stats
 from raytune_ft.runs import (  # re-exported: promotion's rule lives with the records
     TrialRecord,
     choose,
+    choose_for,
     fmt,
     ranked,
     text_table,
@@ -135,6 +140,47 @@ same data and split settings). Latency: median of 20 forward passes on a random
 """
 
 
+def _trial_device(spec: Spec) -> str:
+    """The device the trial trained on, as its spec says (train.device, run.resources.gpu)."""
+    gpu = spec.train.device == "cuda" or (spec.train.device == "auto"
+                                          and spec.run.resources.gpu > 0)
+    return "GPU" if gpu else "CPU"
+
+
+def _cost_section(spec: Spec, rec: TrialRecord) -> str:
+    """What the model costs, as the trainer measured it in the trial (none for a trial of an
+    rtft before costs were recorded)."""
+    c, arch = rec.cost, spec.model.arch
+    if not c:
+        return f"\n## Cost\n{arch}; no cost recorded (the trial ran on an rtft before costs).\n"
+
+    def get(key: str, f: Callable[[float], str]) -> str:
+        return f(c[key]) if key in c else "not measured"
+
+    flops = get("flops", lambda v: f"{v / 1e9:.3g} G" if v >= 1e9 else f"{v / 1e6:.3g} M")
+
+    def ms(v: float) -> str:
+        return f"{v:.3g} ms"
+
+    size, dev = spec.data.image_size, _trial_device(spec)
+    return f"""
+## Cost (measured in trial {rec.trial_id}, on its {dev})
+
+| | |
+|---|---|
+| architecture | {arch} |
+| parameters | {get('params', lambda v: f'{int(v):,}')} |
+| FLOPs per image (forward, {size} px) | {flops} |
+| latency, batch 1 | {get('latency_b1_ms', ms)} |
+| latency, batch 32 | {get('latency_b32_ms', ms)} |
+| seconds per training epoch | {get('epoch_s', lambda v: f'{v:.3g} s')} |
+
+FLOPs as torch.utils.flop_counter counts them. Latency: median forward time in eval mode on
+the trial's {dev}, zeros as input, measured once before its first epoch. Seconds per epoch:
+training and validation, the mean over its {rec.epochs} epoch(s).
+"""
+
+
 def _card(spec: Spec, rec: TrialRecord, metrics: dict, params: dict, n_params: int,
           model: nn.Module) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
@@ -153,7 +199,7 @@ Fine-tuned from `{spec.model.weights}` on `{spec.data.source}` by an rtft search
 
 Trained {rec.epochs} epoch(s); checkpoint of epoch {metrics['val']['epoch']}.
 Data fingerprint: `{metrics['data']['sha256']}`. Weights sha256: `{metrics['sha256']}`.
-{_teacher_section(spec, metrics, n_params, model)}
+{_cost_section(spec, rec)}{_teacher_section(spec, metrics, n_params, model)}
 ## Parameters
 | parameter | value |
 |---|---|
@@ -169,25 +215,54 @@ Re-train this exact configuration alone: `rtft search spec.yaml` (every paramete
 """
 
 
-def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
-            echo: Callable[[str], None] = print) -> list[Path]:
-    """Promote the `spec.promote.top_k` best trials; returns the new model folders."""
-    chosen = choose(records, spec.metric, spec.promote.top_k)
+def _splits_for(spec: Spec, splits: Splits | Mapping[int, Splits] | None,
+                made: dict[int | None, Splits]) -> Splits:
+    """The held-out test images at `spec`'s (one trial's) input size: from `splits` (one
+    Splits, or one per image size as `data.prepare_each` gives) when it has that size, else
+    prepared once per size (an architecture search's trials may differ)."""
+    size = spec.data.image_size
+    if isinstance(splits, Mapping):
+        if size in splits:
+            return splits[size]
+    elif splits is not None:
+        x = splits.test_x
+        if (x.shape[-1] if isinstance(x, torch.Tensor) else x.size) == size:
+            return splits
+    if size not in made:
+        made[size] = prepare(spec.data)
+    return made[size]
+
+
+def promote(spec: Spec, records: list[TrialRecord],
+            splits: Splits | Mapping[int, Splits] | None = None, *,
+            echo: Callable[[str], None] = print, pareto: bool = False) -> list[Path]:
+    """Promote the `spec.promote.top_k` best trials that fit `spec.promote`'s cost bounds,
+    or with `pareto` every point of the accuracy / latency front, cheapest first (one version
+    each); returns the new model folders.
+
+    `splits`: the data whose test split is scored: one Splits, one per image size (keyed by
+    size), or None; a trial whose input size it lacks has its data read for its own spec.
+    Raises :class:`~raytune_ft.errors.UserError` when no trial fits the bounds."""
+    chosen = choose_for(spec, records, pareto=pareto)
     if not chosen:
         echo("nothing to promote: no trial finished an epoch with a checkpoint")
         return []
     root = Path(spec.promote.dir).expanduser().resolve() / spec.name
     root.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(root)
-    out = []
+    out: list[Path] = []
+    made: dict[int | None, Splits] = {}
     for rank, rec in enumerate(chosen, 1):
+        # The trial's own spec: one architecture, its weights and input size (for_trial).
+        tspec = spec.for_trial(rec.params)
+        data = _splits_for(tspec, splits, made)
         state, config = load_checkpoint(rec.best_checkpoint)
         model = _rebuild(config)
         # The best epoch's weights, which the trainer keeps beside its latest training state
         # (older checkpoints, one per epoch, hold only the latter: the best epoch's own).
         model.load_state_dict(state.get("best_model", state["model"]))
-        mean, std = input_stats(spec.model)
-        test_loss, test_acc = evaluate(model, splits.test_x, splits.test_y, mean=mean, std=std)
+        mean, std = input_stats(tspec.model)
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, mean=mean, std=std)
         epoch = state.get("best_epoch", state["epoch"])
         best_epoch = next((h for h in rec.history if h.get("epoch") == epoch), {})
         params = {**rec.params}
@@ -200,20 +275,23 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                       str(tmp / "model.safetensors"))
             # The promoted spec fixes every parameter to the chosen value: rerunnable alone.
-            fixed = spec.model_dump(mode="json")
-            fixed["search"] = {k: {"space": "fixed", "value": v} for k, v in params.items()}
+            # The architecture is the trial's own spec's model.arch, not a search parameter.
+            fixed = tspec.model_dump(mode="json")
+            fixed["search"] = {k: {"space": "fixed", "value": v} for k, v in params.items()
+                               if k != "arch"}
             fixed["run"]["num_samples"] = 1
             (tmp / "spec.yaml").write_text(yaml.safe_dump(fixed, sort_keys=False))
             (tmp / "config.json").write_text(json.dumps(
                 {**config, "mean": mean, "std": std}, indent=1))
             metrics = {
                 "trial_id": rec.trial_id, "rank": rank, "epochs": rec.epochs,
-                "metric": spec.metric, "params": params,
+                "metric": spec.metric, "params": params, "arch": tspec.model.arch,
+                "cost": rec.cost, "pareto": pareto,
                 "val": {"epoch": epoch, "val_acc": best_epoch.get("val_acc"),
                         "val_loss": best_epoch.get("val_loss"),
                         f"best_{spec.metric}": rec.best(spec.metric)},
-                "test": {"acc": test_acc, "loss": test_loss, "n": len(splits.test_y)},
-                "data": splits.fingerprint,
+                "test": {"acc": test_acc, "loss": test_loss, "n": len(data.test_y)},
+                "data": data.fingerprint,
                 "sha256": _sha256(tmp / "model.safetensors"),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
@@ -222,7 +300,7 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
                 metrics["path"] = str(dest)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
                 n_values = sum(v.numel() for v in model.state_dict().values())
-                (tmp / "MODEL_CARD.md").write_text(_card(spec, rec, metrics, params, n_values,
+                (tmp / "MODEL_CARD.md").write_text(_card(tspec, rec, metrics, params, n_values,
                                                            model))
                 try:
                     os.rename(tmp, dest)  # atomic: the folder appears whole or not at all
@@ -236,7 +314,9 @@ def promote(spec: Spec, records: list[TrialRecord], splits: Splits, *,
         latest = root / f".LATEST-{os.getpid()}"
         latest.write_text(dest.name + "\n")
         os.replace(latest, root / "LATEST")  # a reader sees the old name or the new one
-        echo(f"promoted trial {rec.trial_id} (rank {rank}): val {spec.metric} "
+        where = (f"Pareto point {rank}/{len(chosen)}, latency_b1_ms "
+                 f"{rec.cost['latency_b1_ms']:.3g}" if pareto else f"rank {rank}")
+        echo(f"promoted trial {rec.trial_id} ({tspec.model.arch}, {where}): val {spec.metric} "
              f"{rec.best(spec.metric):.4f}, held-out test acc {test_acc:.4f} → {dest}")
         out.append(dest)
     return out

@@ -77,6 +77,99 @@ def test_not_a_promoted_folder_keeps_its_cause_for_debug(tmp_path: Path) -> None
 
 
 # --------------------------------------------------------------------------------------------
+# Cost-aware promotion: bounds, the Pareto front, an architecture search's trial.
+# --------------------------------------------------------------------------------------------
+def _variant(record: TrialRecord, tid: str, acc: float, ms: float, params: int) -> TrialRecord:
+    """`record`'s checkpoint with a made-up history: best val_acc `acc`, latency `ms`."""
+    hist = [{**h, "val_acc": acc - 0.01 * (len(record.history) - i), "params": params,
+             "flops": 1e6, "latency_b1_ms": ms, "latency_b32_ms": 8 * ms, "epoch_s": 0.5}
+            for i, h in enumerate(record.history, 1)]
+    return TrialRecord(tid, dict(record.params), hist, record.best_checkpoint)
+
+
+def test_promotion_honours_the_bounds_and_says_when_none_fits(trained) -> None:  # noqa: ANN001
+    from raytune_ft.errors import UserError
+
+    root, spec, record = trained
+    records = [_variant(record, "fast", 0.6, 1.0, 1000), _variant(record, "slow", 0.9, 9.0, 9000)]
+    bounded = spec.model_copy(update={"name": "bounded", "promote": spec.promote.model_copy(
+        update={"max_latency_ms": 5.0})})
+    data = prepare(spec.data)
+    [v1] = promote(bounded, records, data, echo=lambda s: None)
+    assert json.loads((v1 / "metrics.json").read_text())["trial_id"] == "fast"
+    card = (v1 / "MODEL_CARD.md").read_text()
+    assert "## Cost (measured in trial fast, on its CPU)" in card
+    assert "| architecture | resnet18 |" in card and "| latency, batch 1 | 1 ms |" in card
+    assert "| latency, batch 32 | 8 ms |" in card and "| parameters | 1,000 |" in card
+    none_fit = bounded.model_copy(update={"promote": bounded.promote.model_copy(
+        update={"max_latency_ms": 0.5, "max_params": None})})
+    with pytest.raises(UserError, match=r"no trial fits max_latency_ms 0.5 ms \(the smallest "
+                                        r"latency_b1_ms is 1 ms\)") as e:
+        promote(none_fit, records, data, echo=lambda s: None)
+    assert e.value.field == "promote.max_latency_ms"
+    assert sorted(p.name for p in v1.parent.iterdir()) == ["LATEST", "v1"]  # nothing written
+
+
+def test_pareto_promotes_every_point_of_the_front_cheapest_first(trained) -> None:  # noqa: ANN001
+    root, spec, record = trained
+    spec = spec.model_copy(update={"name": "front"})
+    records = [_variant(record, "c", 0.9, 9.0, 9000), _variant(record, "a", 0.6, 1.0, 1000),
+               _variant(record, "dominated", 0.5, 4.0, 500), _variant(record, "b", 0.8, 3.0, 3000)]
+    lines: list[str] = []
+    out = promote(spec, records, prepare(spec.data), echo=lines.append, pareto=True)
+    assert [p.name for p in out] == ["v1", "v2", "v3"]
+    metrics = [json.loads((p / "metrics.json").read_text()) for p in out]
+    assert [m["trial_id"] for m in metrics] == ["a", "b", "c"]
+    assert [m["cost"]["latency_b1_ms"] for m in metrics] == [1.0, 3.0, 9.0]
+    assert all(m["pareto"] and m["arch"] == "resnet18" for m in metrics)
+    assert "Pareto point 1/3, latency_b1_ms 1" in lines[0]
+    assert (out[0].parent / "LATEST").read_text().strip() == "v3"
+
+
+def test_a_trial_of_an_architecture_search_is_promoted_with_its_own_spec(
+        tmp_path: Path) -> None:
+    from raytune_ft.spec_io import load_spec, parse_spec
+
+    spec = parse_spec(f"""\
+name: pick
+model: {{arch: {{space: choice, values: [resnet18, mobilenet_v3_small]}}, weights: none}}
+data: {{source: digits, image_size: 32, train_limit: 100}}
+train: {{max_epochs: 1}}
+search:
+  lr: {{space: loguniform, low: 1.0e-3, high: 1.0e-2}}
+  head_dropout: {{space: uniform, low: 0, high: 0.5, when: {{arch: [resnet18]}}}}
+  batch_size: 32
+promote: {{dir: {tmp_path}/models}}
+""", file="pick.yaml")
+    params = {"arch": "mobilenet_v3_small", "lr": 0.005, "batch_size": 32}
+    tspec = spec.for_trial(params)
+    data = prepare(tspec.data)
+    history: list = []
+
+    def report(m: dict, folder: Path | None) -> None:
+        history.append(m)
+        if folder is not None:
+            shutil.copytree(folder, tmp_path / "ckpt", dirs_exist_ok=True)
+
+    train(Hyperparams(batch_size=32, lr=0.005, augment="none"), spec=tspec, data=data,
+          report=report)
+    record = TrialRecord("m1", params, history, str(tmp_path / "ckpt"))
+    [v1] = promote(spec, [record], None, echo=lambda s: None)  # its data read for its size
+    again = load_spec(v1 / "spec.yaml")  # a plain single-arch spec: export, reproduce read it
+    assert again.model.arch == "mobilenet_v3_small" and not again.arch_searched
+    assert set(again.search) == {"lr", "batch_size"} and again.search["lr"].value == 0.005
+    card = (v1 / "MODEL_CARD.md").read_text()
+    assert card.startswith("# pick — mobilenet_v3_small, promoted from trial m1")
+    assert "| architecture | mobilenet_v3_small |" in card
+    # The cost the trainer measured in the trial (raytune_ft.cost), as it measured it.
+    assert f"| parameters | {record.cost['params']:,} |" in card
+    assert f"| latency, batch 1 | {record.cost['latency_b1_ms']:.3g} ms |" in card
+    loaded = load_promoted(v1)
+    _, acc = evaluate(loaded.model, data.test_x, data.test_y)
+    assert acc == pytest.approx(json.loads((v1 / "metrics.json").read_text())["test"]["acc"])
+
+
+# --------------------------------------------------------------------------------------------
 # Nothing lost: SIGKILL during promotion.
 # --------------------------------------------------------------------------------------------
 # The child promotes the same trial again and kills itself with SIGKILL at a fixed point: no
