@@ -18,8 +18,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from raytune_ft import warm_start
 from raytune_ft.errors import UserError
@@ -30,6 +32,8 @@ from raytune_ft.weights import classify, torchvision_name
 
 __all__ = ["Fit", "Machines", "ModelShape", "Plan", "check_pretrained", "check_writable",
            "dry_run", "first_missing", "local_resources", "machines", "this_machine"]
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +211,10 @@ def _check_weights_name(spec: Spec) -> str:
     return f"{what} {ref.value} (loaded as plain tensors: it fits {m.arch})"
 
 
-def _check_ranges(spec: Spec, stages: list[str], blocks: int) -> None:
+def _check_ranges(spec: Spec, stages: list[str], blocks: int, *, choice: bool = False) -> None:
     """Refuse `freeze_depth` / `reinit_blocks` values past what the architecture has: the
-    trainer would clamp them silently, so part of the search would repeat the same trial."""
+    trainer would clamp them silently, so part of the search would repeat the same trial.
+    `choice`: the architecture is one of a choice, which a hint then names ways around."""
     limits = {
         "freeze_depth": (len(stages), f"{len(stages)} stages ({', '.join(stages)})"),
         "reinit_blocks": (blocks, f"{blocks} re-initialisable blocks in its {len(stages)} "
@@ -222,14 +227,33 @@ def _check_ranges(spec: Spec, stages: list[str], blocks: int) -> None:
         for key, value in param.candidates().items():
             if isinstance(value, int) and value > top:
                 which = "" if key == "value" else f" ({key})"
+                hint = (f" for {spec.model.arch} (gate {knob} with when: {{arch: [...]}}"
+                        + (", or use freeze_fraction, the same share of every network's "
+                           "stages" if knob == "freeze_depth" else "") + ")") if choice else ""
                 raise UserError(f"{knob} {value}{which} is more than {spec.model.arch} has: "
-                                f"{spec.model.arch} has {what}; allowed: 0..{top}",
+                                f"{spec.model.arch} has {what}; allowed: 0..{top}{hint}",
                                 field=f"search.{knob}")
 
 
-def _check_model(spec: Spec, num_classes: int) -> ModelShape:
+def _per_arch(spec: Spec, check: Callable[[Spec], T]) -> list[T]:
+    """`check` run on the single-arch spec of each architecture, in the spec's order. A
+    refusal of one architecture's weights names its entry when weights are given per
+    architecture (`model.weights.<arch>`)."""
+    out = []
+    for arch in spec.archs:
+        try:
+            out.append(check(spec.for_arch(arch)))
+        except UserError as e:
+            if e.field == "model.weights" and isinstance(spec.model.weights, dict):
+                e.field = f"model.weights.{arch}"
+            raise
+    return out
+
+
+def _check_model(spec: Spec, num_classes: int, *, choice: bool = False) -> ModelShape:
     """Build the model once (no weights, or the spec's weights file, loaded as plain tensors
-    and fitted to the architecture) and check the knobs that count its stages and blocks."""
+    and fitted to the architecture) and check the knobs that count its stages and blocks
+    (`choice`: the architecture is one of a choice)."""
     from raytune_ft.models import build_model, count_params
 
     ref = classify(spec.model.weights)
@@ -239,7 +263,7 @@ def _check_model(spec: Spec, num_classes: int) -> ModelShape:
     built = build_model(spec.model, num_classes, Hyperparams(), weights)
     names = [s.name for s in built.stages]
     blocks = sum(len(s.blocks()) for s in built.stages)
-    _check_ranges(spec, names, blocks)
+    _check_ranges(spec, names, blocks, choice=choice)
     return ModelShape(spec.model.arch,
                       [(s.name, sum(p.numel() for p in s.parameters())) for s in built.stages],
                       blocks, built.head_path, count_params(built.model))
@@ -252,10 +276,13 @@ def check_pretrained(spec: Spec, num_classes: int) -> None:
     is refused before Ray starts. Files were loaded by :func:`dry_run` already."""
     from raytune_ft.models import build_model, resolve_weights
 
-    if classify(spec.model.weights).kind not in ("recipe", "torchvision"):
-        return
-    weights = resolve_weights(spec.model.weights, spec.model.arch, spec.data.image_size)
-    build_model(spec.model, num_classes, Hyperparams(), weights)
+    def check(one: Spec) -> None:
+        if classify(one.model.weights).kind not in ("recipe", "torchvision"):
+            return
+        weights = resolve_weights(one.model.weights, one.model.arch, one.data.image_size)
+        build_model(one.model, num_classes, Hyperparams(), weights)
+
+    _per_arch(spec, check)  # every architecture of a choice
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,14 +290,23 @@ def check_pretrained(spec: Spec, num_classes: int) -> None:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
-    """What a dry run found, for `rtft validate` to print: the data and weights in a line each,
-    the model's shape, and how many trials fit at once (None: the search checks that once it
-    has joined its cluster)."""
+    """What a dry run found, for `rtft validate` to print: the data in a line, the weights in
+    a line per architecture, each architecture's model shape, and how many trials fit at once
+    (None: the search checks that once it has joined its cluster)."""
 
     data: str
     weights: str
-    model: ModelShape
+    models: tuple[ModelShape, ...]
     fit: Fit | None
+
+    @property
+    def model(self) -> ModelShape:
+        """The shape of the (first) architecture."""
+        return self.models[0]
+
+    def tables(self) -> str:
+        """Every architecture's stages, as `rtft validate` prints them."""
+        return "\n\n".join(m.table() for m in self.models)
 
 
 # Builds the model for a source whose class count is known only once its files are read (a
@@ -325,7 +361,9 @@ def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True,
     `rtft:` recipe, torchvision weights of the architecture); the data is where the spec says
     (no image is read); the warm start's earlier runs are rtft runs of the same metric over
     some of the same parameters; the model builds, a weights file loads as plain tensors and
-    fits it, and `freeze_depth` / `reinit_blocks` stay within its stages and blocks.
+    fits it, and `freeze_depth` / `reinit_blocks` stay within its stages and blocks. With a
+    choice of architectures, the weights and the model are checked for each one, as the spec
+    of that architecture alone (:meth:`Spec.for_arch`).
     """
     from raytune_ft.sources import check_source
 
@@ -336,14 +374,18 @@ def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True,
     if on is not None:
         fits = check_fit(spec, on.resources, where=on.where)
         fit = Fit(on.where, fits, min(fits, spec.run.max_concurrent_trials))
-    weights = _check_weights_name(spec)
+    # Per architecture of a choice (one line each, aligned under `weights: `).
+    named = _per_arch(spec, _check_weights_name)
+    weights = named[0] if not spec.arch_searched else "\n         ".join(
+        f"{a}: {w}" for a, w in zip(spec.archs, named, strict=True))
     num_classes = check_source(spec.data)
     _check_teacher(spec, num_classes)
     if warm:  # `rtft search` reads them once it knows the run is new (a resume needs none)
         warm_start.plan_for(spec)  # every earlier run it names is readable and fits
-    shape = _check_model(spec, num_classes or _SOME_CLASSES)
+    shapes = _per_arch(spec, lambda one: _check_model(one, num_classes or _SOME_CLASSES,
+                                                      choice=spec.arch_searched))
     d = spec.data
     where = f" in {Path(d.root).expanduser().resolve()}" if d.root else " (built in)"
     found = (f": {num_classes} classes" if num_classes is not None
              else " (its files are read by rtft search)")
-    return Plan(f"{d.source}{where}{found}", weights, shape, fit)
+    return Plan(f"{d.source}{where}{found}", weights, tuple(shapes), fit)
