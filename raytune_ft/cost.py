@@ -29,10 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["COST_KEYS", "Cost", "clear_cache", "count_flops", "measure"]
-
-# The keys a trial's metrics carry from this module (train.py adds `epoch_s`).
-COST_KEYS = ("params", "flops", "latency_b1_ms", "latency_b32_ms")
+__all__ = ["Cost", "clear_cache", "count_flops", "measure"]
 
 # Time spent on the timed runs of one batch size, at most (one run always happens), and the
 # most runs a median is taken over: small models get up to MAX_RUNS runs within BUDGET_S;
@@ -56,7 +53,8 @@ class Cost:
     latency_b32_ms: float
 
     def as_metrics(self) -> dict[str, int | float]:
-        """The four values as a trial's metrics (keys :data:`COST_KEYS`)."""
+        """The four values as a trial's metrics (runs.COST_KEYS but `epoch_s`, which the
+        trainer adds per epoch)."""
         return asdict(self)
 
 
