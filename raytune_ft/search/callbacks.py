@@ -10,7 +10,7 @@ from typing import Any
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
-from raytune_ft.runs import Echo, RunLocation, fmt, text_table
+from raytune_ft.runs import COST_KEYS, Echo, RunLocation, fmt, text_table
 from raytune_ft.search.ray_private import tbx_file_writer
 from raytune_ft.search.storage import upload_run_files
 from raytune_ft.spec import Spec
@@ -134,9 +134,14 @@ class FailureBudget(tune.Callback, tune.Stopper):
 
 
 class TensorBoard(TBXLoggerCallback):
-    """Ray's TensorBoard logger (scalars under ray/tune/ per trial), with HParams that list
-    every searched parameter for every trial: a parameter inactive in a trial (`momentum`
-    with adamw) is logged as "n/a" instead of silently missing (ray#40053)."""
+    """Ray's TensorBoard logger, with HParams that list every searched parameter for every
+    trial: a parameter inactive in a trial (`momentum` with adamw, a knob whose `when` excludes
+    the trial's `arch`) is logged as "n/a" instead of silently missing (ray#40053).
+
+    Scalars: Ray writes each numeric metric of every epoch as `ray/tune/<key>` (the cost
+    values too: `ray/tune/latency_b1_ms`, …; a NaN is skipped). HParams: the trial's last
+    epoch's score and cost (`COST_KEYS`) beside its parameters, so the HParams table and
+    parallel-coordinates view can set accuracy against latency, parameters, FLOPs."""
 
     def __init__(self, spec: Spec) -> None:
         super().__init__()
@@ -146,9 +151,9 @@ class TensorBoard(TBXLoggerCallback):
         from tensorboardX.summary import hparams
 
         params: dict[str, Any] = {}
-        for name in self._spec.search:
+        for name in self._spec.params:  # `arch` first when it is searched
             params[name] = trial.config.get(name, "n/a")
-        keep = ("val_acc", "val_loss", "train_loss", f"best_{self._spec.metric}")
+        keep = ("val_acc", "val_loss", "train_loss", f"best_{self._spec.metric}", *COST_KEYS)
         metrics = {k: v for k, v in result.items() if k.split("/")[-1] in keep}
         try:
             for summary in hparams(hparam_dict=params, metric_dict=metrics):
