@@ -2,6 +2,8 @@
 
 Reads only files in the run folder (`trials.json`, `spec.yaml`, `optuna.journal`, the
 promoted model's `metrics.json` if any): no Ray. Plots are written beside `report.html`.
+Where the trials recorded their cost, the page also plots the metric against latency at batch
+1 with the Pareto front that `rtft promote --pareto` would promote.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from raytune_ft.promote import TrialRecord, ranked, trial_state, trial_table  # noqa: E402
+from raytune_ft.runs import choose, pareto_front, read_records  # noqa: E402
 from raytune_ft.spec import METRICS, Spec  # noqa: E402
-from raytune_ft.spec_io import load_spec
+from raytune_ft.spec_io import load_spec  # noqa: E402
 
 __all__ = ["write_report"]
 
 
 def _records(run_dir: Path) -> list[TrialRecord]:
-    return [TrialRecord(**t) for t in json.loads((run_dir / "trials.json").read_text())]
+    return read_records(run_dir / "trials.json")
 
 
 def _rungs(spec: Spec) -> list[int]:
@@ -115,11 +118,11 @@ def _importances(run_dir: Path, spec: Spec, out: Path) -> dict[str, float]:
 def _parallel(records: list[TrialRecord], spec: Spec, out: Path, top: int = 10) -> None:
     m = spec.metric
     top_trials = [r for r in ranked(records, m) if r.best(m) is not None][:top]
-    names = [n for n, p in spec.search.items() if p.space != "fixed"]
+    names = [n for n, p in spec.params.items() if p.space != "fixed"]
     fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(names) + 2), 4.2))
     if top_trials and names:
         def scale(name: str, v: Any) -> float:
-            p = spec.search[name]
+            p = spec.params[name]
             if v is None:
                 return math.nan
             if p.space == "choice":
@@ -144,6 +147,58 @@ def _parallel(records: list[TrialRecord], spec: Spec, out: Path, top: int = 10) 
     plt.close(fig)
 
 
+def _cost_plot(records: list[TrialRecord], spec: Spec, out: Path,
+               cost: str = "latency_b1_ms") -> list[TrialRecord]:
+    """Best-so-far metric against latency at batch 1, one point per trial (coloured by
+    architecture when it is searched), the Pareto front as a step line over its points, and
+    `promote.max_latency_ms` as a vertical line. The front is taken among the trials promotion
+    chooses from (a checkpoint, the highest epoch reached); the others are drawn hollow.
+    Returns the front, cheapest first."""
+    m = spec.metric
+    pts = [r for r in records if r.best(m) is not None and cost in r.cost]
+    eligible = {r.trial_id for r in choose(records, m, len(records))}
+    front = pareto_front([r for r in pts if r.trial_id in eligible], m, spec.mode, cost)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    archs = spec.archs if spec.arch_searched else [spec.archs[0]]
+    for i, arch in enumerate(archs):
+        mine = [r for r in pts if not spec.arch_searched or r.params.get("arch") == arch]
+        full = [r for r in mine if r.trial_id in eligible]
+        part = [r for r in mine if r.trial_id not in eligible]
+        if full:
+            ax.scatter([r.cost[cost] for r in full], [r.best(m) for r in full], s=28,
+                       color=f"C{i}", alpha=0.85, label=arch)
+        if part:  # stopped early (or no checkpoint): not comparable, not promotable
+            ax.scatter([r.cost[cost] for r in part], [r.best(m) for r in part], s=28,
+                       facecolors="none", edgecolors=f"C{i}", alpha=0.85,
+                       label=None if full else arch)
+    if any(r.trial_id not in eligible for r in pts):  # what the hollow points mean
+        ax.scatter([], [], s=28, facecolors="none", edgecolors="grey",
+                   label="not promotable (stopped early)")
+    if front:
+        xs, ys = [r.cost[cost] for r in front], [r.best(m) for r in front]
+        right = max(r.cost[cost] for r in pts)
+        ax.step([*xs, right], [*ys, ys[-1]], where="post", color="k", lw=1.2,
+                label="Pareto front")
+        ax.scatter(xs, ys, s=90, facecolors="none", edgecolors="k", lw=1.4)
+        for r in front:
+            ax.annotate(r.trial_id, (r.cost[cost], r.best(m)), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+    if spec.promote.max_latency_ms is not None:
+        ax.axvline(spec.promote.max_latency_ms, color="C3", ls="--", lw=1,
+                   label=f"promote.max_latency_ms {spec.promote.max_latency_ms:g}")
+    lat = [r.cost[cost] for r in pts]
+    if lat and min(lat) > 0 and max(lat) / min(lat) > 20:
+        ax.set_xscale("log")
+    ax.set(xlabel="latency at batch 1 (ms, on the trial's device)", ylabel=f"best {m}",
+           title=f"{m} against latency ({len(front)} trial(s) on the Pareto front)")
+    if pts:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return front
+
+
 def _table(records: list[TrialRecord], spec: Spec) -> str:
     head, rows = trial_table(records, spec)
 
@@ -164,6 +219,15 @@ def write_report(run_dir: str | Path, promoted: str | Path | None = None) -> Pat
     _best_vs_time(records, spec, out / "best_vs_time.png")
     imp = _importances(run_dir, spec, out / "importance.png")
     _parallel(records, spec, out / "parallel.png")
+    costs = ""
+    if any("latency_b1_ms" in r.cost for r in records):  # runs before costs: no such plot
+        front = _cost_plot(records, spec, out / "cost.png")
+        ids = ", ".join(r.trial_id for r in front) or "none"
+        costs = (f"<h2>Accuracy against latency</h2><p>Pareto front (filled points: trials "
+                 f"that reached the highest epoch, which promotion chooses from; "
+                 f"<code>rtft promote RUN --pareto</code> promotes each): "
+                 f"{html.escape(ids)}.</p><img src=\"cost.png\" alt=\"{spec.metric} against "
+                 f"latency at batch 1, with the Pareto front\">")
     states: dict[str, int] = {}
     for r in records:
         s = trial_state(r, spec.max_t)
@@ -185,6 +249,7 @@ def write_report(run_dir: str | Path, promoted: str | Path | None = None) -> Pat
     top_imp = ", ".join(f"{k} ({v:.2f})" for k, v in list(imp.items())[:3]) or "n/a"
     best_line = (f"Best trial {best.trial_id}: {spec.metric} {best.best(spec.metric):.4f}"
                  if best else "No trial finished an epoch.")
+    title = f"{spec.name}: {', '.join(spec.archs)} on {spec.data.source}"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>rtft report — {html.escape(spec.name)}</title>
 <style>
@@ -194,7 +259,7 @@ img {{ max-width: 100%; border: 1px solid #ddd; margin: .5em 0; }}
 table {{ border-collapse: collapse; font-size: .85em; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 </style></head><body>
-<h1>{html.escape(spec.name)}: {html.escape(spec.model.arch)} on {html.escape(spec.data.source)}</h1>
+<h1>{html.escape(title)}</h1>
 <p>{len(records)} trials ({html.escape(summary)}); {spec.searcher.sampler} sampler,
 {spec.scheduler.type} scheduler, metric {spec.metric} ({spec.mode}).
 {html.escape(best_line)}. Most important parameters: {html.escape(top_imp)}.</p>
@@ -203,6 +268,7 @@ td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 <h2>Best so far</h2><img src="best_vs_time.png" alt="best so far vs wall time">
 <h2>Parameter importance</h2><img src="importance.png" alt="parameter importance">
 <h2>Top trials</h2><img src="parallel.png" alt="parallel coordinates of the top trials">
+{costs}
 <h2>All trials</h2>{_table(records, spec)}
 </body></html>
 """
