@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from raytune_ft.sources import Dataset, Images, Pixels, load_dataset
-from raytune_ft.spec import DataSpec
+from raytune_ft.spec import DataSpec, Spec
 
 # Dataset, Images, Pixels and load_dataset live in sources; importing them from here still works.
-__all__ = ["Dataset", "Images", "Pixels", "Splits", "augment_batch", "iter_batches",
-           "load_dataset", "make_splits", "normalize", "prepare"]
+__all__ = ["Dataset", "Images", "Pixels", "Splits", "augment_batch", "data_record",
+           "iter_batches", "load_dataset", "make_splits", "normalize", "prepare", "prepare_each",
+           "recorded_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -226,3 +227,32 @@ def augment_batch(x: torch.Tensor, level: str, *, hflip: bool = False,
     theta[:, :, 2] = (rand(n, 2) * 2 - 1) * shift * 2
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid.to(x.dtype), padding_mode="border", align_corners=False)
+
+
+def prepare_each(spec: Spec, *, workers: int | None = None) -> dict[int, Splits]:
+    """The splits of every input size the spec's architectures take, keyed by image size in
+    the order of `spec.archs`: one entry for a single architecture, or when every architecture
+    of a `model.arch` choice takes the same size (the same `data.image_size`, or weights with
+    the same crop size). Each size is read and split once; the split itself (which image is
+    train, val or test) is the same at every size: it depends on the labels and seed only."""
+    out: dict[int, Splits] = {}
+    for arch in spec.archs:
+        data = spec.for_arch(arch).data
+        if data.image_size not in out:
+            out[int(data.image_size)] = prepare(data, workers=workers)
+    return out
+
+
+def data_record(by_size: dict[int, Splits]) -> dict[str, Any]:
+    """What a run's `data.json` holds: the fingerprint of its (first) input size; with a
+    `model.arch` choice whose architectures take several sizes, each size's fingerprint too,
+    under `by_image_size` (the pixels, and so the hash, differ per size)."""
+    first = next(iter(by_size.values())).fingerprint
+    if len(by_size) == 1:
+        return first
+    return {**first, "by_image_size": {str(k): s.fingerprint for k, s in by_size.items()}}
+
+
+def recorded_fingerprint(record: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """The fingerprint `data.json` (:func:`data_record`) recorded for `image_size`."""
+    return record.get("by_image_size", {}).get(str(image_size), record)

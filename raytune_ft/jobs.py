@@ -159,7 +159,9 @@ def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
                     else Path(spec_path.name))
         _stage(spec_path, rel_spec, staging)
         shipped.append(str(rel_spec))
-        named = [("model.weights", spec.model.weights)]
+        w = spec.model.weights  # one value, or one per architecture of a model.arch choice
+        named = ([(f"model.weights.{a}", v) for a, v in w.items()] if isinstance(w, dict)
+                 else [("model.weights", w)])
         if spec.data.root:
             named.append(("data.root", spec.data.root))
         for field_name, value in named:
@@ -169,7 +171,8 @@ def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
             if p.is_absolute():
                 assumed.append(str(p))
                 continue
-            rel = _relative_to_cwd(p, cwd, field_name.split(".")[-1], field_name)
+            what = "weights" if field_name.startswith("model.weights") else "root"
+            rel = _relative_to_cwd(p, cwd, what, field_name)
             _stage(p, rel, staging)
             shipped.append(str(rel))
         runtime_env: dict[str, Any] = {"working_dir": str(staging)}

@@ -56,11 +56,17 @@ def pretrain(name: str, arch: str, image_size: int, *, echo: Callable[[str], Non
 
 
 def ensure_backbone(spec: Spec, *, echo: Callable[[str], None] = print) -> Path | None:
-    """Build the spec's `rtft:` backbone if it is not cached yet; None for other weights."""
-    ref = classify(spec.model.weights)
-    if ref.kind != "recipe":
-        return None
-    name = ref.recipe
-    path = recipe_path(name, spec.model.arch, spec.data.image_size)
-    return path if path.exists() else pretrain(name, spec.model.arch, spec.data.image_size,
-                                               echo=echo)
+    """Build the spec's `rtft:` backbone(s) that are not cached yet: one per architecture of a
+    `model.arch` choice whose weights name a recipe. Returns the last one's cache file; None
+    when no architecture's weights are an `rtft:` recipe."""
+    path = None
+    for arch in spec.archs:
+        one = spec.for_arch(arch)
+        ref = classify(one.model.weights)
+        if ref.kind != "recipe":
+            continue
+        size = one.data.image_size
+        path = recipe_path(ref.recipe, arch, size)
+        if not path.exists():
+            path = pretrain(ref.recipe, arch, size, echo=echo)
+    return path

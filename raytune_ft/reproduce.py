@@ -149,13 +149,13 @@ def fingerprint_changes(recorded: dict[str, Any], current: dict[str, Any]) -> li
 def _check_data(run_dir: Path, spec: Spec) -> Any:
     """The trial's data (raytune_ft.data.Splits) prepared again; refused when its fingerprint
     is not the one the search recorded."""
-    from raytune_ft.data import prepare
+    from raytune_ft.data import prepare, recorded_fingerprint
 
     path = run_dir / "data.json"
     if not path.is_file():
         raise UserError(f"{path} is missing: without the data fingerprint the search recorded, "
                         f"a reproduction could not tell a training difference from a data one")
-    recorded = json.loads(path.read_text())
+    recorded = recorded_fingerprint(json.loads(path.read_text()), spec.data.image_size)
     splits = prepare(spec.data)
     changes = fingerprint_changes(recorded, splits.fingerprint)
     if changes:
@@ -316,8 +316,9 @@ def reproduce(run_dir: Path, trial_id: str, *, rtol: float | None = None,
     no epoch, data whose fingerprint changed, weights that are not here, or a GPU trial on a
     machine without one.
     """
-    spec = load_spec(run_dir / "spec.yaml")
     record = trial_record(run_dir, trial_id)
+    # The plain single-architecture spec the trial trained with (a `model.arch` choice).
+    spec = load_spec(run_dir / "spec.yaml").for_trial(record.params)
     history = recorded_history(record)
     if not history:
         raise UserError(f"trial {trial_id} reported no epoch"

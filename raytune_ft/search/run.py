@@ -25,7 +25,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
 from raytune_ft import preflight, warm_start
-from raytune_ft.data import Splits, prepare
+from raytune_ft.data import Splits, data_record, prepare_each
 from raytune_ft.distill import with_teacher_logits
 from raytune_ft.errors import UserError
 from raytune_ft.pretrain import ensure_backbone
@@ -90,11 +90,13 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
                       resume=resume)
     if ray.is_initialized():  # a Ray this process already runs: ask it now, before any work
         check_cluster_fit(spec, None)
-    ensure_backbone(spec, echo=echo)
-    splits = prepare(spec.data)
+    ensure_backbone(spec, echo=echo)  # one per architecture of a model.arch choice
+    by_size = prepare_each(spec)  # one per input size the architectures take
+    splits = next(iter(by_size.values()))
     preflight.check_pretrained(spec, splits.num_classes)
     # The teacher (model.teacher) runs once, here; its logits travel with the splits.
-    splits = with_teacher_logits(spec, splits)
+    by_size = {size: with_teacher_logits(spec, s) for size, s in by_size.items()}
+    splits = next(iter(by_size.values()))
     echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
          f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
     restore = _check_run_folder(spec, loc, resume, echo)
@@ -108,8 +110,8 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
                 check_cluster_fit(spec, created)
             if loc.remote is None:
                 check_shared_storage(loc.local.parent, echo, created)
-            _write_run_files(spec, loc, splits, echo)
-            records = _fit(spec, loc, splits, echo, quiet, restore, warm)
+            _write_run_files(spec, loc, by_size, echo)
+            records = _fit(spec, loc, by_size, echo, quiet, restore, warm)
         finally:
             if started:
                 ray.shutdown()
@@ -119,7 +121,7 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     echo("")
     echo(f"{len(records)} trials: {rung_summary(records, spec)}")
     echo(summary_table(records, spec))
-    promoted = promote(spec, records, splits, echo=echo)
+    promoted = promote(spec, records, by_size, echo=echo)
     return SearchOutcome(loc.local, records, promoted, time.monotonic() - t0)
 
 
@@ -127,9 +129,9 @@ def promote_again(run_dir: Path, *, echo: Echo = print) -> list[Path]:
     """`rtft promote RUN_DIR`: promote the best trial(s) of a finished run (again), from its
     own spec; the chosen checkpoints of an s3:// / gs:// run are downloaded first."""
     spec = load_spec(run_dir / "spec.yaml")
-    splits = prepare(spec.data)
+    by_size = prepare_each(spec)
     records = localize_checkpoints(load_records(run_dir, spec), spec)
-    return promote(spec, records, splits, echo=echo)
+    return promote(spec, records, by_size, echo=echo)
 
 
 def _check_run_folder(spec: Spec, loc: RunLocation, resume: bool, echo: Echo) -> bool:
@@ -158,16 +160,17 @@ def _comparable(spec: Spec) -> dict:
     return d
 
 
-def _write_run_files(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo) -> None:
+def _write_run_files(spec: Spec, loc: RunLocation, by_size: dict[int, Splits],
+                     echo: Echo) -> None:
     run_dir = loc.local
     (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
-    (run_dir / "data.json").write_text(json.dumps(splits.fingerprint, indent=1))
+    (run_dir / "data.json").write_text(json.dumps(data_record(by_size), indent=1))
     echo(f"results: {loc.root}" + (f"  (rtft's files staged in {run_dir})"
                                    if loc.remote else ""))
     echo(f"watch:   tensorboard --logdir {loc.root} --host 127.0.0.1")
 
 
-def _fit(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool,
+def _fit(spec: Spec, loc: RunLocation, splits: dict[int, Splits], echo: Echo, quiet: bool,
          restore: bool, warm: warm_start.Plan | None) -> list[TrialRecord]:
     """Run Ray's Tuner to the end (a new one, or the run's own restored) and read its trials."""
     with warnings.catch_warnings():
@@ -232,7 +235,7 @@ def _warm_start(spec: Spec, study: Any, plan: warm_start.Plan, echo: Echo) -> No
                 if plan.observations else ""))
 
 
-def _tuner(spec: Spec, loc: RunLocation, splits: Splits, echo: Echo, quiet: bool,
+def _tuner(spec: Spec, loc: RunLocation, splits: dict[int, Splits], echo: Echo, quiet: bool,
            warm: warm_start.Plan | None) -> tune.Tuner:
     searcher, fresh = _searcher(spec, loc.local, echo, warm)
     sch = spec.scheduler

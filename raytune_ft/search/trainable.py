@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,18 @@ def make_report(checkpoint: Any) -> Any:
     return report
 
 
-def run_trial(config: dict[str, Any], spec_json: dict, data: Splits) -> None:
-    """One trial: train with `config`'s parameters, resuming from Tune's checkpoint if any."""
+def run_trial(config: dict[str, Any], spec_json: dict,
+              data: Splits | Mapping[int, Splits]) -> None:
+    """One trial: train with `config`'s parameters, resuming from Tune's checkpoint if any.
+
+    With `model.arch` searched, `config["arch"]` picks the network: the trial trains with the
+    plain single-architecture spec of that choice (`Spec.for_trial`), on the splits of its
+    input size (`data` is then keyed by image size, see `trainable_for`)."""
     for name in ("ray.train", "ray.tune"):  # one "checkpoint created" line per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
-    spec = Spec.model_validate(spec_json)
+    spec = Spec.model_validate(spec_json).for_trial(config)
+    if isinstance(data, Mapping):
+        data = data[spec.data.image_size]
     hp = hparams_for(spec, config)
     threads = max(1, int(spec.run.resources.cpu))
     checkpoint = tune.get_checkpoint()
@@ -71,16 +79,27 @@ run_trial.__name__ = run_trial.__qualname__ = "_trainable"
 _trainable = run_trial
 
 
-def trainable_for(spec: Spec, splits: Splits) -> Any:
+def trainable_for(spec: Spec, splits: Splits | Mapping[int, Splits]) -> Any:
     """`run_trial` bound to this search's spec and data (the data goes into Ray's object store
-    once, without its test split), with the spec's resources per trial, as a named class."""
+    once, without its test split), with the spec's resources per trial, as a named class.
+
+    `splits`: the search's splits, or (`data.prepare_each`) the splits of each input size the
+    architectures of a `model.arch` choice take; a single size travels as plain splits."""
+    if isinstance(splits, Mapping):
+        sizes = {size: s.without_test() for size, s in splits.items()}
+        data: Splits | dict[int, Splits] = (next(iter(sizes.values())) if len(sizes) == 1
+                                            else sizes)
+    else:
+        data = splits.without_test()
     res = spec.run.resources
     spec_json = spec.model_dump(mode="json")
     # Trials run in their own folders: a weights file named relative to where rtft was
     # started must reach them as an absolute path.
-    spec_json["model"]["weights"] = absolute_weights(spec.model.weights)
+    w = spec.model.weights
+    spec_json["model"]["weights"] = ({a: absolute_weights(v) for a, v in w.items()}
+                                     if isinstance(w, Mapping) else absolute_weights(w))
     return _named(tune.with_resources(
-        tune.with_parameters(run_trial, spec_json=spec_json, data=splits.without_test()),
+        tune.with_parameters(run_trial, spec_json=spec_json, data=data),
         {"cpu": res.cpu, "gpu": res.gpu}), spec.name)
 
 
