@@ -125,13 +125,14 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     return SearchOutcome(loc.local, records, promoted, time.monotonic() - t0)
 
 
-def promote_again(run_dir: Path, *, echo: Echo = print) -> list[Path]:
+def promote_again(run_dir: Path, *, echo: Echo = print, pareto: bool = False) -> list[Path]:
     """`rtft promote RUN_DIR`: promote the best trial(s) of a finished run (again), from its
-    own spec; the chosen checkpoints of an s3:// / gs:// run are downloaded first."""
+    own spec; the chosen checkpoints of an s3:// / gs:// run are downloaded first. `pareto`:
+    every trial on the accuracy / latency front instead (`promote.promote`)."""
     spec = load_spec(run_dir / "spec.yaml")
     by_size = prepare_each(spec)
-    records = localize_checkpoints(load_records(run_dir, spec), spec)
-    return promote(spec, records, by_size, echo=echo)
+    records = localize_checkpoints(load_records(run_dir, spec), spec, pareto=pareto)
+    return promote(spec, records, by_size, echo=echo, pareto=pareto)
 
 
 def _check_run_folder(spec: Spec, loc: RunLocation, resume: bool, echo: Echo) -> bool:

@@ -16,7 +16,14 @@ from typing import Any
 
 from raytune_ft.errors import UserError
 from raytune_ft.paths import is_uri
-from raytune_ft.runs import RUN_FILES, TUNE_DIR, RunLocation, TrialRecord, choose, run_location
+from raytune_ft.runs import (
+    RUN_FILES,
+    TUNE_DIR,
+    RunLocation,
+    TrialRecord,
+    choose_for,
+    run_location,
+)
 from raytune_ft.spec import Spec
 
 
@@ -97,11 +104,12 @@ def _localize_checkpoints(records: list[TrialRecord], loc: RunLocation) -> None:
             rec.best_checkpoint = str(dst)
 
 
-def localize_checkpoints(records: list[TrialRecord], spec: Spec) -> list[TrialRecord]:
-    """`records`, with the checkpoints promotion would read downloaded from an s3:// / gs://
-    run (to its staging folder); unchanged for a run on a path."""
+def localize_checkpoints(records: list[TrialRecord], spec: Spec, *,
+                         pareto: bool = False) -> list[TrialRecord]:
+    """`records`, with the checkpoints promotion would read (`runs.choose_for`: the top_k
+    within the spec's bounds, or the Pareto front) downloaded from an s3:// / gs:// run (to its
+    staging folder); unchanged for a run on a path."""
     if is_uri(spec.run.storage_path):
-        _localize_checkpoints(choose(records, spec.metric, spec.promote.top_k),
-                              run_location(spec))
+        _localize_checkpoints(choose_for(spec, records, pareto=pareto), run_location(spec))
     return records
 
