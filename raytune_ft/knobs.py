@@ -282,9 +282,13 @@ def arch_param(v: Any) -> Any:
     except ValidationError as e:
         # Parsed here rather than by a union, so an error names `model.arch.values.1`, not
         # pydantic's union members.
-        err = e.errors()[0]
-        msg = ("unknown key; allowed: space, values" if err["type"] == "extra_forbidden"
-               else allowed(err))
+        # A misspelt key also makes its real name "missing": name the misspelling first.
+        err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
+        msg = allowed(err)
+        if err["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(str(err["loc"][-1]), ["space", "values"], n=1)
+            msg = "unknown key; allowed: space, values." + (f" Did you mean '{near[0]}'?"
+                                                             if near else "")
         raise FieldError(("model", "arch", *err["loc"]), msg) from e
     if choice.when is not None:
         raise FieldError(("model", "arch", "when"),

@@ -212,3 +212,87 @@ def test_an_existing_run_is_refused_without_resume(tmp_path: Path) -> None:
         dry_run(spec, None)
     assert e.value.field == "name"
     dry_run(spec, None, resume=True)  # what `rtft search --resume` checks
+
+
+# -- a choice of architectures: every one is checked, as the spec of that one alone ----------
+def _choice_spec(tmp_path: Path, weights: str = "none", search: str = "",  # noqa: ANN202
+                 archs: str = "mobilenet_v3_small, resnet18"):
+    from raytune_ft.spec_io import parse_spec
+
+    return parse_spec(
+        f"name: c\nmodel:\n  arch: {{space: choice, values: [{archs}]}}\n"
+        f"  weights: {weights}\ndata: {{source: digits, image_size: 16, train_limit: 100}}\n"
+        f"search:\n  lr: {{space: loguniform, low: 1.0e-3, high: 1.0e-2}}\n{search}"
+        f"run: {{storage_path: {tmp_path}/runs}}\npromote: {{dir: {tmp_path}/models}}\n",
+        file="c.yaml")
+
+
+def test_dry_run_shows_every_arch_of_a_choice(tmp_path: Path) -> None:
+    plan = preflight.dry_run(_choice_spec(tmp_path), TWO_CPUS)
+    assert [m.arch for m in plan.models] == ["mobilenet_v3_small", "resnet18"]
+    assert plan.model is plan.models[0] and len(plan.models[0].stages) == 13
+    assert plan.models[1].total_params == 11_181_642
+    assert plan.weights.splitlines() == [
+        "mobilenet_v3_small: none (the backbone starts from random weights)",
+        "         resnet18: none (the backbone starts from random weights)"]
+    tables = plan.tables()
+    assert "mobilenet_v3_small stages" in tables and "resnet18 stages" in tables
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("search, field, words", [
+    # Fits mobilenet_v3_small's 13 stages; resnet18, the second, has 5.
+    ("  freeze_depth: {space: int, low: 0, high: 8}\n", "search.freeze_depth",
+     "freeze_depth 8 (high) is more than resnet18 has: resnet18 has 5 stages (stem, layer1, "
+     "layer2, layer3, layer4); allowed: 0..5 for resnet18 (gate freeze_depth with when: "
+     "{arch: [...]}, or use freeze_fraction"),
+    ("  reinit_blocks: {space: choice, values: [0, 12]}\n", "search.reinit_blocks",
+     "reinit_blocks 12 (values.1) is more than resnet18 has"),
+])
+def test_a_range_that_does_not_fit_one_arch_is_refused_naming_it(
+        tmp_path: Path, search: str, field: str, words: str) -> None:
+    with pytest.raises(UserError) as e:
+        preflight.dry_run(_choice_spec(tmp_path, search=search), TWO_CPUS)
+    assert e.value.field == field and words in str(e.value), str(e.value)
+
+
+def test_a_range_gated_to_the_arch_it_fits_is_accepted(tmp_path: Path) -> None:
+    gated = "  freeze_depth: {space: int, low: 0, high: 8, when: {arch: mobilenet_v3_small}}\n"
+    preflight.dry_run(_choice_spec(tmp_path, search=gated), TWO_CPUS)
+    fraction = "  freeze_fraction: {space: uniform, low: 0, high: 1}\n"
+    preflight.dry_run(_choice_spec(tmp_path, search=fraction), TWO_CPUS)
+
+
+@pytest.mark.parametrize("archs, weights, field", [
+    # mobilenet_v3_large has IMAGENET1K_V2, resnet18 only V1.
+    ("mobilenet_v3_large, resnet18", "IMAGENET1K_V2", "model.weights"),
+    ("mobilenet_v3_small, resnet18", "{mobilenet_v3_small: DEFAULT, resnet18: IMAGENET1K_V2}",
+     "model.weights.resnet18"),
+])
+def test_weights_one_arch_lacks_are_refused_naming_it(tmp_path: Path, archs: str, weights: str,
+                                                      field: str) -> None:
+    with pytest.raises(UserError) as e:
+        preflight.dry_run(_choice_spec(tmp_path, weights=weights, archs=archs), TWO_CPUS)
+    assert e.value.field == field
+    assert str(e.value).endswith("resnet18 has no weights 'IMAGENET1K_V2'; allowed: DEFAULT, "
+                                 "IMAGENET1K_V1, a file path, rtft:mnist or none")
+
+
+def test_check_pretrained_loads_every_arch(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    monkeypatch.setenv("RTFT_CACHE", str(tmp_path / "cache"))
+    spec = _choice_spec(tmp_path, weights="rtft:mnist")
+
+    def build(arch: str) -> None:  # what `rtft pretrain` leaves: a state dict, its own head
+        path = recipe_path("mnist", arch, 16)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torchvision.models.get_model(arch, num_classes=10).state_dict(), path)
+
+    build("mobilenet_v3_small")
+    with pytest.raises(UserError, match="rtft:mnist for resnet18 at 16px is not built yet") as e:
+        preflight.check_pretrained(spec, 10)
+    assert e.value.field == "model.weights"
+    build("resnet18")
+    preflight.check_pretrained(spec, 10)

@@ -42,6 +42,29 @@ BAD = [
     ("train:\n  max_epochs: many\n", "train.max_epochs", 3, "valid integer"),
     ("metric: accuracy\n", "metric", 2, "'val_acc' or 'val_loss'"),
     ("colour: blue\n", "colour", 2, "unknown key"),
+    # A choice of architectures, weights per architecture, conditions on the architecture.
+    ("model:\n  arch: {space: choice, values: [resnet18, mobilenet_v3_smal]}\n", "model.arch.values.1", 3, "Did you mean mobilenet_v3_small"),
+    ("model:\n  arch: {space: choice, values: [resnet18, resnet18]}\n", "model.arch.values.1", 3, "listed twice"),
+    ("model:\n  arch: {space: choice, values: [resnet18, 18]}\n", "model.arch.values.1", 3, "got 18; allowed: a torchvision architecture name"),
+    ("model:\n  arch: {space: choice, values: []}\n", "model.arch.values", 3, "at least 1"),
+    ("model:\n  arch: {space: choice, vals: [resnet18]}\n", "model.arch.vals", 3, "unknown key; allowed: space, values"),
+    ("model:\n  arch: {space: uniform, low: 1, high: 2}\n", "model.arch", 3, "allowed: an architecture name such as resnet18, or {space: choice"),
+    ("model:\n  arch: [resnet18, alexnet]\n", "model.arch", 3, "allowed: an architecture name"),
+    ("model:\n  arch: {space: choice, values: [resnet18], when: {x: 1}}\n", "model.arch.when", 3, "sampled first"),
+    ("model:\n  arch: {space: choice, values: [resnet18, alexnet]}\n  factory: m.net:build\n", "model.factory", 4, "model.factory builds one network"),
+    ("model:\n  arch: {space: choice, values: [resnet18, alexnet]}\n  weights: {resnet18: DEFAULT}\n", "model.weights", 4, "no weights for alexnet; allowed: one value for every architecture"),
+    ("model:\n  arch: {space: choice, values: [resnet18, alexnet]}\n  weights: {resnet18: none, alexnet: none, vgg11: none}\n", "model.weights.vgg11", 4, "'vgg11' is not an architecture of model.arch; allowed: one entry per architecture (resnet18, alexnet)"),
+    ("model:\n  arch: {space: choice, values: [resnet18, alexnet]}\n  weights: {resnet18: none, alexnet: 1}\n", "model.weights.alexnet", 4, "got 1"),
+    ("model:\n  weights: 7\n", "model.weights", 3, "or a mapping architecture"),
+    ("model:\n  arch: resnet18\n  weights: {resnet34: DEFAULT}\n", "model.weights.resnet34", 4, "one entry per architecture (resnet18)"),
+    ("model:\n  arch: {space: choice, values: [resnet18, alexnet]}\nsearch:\n  head_dropout: {space: uniform, low: 0, high: 0.5, when: {arch: [resnet18, vgg11]}}\n", "search.head_dropout.when.arch", 5, "'vgg11' is never a value of 'arch'; allowed: 'resnet18', 'alexnet'"),
+    ("search:\n  head_dropout: {space: uniform, low: 0, high: 0.5, when: {arch: resnet18}}\n", "search.head_dropout.when.arch", 3, "needs model.arch to be a choice"),
+    ("search:\n  freeze_fraction: {space: uniform, low: 0, high: 1.5}\n", "search.freeze_fraction.high", 3, "less than or equal to 1"),
+    ("promote:\n  max_latency_ms: 0\n", "promote.max_latency_ms", 3, "got 0; input should be greater than 0"),
+    ("promote:\n  max_latency_ms: -2.5\n", "promote.max_latency_ms", 3, "greater than 0"),
+    ("promote:\n  max_latency_ms: .inf\n", "promote.max_latency_ms", 3, "finite number"),
+    ("promote:\n  max_params: 0\n", "promote.max_params", 3, "greater than 0"),
+    ("promote:\n  max_params: 1.5\n", "promote.max_params", 3, "valid integer"),
 ]
 
 
@@ -89,6 +112,101 @@ def test_knobs_are_the_same_objects_through_spec() -> None:
                                 "sigmoid")
     assert spec.INITS[0] == "default" and "trunc_normal" in spec.INITS
 
+
+
+# --------------------------------------------------------------------------------------------
+# model.arch as a choice: Spec.archs / arch_searched / params / for_arch / for_trial.
+# --------------------------------------------------------------------------------------------
+CHOICE = """\
+name: c
+model:
+  arch: {space: choice, values: [resnet18, mobilenet_v3_small, alexnet]}
+  weights: {resnet18: DEFAULT, mobilenet_v3_small: none, alexnet: w.pth}
+search:
+  lr: {space: loguniform, low: 1.0e-4, high: 1.0e-2}
+  optimizer: {space: choice, values: [sgd, adamw]}
+  momentum: {space: uniform, low: 0.8, high: 0.95, when: {optimizer: sgd}}
+  head_dropout: {space: uniform, low: 0, high: 0.5, when: {arch: [resnet18, alexnet]}}
+  head_hidden: {space: int, low: 0, high: 64, when: {arch: resnet18, optimizer: adamw}}
+  activation: {space: choice, values: [relu, gelu], when: {arch: [mobilenet_v3_small]}}
+  activation_scope: {space: choice, values: [head, all], when: {activation: gelu}}
+  freeze_fraction: {space: uniform, low: 0, high: 1}
+"""
+
+
+def test_a_choice_spec_lists_arch_first_among_its_params() -> None:
+    spec = parse_spec(CHOICE)
+    assert spec.archs == ["resnet18", "mobilenet_v3_small", "alexnet"] and spec.arch_searched
+    assert list(spec.params) == ["arch", *spec.search]
+    assert spec.params["arch"] is spec.model.arch and spec.model.arch.values == spec.archs
+    # Its own image size stays unresolved (each architecture has its own); the flip is not.
+    assert (spec.data.image_size, spec.data.hflip) == (None, False)
+    assert parse_spec(spec_to_yaml(spec)) == spec  # spec.yaml in the run folder reads back
+    one = parse_spec(BASE + "model: {arch: resnet18, weights: DEFAULT}\n")
+    assert (one.archs, one.arch_searched, one.params) == (["resnet18"], False, {})
+
+
+@pytest.mark.parametrize("arch, weights, size, kept", [
+    ("resnet18", "DEFAULT", 224,  # the weights' crop size
+     ["lr", "optimizer", "momentum", "head_dropout", "head_hidden", "freeze_fraction"]),
+    ("mobilenet_v3_small", "none", 32,  # digits' natural size: no weights metadata
+     ["lr", "optimizer", "momentum", "activation", "activation_scope", "freeze_fraction"]),
+    ("alexnet", "w.pth", 32,  # a file has no metadata either; activation_scope goes with
+     ["lr", "optimizer", "momentum", "head_dropout", "freeze_fraction"]),  # its parent
+])
+def test_for_arch_is_the_spec_written_for_that_arch_alone(arch: str, weights: str, size: int,
+                                                          kept: list[str]) -> None:
+    spec = parse_spec(CHOICE)
+    one = spec.for_arch(arch)
+    assert (one.model.arch, one.model.weights, one.data.image_size) == (arch, weights, size)
+    assert list(one.search) == kept and not one.arch_searched and one.archs == [arch]
+    assert all("arch" not in (p.when or {}) for p in one.search.values())
+    if "head_hidden" in kept:
+        assert one.search["head_hidden"].when == {"optimizer": "adamw"}
+    if "head_dropout" in kept:
+        assert one.search["head_dropout"].when is None
+    # Exactly what the user would have got writing that spec by hand.
+    hand = spec.model_dump(mode="json")
+    hand["model"].update(arch=arch, weights=weights)
+    hand["data"]["image_size"] = None
+    hand["search"] = {n: p.model_dump(mode="json") for n, p in one.search.items()}
+    assert parse_spec(spec_to_yaml(type(spec).model_validate(hand))) == one
+    assert one.for_arch(arch) is one and one.for_trial({"lr": 0.1}) is one
+    assert spec.for_trial({"arch": arch, "lr": 0.1}) == one
+
+
+def test_a_written_image_size_holds_for_every_arch() -> None:
+    spec = parse_spec(CHOICE + "data: {image_size: 48}\n")
+    assert spec.data.image_size == 48
+    assert {spec.for_arch(a).data.image_size for a in spec.archs} == {48}
+
+
+def test_one_weights_value_applies_to_every_arch() -> None:
+    spec = parse_spec(BASE + "model:\n  arch: {space: choice, values: [resnet18, "
+                             "efficientnet_b3]}\n  weights: DEFAULT\n")
+    assert [spec.model.weights_for(a) for a in spec.archs] == ["DEFAULT", "DEFAULT"]
+    assert [spec.for_arch(a).data.image_size for a in spec.archs] == [224, 300]
+
+
+def test_a_mapping_for_one_arch_is_its_one_value() -> None:
+    spec = parse_spec(BASE + "model:\n  arch: resnet18\n  weights: {resnet18: DEFAULT}\n")
+    assert spec.model.weights == "DEFAULT" and spec.data.image_size == 224
+
+
+def test_for_arch_refuses_an_arch_the_spec_does_not_have() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(CHOICE).for_arch("vgg11")
+    assert info.value.field == "model.arch" and "allowed: resnet18, mobilenet_v3_small" \
+        in str(info.value)
+    with pytest.raises(SpecError):
+        parse_spec(BASE).for_arch("alexnet")
+
+
+def test_promotion_bounds_are_optional_positive_numbers() -> None:
+    assert (parse_spec(BASE).promote.max_latency_ms, parse_spec(BASE).promote.max_params) \
+        == (None, None)
+    p = parse_spec(BASE + "promote: {max_latency_ms: 2.5, max_params: 2000000}\n").promote
+    assert (p.max_latency_ms, p.max_params) == (2.5, 2_000_000)
 
 
 # --------------------------------------------------------------------------------------------
