@@ -153,7 +153,7 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
 
 def _space_table(spec: Spec) -> str:
     lines = ["search space:"]
-    for name, p in spec.search.items():
+    for name, p in spec.params.items():  # the architecture first when it is searched
         if p.space == "choice":
             dom = "{" + ", ".join(map(str, p.values)) + "}"
         elif p.space == "fixed":
@@ -167,18 +167,29 @@ def _space_table(spec: Spec) -> str:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--pareto", is_flag=True,
+              help="Promote every trial on the accuracy / latency-at-batch-1 Pareto front, "
+                   "one version each, cheapest first (instead of the promote.top_k best).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @guard
-def promote(run_dir: Path, debug: bool) -> None:
-    """Promote the best trial(s) of a finished run in RUN_DIR (again).
+def promote(run_dir: Path, pareto: bool, debug: bool) -> None:
+    """Promote the best trial(s) of a finished run in RUN_DIR (again), within the spec's
+    promote.max_latency_ms / promote.max_params when it sets them.
 
     \b
-    Example:
+    Examples:
       rtft promote rtft_runs/resnet18-digits
+      rtft promote rtft_runs/which-model --pareto   # one version per point of the front
     """
+    from raytune_ft.errors import UserError
     from raytune_ft.search import promote_again
 
-    if not promote_again(run_dir, echo=click.echo):
+    try:
+        promoted = promote_again(run_dir, echo=click.echo, pareto=pareto)
+    except UserError as e:  # a bound no trial fits: the line of the run's spec that sets it
+        e.located(run_dir / "spec.yaml")
+        raise
+    if not promoted:
         sys.exit(1)
 
 

@@ -150,3 +150,104 @@ def test_validate_refuses_a_cluster_too_small(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["validate", str(write_tiny_spec(tmp_path)), "--set",
                                   "run.resources.gpu=2", "--cluster-gpus", "1"])
     assert r.exit_code == 2 and "run.resources" in r.output and "pending forever" in r.output
+
+
+# --------------------------------------------------------------------------------------------
+# A finished run: rtft results with costs, rtft promote within bounds and --pareto.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as a search leaves it (spec.yaml, trials.json newer than Ray's state),
+    with three made-up trials sharing one real checkpoint: their histories say how accurate
+    and how fast each was."""
+    import os
+    import shutil
+
+    from helpers import tiny_spec
+
+    from raytune_ft.data import prepare
+    from raytune_ft.knobs import Hyperparams
+    from raytune_ft.runs import TrialRecord, write_records
+    from raytune_ft.spec_io import spec_to_yaml
+    from raytune_ft.train import train
+
+    root = tmp_path_factory.mktemp("finished")
+    spec = tiny_spec(root, extra="")
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"max_epochs": 1})})
+    history: list = []
+
+    def report(m: dict, folder: Path | None) -> None:
+        history.append(m)
+        if folder is not None:
+            shutil.copytree(folder, root / "ckpt", dirs_exist_ok=True)
+
+    train(Hyperparams(batch_size=32, augment="none"), spec=spec, data=prepare(spec.data),
+          report=report)
+    run = root / "runs" / "tiny"
+    (run / "tune").mkdir(parents=True)
+    state = run / "tune" / "experiment_state-2026-01-01_00-00-00.json"
+    state.write_text("{}")
+    os.utime(state, (1e9, 1e9))  # older than trials.json: the run is finished
+    records = [TrialRecord(tid, {"lr": 0.005, "optimizer": "adamw", "freeze_depth": 1},
+                           [{**history[-1], "val_acc": acc, "latency_b1_ms": ms,
+                             "params": params}], str(root / "ckpt"))
+               for tid, acc, ms, params in [("slow", 0.9, 9.0, 9_000_000),
+                                            ("fast", 0.7, 1.0, 1_000_000),
+                                            ("dominated", 0.6, 4.0, 2_000_000)]]
+    (run / "spec.yaml").write_text(spec_to_yaml(spec))
+    write_records(run, records)
+    return run
+
+
+def test_results_show_the_cost_columns(finished_run: Path) -> None:
+    res = CliRunner().invoke(main, ["results", str(finished_run)])
+    assert res.exit_code == 0, res.output
+    head, _, first, second, third = res.output.splitlines()[1:6]
+    assert head.split()[:9] == ["trial", "state", "epochs", "best", "val_acc", "Mparams",
+                                "MFLOPs", "ms", "b1"]
+    assert first.split()[:7] == ["slow", "completed", "1", "0.9000", "9", first.split()[5],
+                                 "9"]
+    assert second.split()[4] == "1" and third.split()[6] == "4"
+    rows = json.loads(CliRunner().invoke(main, ["results", str(finished_run), "--json"]).output)
+    assert [r["latency_b1_ms"] for r in rows] == [9.0, 1.0, 4.0]
+
+
+def test_promote_within_a_bound_none_fits_and_pareto(finished_run: Path) -> None:
+    spec_file = finished_run / "spec.yaml"
+    text = spec_file.read_text()
+    models = finished_run.parents[1] / "models" / "tiny"
+    try:
+        spec_file.write_text(text.replace("max_latency_ms: null", "max_latency_ms: 0.5"))
+        res = CliRunner().invoke(main, ["promote", str(finished_run)])
+        assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+        assert f"{spec_file}, line " in res.output and "'promote.max_latency_ms'" in res.output
+        assert "no trial fits max_latency_ms 0.5 ms (the smallest latency_b1_ms is 1 ms)" \
+            in res.output
+        assert not models.exists()  # nothing written
+
+        spec_file.write_text(text.replace("max_latency_ms: null", "max_latency_ms: 5"))
+        res = CliRunner().invoke(main, ["promote", str(finished_run)])
+        assert res.exit_code == 0, res.output
+        assert "promoted trial fast (resnet18, rank 1)" in res.output
+    finally:
+        spec_file.write_text(text)
+    res = CliRunner().invoke(main, ["promote", str(finished_run), "--pareto"])
+    assert res.exit_code == 0, res.output
+    assert "Pareto point 1/2, latency_b1_ms 1" in res.output
+    assert "promoted trial slow (resnet18, Pareto point 2/2" in res.output
+    picked = [json.loads((models / v / "metrics.json").read_text())["trial_id"]
+              for v in ("v1", "v2", "v3")]
+    assert picked == ["fast", "fast", "slow"] and not (models / "v4").exists()
+
+
+def test_validate_lists_a_searched_arch_first(tmp_path: Path) -> None:
+    spec_file = write_tiny_spec(tmp_path)
+    text = spec_file.read_text().replace(
+        "model: {arch: resnet18, weights: none}",
+        "model: {arch: {space: choice, values: [resnet18, mobilenet_v3_small]}, weights: none}")
+    spec_file.write_text(text)
+    res = CliRunner().invoke(main, ["validate", str(spec_file)])
+    assert res.exit_code == 0, res.output
+    space = res.output.split("search space:\n")[1].splitlines()
+    assert space[0].split() == ["arch", "choice", "{resnet18,", "mobilenet_v3_small}"]
+    assert space[1].split()[:2] == ["lr", "loguniform"]
