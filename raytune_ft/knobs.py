@@ -88,6 +88,11 @@ class Hyperparams(Strict):
     # Both only count when the spec names a teacher; alpha 0 is the plain loss, bit for bit.
     distill_alpha: float = Field(0.5, ge=0, le=1)
     distill_temperature: float = Field(4.0, gt=0, le=100)
+    # BatchNorm momentum (PyTorch's: the weight of each new batch in the running statistics);
+    # None keeps the architecture's own. mobilenet_v3 and efficientnet use 0.01: after a few
+    # hundred steps from scratch their running statistics are still far from the data's, and
+    # evaluation (which uses them) stays at chance while training accuracy climbs.
+    bn_momentum: float | None = Field(None, gt=0, le=1)
 
 
 # Read off the knobs' own Literals, so the names are written once.

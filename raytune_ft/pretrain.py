@@ -34,7 +34,8 @@ def pretrain(name: str, arch: str, image_size: int, *, echo: Callable[[str], Non
                          test_fraction=recipe["test_fraction"], split_seed=recipe["seed"])
     spec = Spec(name=f"pretrain-{name}", model={"arch": arch, "weights": "none"},
                 data=data_spec, train=TrainSpec(max_epochs=recipe["epochs"], seed=recipe["seed"]))
-    hp = Hyperparams(lr=recipe["lr"], batch_size=recipe["batch_size"], augment=recipe["augment"])
+    hp = Hyperparams(lr=recipe["lr"], batch_size=recipe["batch_size"], augment=recipe["augment"],
+                     bn_momentum=recipe.get("bn_momentum"))
     data = prepare(data_spec)
     echo(f"pretraining {arch} on {len(data.train_x)} {recipe['source']} images "
          f"({recipe['epochs']} epochs, once; cached at {path})")

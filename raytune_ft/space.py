@@ -102,7 +102,9 @@ def baseline_params(spec: Spec) -> dict[str, Any]:
         if p.space == "fixed":
             values[name] = p.value
             continue
-        inside = v in p.values if p.space == "choice" else p.low <= v <= p.high
+        # A knob whose default is None (bn_momentum: the architecture's own) lies in no range.
+        inside = (v in p.values if p.space == "choice"
+                  else v is not None and p.low <= v <= p.high)
         if inside:
             values[name] = out[name] = v
     return out

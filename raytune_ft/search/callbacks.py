@@ -43,7 +43,7 @@ class Progress(tune.Callback):
         if not self.live:
             return
         self._clear()
-        m, names = self.spec.metric, [n for n, p in self.spec.search.items()
+        m, names = self.spec.metric, [n for n, p in self.spec.params.items()
                                       if p.space != "fixed"]
         head = ["trial", "epoch", m, "best", *names]
         body = [[tid, f"{r['epoch']}/{self.spec.max_t}", r["value"], r["best"],
