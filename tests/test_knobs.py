@@ -6,7 +6,7 @@ import pytest
 from helpers import BASE
 
 from raytune_ft.errors import SpecError
-from raytune_ft.knobs import Hyperparams, param_order
+from raytune_ft.knobs import Hyperparams, param_order, params_for_arch
 from raytune_ft.spec_io import parse_spec
 
 
@@ -38,3 +38,34 @@ def test_int_range_may_hold_one_value_a_float_range_may_not() -> None:
         parse_spec(BASE + "search:\n  momentum: {space: uniform, low: 0.5, high: 0.5}\n")
     with pytest.raises(SpecError, match="log: true needs low >= 1"):
         parse_spec(BASE + "search:\n  head_hidden: {space: int, low: 0, high: 8, log: true}\n")
+
+
+def test_freeze_fraction_is_a_share() -> None:
+    assert Hyperparams().freeze_fraction == 0.0
+    assert Hyperparams(freeze_fraction=1).freeze_fraction == 1.0
+    for bad in (-0.1, 1.01):
+        with pytest.raises(ValueError, match="freeze_fraction"):
+            Hyperparams(freeze_fraction=bad)
+
+
+def test_arch_comes_first_in_the_order_of_a_choice_spec() -> None:
+    spec = parse_spec(BASE + "model:\n  arch: {space: choice, values: [resnet18, alexnet]}\n"
+                             "search:\n  head_dropout: {space: uniform, low: 0, high: 0.5, "
+                             "when: {arch: alexnet}}\n  lr: {space: loguniform, low: 0.001, "
+                             "high: 0.1}\n")
+    assert param_order(spec.params) == ["arch", "lr", "head_dropout"]
+    # Without `arch` among them, a condition on it does not order anything.
+    assert param_order(spec.search) == ["head_dropout", "lr"]
+
+
+def test_params_for_arch_drops_what_never_applies() -> None:
+    spec = parse_spec(BASE + "model:\n  arch: {space: choice, values: [resnet18, alexnet]}\n"
+                             "search:\n  optimizer: {space: choice, values: [sgd, adam], "
+                             "when: {arch: resnet18}}\n  momentum: {space: uniform, low: 0.5, "
+                             "high: 0.9, when: {optimizer: sgd}}\n  lr: {space: loguniform, "
+                             "low: 0.001, high: 0.1}\n")
+    assert list(params_for_arch(spec.search, "alexnet")) == ["lr"]
+    kept = params_for_arch(spec.search, "resnet18")
+    assert list(kept) == ["optimizer", "momentum", "lr"]
+    assert kept["optimizer"].when is None and kept["momentum"].when == {"optimizer": "sgd"}
+    assert spec.search["optimizer"].when == {"arch": "resnet18"}  # the spec is unchanged

@@ -15,6 +15,7 @@ from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import (
     build_model,
     freeze_stages,
+    frozen_stages,
     load_state_file,
     param_groups,
     resolve_weights,
@@ -55,6 +56,33 @@ def test_family_head_and_stages(arch: str, n_stages: int, head: str, size: int) 
     assert not {id(p) for p in built.head.parameters()} & set(ids)
     built.model.eval()
     assert built.model(torch.randn(1, 3, size, size)).shape == (1, 7)
+
+
+@pytest.mark.parametrize("depth, fraction, n_stages, frozen", [
+    (0, 0.0, 5, 0),
+    (2, 0.0, 5, 2),    # the depth alone, as before freeze_fraction
+    (9, 0.0, 5, 5),    # clamped to the stages there are
+    (0, 0.4, 5, 2),    # 2.0
+    (0, 0.4, 13, 5),   # 5.2: the same share of a network with more stages
+    (0, 0.5, 5, 3),    # 2.5 rounds half up (Python's round() would give 2)
+    (0, 0.9, 5, 5),    # 4.5 -> 5
+    (3, 0.2, 5, 3),    # the larger of the two
+    (1, 0.5, 13, 7),   # 6.5 -> 7
+    (0, 1.0, 13, 13),
+])
+def test_frozen_stages_from_depth_or_fraction(depth: int, fraction: float, n_stages: int,
+                                              frozen: int) -> None:
+    hp = Hyperparams(freeze_depth=depth, freeze_fraction=fraction)
+    assert frozen_stages(hp, n_stages) == frozen
+
+
+@pytest.mark.parametrize("arch, n_frozen", [("resnet18", 2), ("mobilenet_v3_small", 5)])
+def test_freeze_stages_takes_the_knobs(arch: str, n_frozen: int) -> None:
+    built = build_model(arch, 3, Hyperparams())
+    freeze_stages(built, Hyperparams(freeze_fraction=0.4))
+    frozen = {id(p) for s in built.stages[:n_frozen] for p in s.parameters()}
+    assert frozen and all(p.requires_grad == (id(p) not in frozen)
+                          for p in built.model.parameters())
 
 
 class _CountActivations(torch.overrides.TorchFunctionMode):

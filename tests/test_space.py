@@ -99,3 +99,47 @@ def test_baseline_params_are_the_defaults_inside_the_space() -> None:
     study.enqueue_trial(baseline_params(spec))
     first = sample_params(spec, study.ask())
     assert first["lr"] == 1e-3 and first["optimizer"] == "adamw" and "momentum" not in first
+
+
+# -- the architecture as a search parameter ---------------------------------------------------
+CHOICE = """\
+name: c
+model:
+  arch: {space: choice, values: [mobilenet_v3_small, resnet18]}
+search:
+  lr: {space: loguniform, low: 1.0e-4, high: 1.0e-1}
+  head_dropout: {space: uniform, low: 0.1, high: 0.5, when: {arch: resnet18}}
+  freeze_depth: {space: int, low: 0, high: 5, when: {arch: [resnet18]}}
+  freeze_fraction: {space: uniform, low: 0, high: 1, when: {arch: [mobilenet_v3_small]}}
+"""
+
+
+def test_arch_is_sampled_first_and_gates_its_parameters() -> None:
+    spec = parse_spec(CHOICE)
+    assert define_by_run(spec).order[0] == "arch"  # type: ignore[attr-defined]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        params = sample_params(spec, trial)
+        arch = params["arch"]
+        seen.add(arch)
+        gated = {"head_dropout", "freeze_depth"} if arch == "resnet18" else {"freeze_fraction"}
+        assert set(params) == {"arch", "lr", *gated}
+        assert isinstance(trial.distributions["arch"], optuna.distributions.CategoricalDistribution)
+        assert "arch" not in hparams_for(spec, params).model_dump()
+        # The trial's single-arch spec searches exactly what was sampled beside the arch.
+        assert set(spec.for_trial(params).search) == set(params) - {"arch"}
+        study.tell(trial, params["lr"])
+    assert seen == {"mobilenet_v3_small", "resnet18"}
+
+
+def test_the_baseline_trains_the_first_listed_arch() -> None:
+    spec = parse_spec(CHOICE)
+    # head_dropout's default (0) is outside its range; freeze_depth 0 applies to resnet18 only.
+    assert baseline_params(spec) == {"arch": "mobilenet_v3_small", "lr": 1e-3,
+                                     "freeze_fraction": 0.0}
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(baseline_params(spec))
+    first = sample_params(spec, study.ask())
+    assert first["arch"] == "mobilenet_v3_small" and first["freeze_fraction"] == 0.0

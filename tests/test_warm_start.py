@@ -147,3 +147,37 @@ def test_search_refuses_a_bad_source_before_writing_anything(tmp_path: Path) -> 
         assert "searcher.warm_start" in res.output and "does not exist" in res.output
         assert "Traceback" not in res.output
     assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
+
+
+# -- the architecture: a choice search starts from single-arch runs, and the other way -------
+ARCH_CHOICE = "model.arch={space: choice, values: [mobilenet_v3_small, resnet18]}"
+
+
+def test_a_single_arch_run_warm_starts_a_choice_of_archs(tmp_path: Path) -> None:
+    run = _earlier_run(tmp_path)  # resnet18 in every trial
+    spec = parse_spec(TINY_SPEC.format(root=tmp_path, n=4, weights="none"), file="tiny.yaml",
+                      overrides=[ARCH_CHOICE])
+    plan = warm_start.plan(spec, [warm_start.read_source(run)], top=1, prior=True)
+    assert plan.enqueue == [{"arch": "resnet18", "lr": 0.005, "optimizer": "adamw",
+                             "freeze_depth": 1}]
+    study = optuna.create_study(direction="maximize")
+    for cfg, rec, max_t in plan.observations:
+        study.add_trial(warm_start.frozen_trial(spec, cfg, rec, max_t))
+    b = next(t for t in study.trials if t.user_attrs["warm_start"] == "b")
+    assert b.params["arch"] == "resnet18"
+    assert b.distributions["arch"] == optuna.distributions.CategoricalDistribution(
+        ["mobilenet_v3_small", "resnet18"])
+
+
+def test_a_trial_of_another_arch_is_noted_and_never_an_observation(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)  # resnet18 only
+    cfg, changed = warm_start.fit_to_space(spec, {"arch": "mobilenet_v3_small", "lr": 0.005})
+    assert cfg == {"lr": 0.005}
+    assert changed == ["arch='mobilenet_v3_small' differs from this search's 'resnet18'"]
+    assert warm_start.fit_to_space(spec, {"arch": "resnet18", "lr": 0.005}) == ({"lr": 0.005},
+                                                                                [])
+    choice = parse_spec(TINY_SPEC.format(root=tmp_path, n=4, weights="none"), file="tiny.yaml",
+                        overrides=[ARCH_CHOICE.replace("mobilenet_v3_small", "alexnet")])
+    cfg, changed = warm_start.fit_to_space(choice, {"arch": "mobilenet_v3_small", "lr": 0.005})
+    assert cfg == {"lr": 0.005} and changed == [
+        "arch='mobilenet_v3_small' dropped (not among ['alexnet', 'resnet18'])"]
