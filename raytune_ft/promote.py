@@ -157,7 +157,7 @@ def _cost_section(spec: Spec, rec: TrialRecord) -> str:
     def get(key: str, f: Callable[[float], str]) -> str:
         return f(c[key]) if key in c else "not measured"
 
-    flops = get("flops", lambda v: f"{v / 1e9:.3g} G" if v >= 1e9 else f"{v / 1e6:.3g} M")
+    flops = get("flops", lambda v: f"{v / 1e9:.3g} GFLOPs" if v >= 1e9 else f"{v / 1e6:.3g} MFLOPs")
 
     def ms(v: float) -> str:
         return f"{v:.3g} ms"
