@@ -119,3 +119,17 @@ def test_load_bench_smoke(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
     assert marks == [4, "after promotion"]
     assert all(m["VmHWM"] >= m["VmRSS"] > 0 for m in figures["memory_mb"])
     assert json.loads((tmp_path / "load.json").read_text())["trials"] == 4
+
+
+@pytest.mark.slow
+def test_which_model_smoke(tmp_path: Path) -> None:
+    data = _run("which_model.py", tmp_path)
+    [run] = data["runs"]
+    for arm in ("choice", "separate"):
+        x = run[arm]
+        assert x["trials"] == 2 and x["epochs"] >= 2 and x["trial_s"] > 0, x
+        assert x["promoted_arch"] in data["archs"] and 0 <= x["test_acc"] <= 1
+    # one search per architecture: each got its share of the trials
+    assert run["separate"]["trials_by_arch"] == {a: 1 for a in data["archs"]}
+    assert set(data["ratios"]) == {"epochs", "trial_s", "wall_s"}
+    assert "(b) one per arch" in data["_stdout"]
