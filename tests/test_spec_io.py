@@ -68,6 +68,18 @@ def test_set_overrides(override: str, check) -> None:  # noqa: ANN001
     assert check(spec)
 
 
+def test_set_makes_the_arch_a_choice_with_weights_per_arch() -> None:
+    spec = load_spec(ROOT / "search_spaces" / "resnet.yaml", [
+        "model.arch={space: choice, values: [resnet18, mobilenet_v3_small]}",
+        "model.weights={resnet18: none, mobilenet_v3_small: none}"])
+    assert spec.archs == ["resnet18", "mobilenet_v3_small"]
+    assert parse_spec(spec_to_yaml(spec)) == spec
+    with pytest.raises(SpecError) as info:
+        load_spec(ROOT / "search_spaces" / "resnet.yaml", ["promote.max_latency_ms=-1"])
+    assert str(info.value).endswith("(with --set): field 'promote.max_latency_ms': got -1; "
+                                    "input should be greater than 0")
+
+
 def test_bad_override_says_set() -> None:
     with pytest.raises(SpecError) as info:
         load_spec(ROOT / "search_spaces" / "resnet.yaml", ["run.num_samples=-2"])
@@ -136,7 +148,7 @@ FIELD_NAMES = sorted({n for m in [spec_mod.Spec, spec_mod.ModelSpec, spec_mod.Da
                       for n in m.model_fields} | {"resources"})
 WORDS = st.sampled_from(["sgd", "adam", "adamw", "relu", "none", "light", "asha", "tpe",
                          "choice", "uniform", "loguniform", "int", "fixed", "digits", "val_acc",
-                         "resnet18", "t", "", "../x", "auto"])
+                         "resnet18", "mobilenet_v3_small", "t", "", "../x", "auto"])
 VALUES = (st.integers(-3, 70) | st.floats(-2, 2) | st.sampled_from([1e-4, 0.5, 0.99, 1e9])
           | st.booleans() | st.none() | WORDS)
 FIELD_TREE = st.recursive(VALUES, lambda kids: st.lists(kids, max_size=3)
@@ -152,6 +164,73 @@ def test_mappings_of_real_field_names_give_a_spec_or_a_spec_error(mapping: dict,
     if named:
         mapping = {"name": "t", **mapping}
     _load_or_refuse(lambda: parse_spec(yaml.safe_dump(mapping), file="fields.yaml"))
+
+
+ARCH_OK = st.sampled_from(["resnet18", "mobilenet_v3_small", "alexnet"])
+ARCHS = st.one_of(ARCH_OK, ARCH_OK, ARCH_OK, st.sampled_from(["resnet19", "vgg11", 3]))
+KNOB_WHEN = st.dictionaries(
+    st.sampled_from(["arch", "arch", "optimizer"]),
+    ARCHS | st.lists(ARCHS, max_size=3) | st.sampled_from(["sgd", ["sgd", "adam"]]),
+    max_size=2)
+WEIGHTS = st.sampled_from(["none", "DEFAULT", "IMAGENET1K_V2", "w.pth"])
+
+
+@PROPERTY
+@given(st.one_of(ARCHS,
+                 st.fixed_dictionaries({"space": st.just("choice"),
+                                        "values": st.lists(ARCH_OK, min_size=1, max_size=3,
+                                                           unique=True)}),
+                 st.fixed_dictionaries({"space": st.sampled_from(["choice", "uniform"]),
+                                        "values": st.lists(ARCHS, max_size=4)},
+                                       optional={"when": KNOB_WHEN})),
+       st.one_of(WEIGHTS, WEIGHTS, st.dictionaries(ARCHS, WEIGHTS | st.just(1), max_size=4)),
+       st.lists(st.tuples(st.sampled_from(["head_dropout", "momentum", "optimizer"]),
+                          st.none() | KNOB_WHEN), max_size=3, unique_by=lambda x: x[0]))
+def test_arch_choices_give_a_spec_or_a_spec_error(arch: Any, weights: Any,
+                                                  params: list) -> None:
+    search: dict[str, Any] = {}
+    for name, when in params:
+        p: dict[str, Any] = ({"space": "choice", "values": ["sgd", "adam"]}
+                             if name == "optimizer" else {"space": "uniform", "low": 0.1,
+                                                           "high": 0.5})
+        search[name] = {**p, "when": when}
+    mapping = {"name": "t", "model": {"arch": arch, "weights": weights}, "search": search}
+    got = _load_or_refuse(lambda: parse_spec(yaml.safe_dump(mapping), file="arch.yaml"))
+    if isinstance(got, Spec):  # every architecture of a valid spec is a valid spec alone
+        for a in got.archs:
+            one = got.for_arch(a)
+            assert (one.model.arch, one.arch_searched, one.data.image_size > 0) == (a, False, True)
+            assert set(one.search) <= set(got.search)
+
+
+@PROPERTY
+@given(st.data())
+def test_every_arch_of_a_choice_spec_is_a_spec_alone(data: st.DataObject) -> None:
+    archs = data.draw(st.lists(ARCH_OK, min_size=1, max_size=3, unique=True))
+    some = st.lists(st.sampled_from(archs), min_size=1, max_size=3, unique=True)
+    weights = data.draw(WEIGHTS | st.fixed_dictionaries({a: WEIGHTS for a in archs}))
+    search: dict[str, Any] = {"optimizer": {"space": "choice", "values": ["sgd", "adam"]}}
+    gates: dict[str, list[str]] = {}
+    for name in data.draw(st.lists(st.sampled_from(["head_dropout", "momentum",
+                                                     "label_smoothing"]), unique=True)):
+        when: dict[str, Any] = {}
+        if data.draw(st.booleans()):
+            when["arch"] = gates[name] = data.draw(some)
+        if data.draw(st.booleans()):
+            when["optimizer"] = "sgd"
+        search[name] = {"space": "uniform", "low": 0.1, "high": 0.5, "when": when or None}
+    mapping = {"name": "t", "search": search,
+               "model": {"arch": {"space": "choice", "values": archs}, "weights": weights}}
+    text = yaml.safe_dump(mapping, sort_keys=False)  # the spec's order is the search's
+    spec = _load_or_refuse(lambda: parse_spec(text, file="arch.yaml"))
+    assert isinstance(spec, Spec), str(spec)  # weights names are checked by the dry run
+    assert list(spec.params) == ["arch", *search] and spec.data.image_size is None
+    for a in archs:
+        one = spec.for_arch(a)
+        assert list(one.search) == [n for n in search if a in gates.get(n, [a])]
+        assert all("arch" not in (p.when or {}) for p in one.search.values())
+        assert one.model.weights == (weights[a] if isinstance(weights, dict) else weights)
+        assert one.data.image_size == (224 if one.model.weights == "DEFAULT" else 32)
 
 
 def test_found_by_the_properties() -> None:
