@@ -146,7 +146,7 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
     for epoch, n in rung_plan(spec):
         click.echo(f"  epoch {epoch:>4}: {n:>4} trial(s)")
     click.echo(f"\ndata:    {plan.data}\nweights: {plan.weights}")
-    click.echo("\n" + plan.model.table())
+    click.echo("\n" + plan.tables())
     if plan.fit is not None:
         click.echo("\n" + plan.fit.line(spec))
 

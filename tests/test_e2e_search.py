@@ -52,6 +52,7 @@ def test_tensorboard_event_files_per_trial_with_hparams(finished_run) -> None:  
         ea = EventAccumulator(str(d))
         ea.Reload()
         assert "ray/tune/val_acc" in ea.Tags()["scalars"]
+        assert "ray/tune/latency_b1_ms" in ea.Tags()["scalars"]  # cost, through Ray's logger
         assert ea.Scalars("ray/tune/val_acc")[0].step == 1
         hp_tags = ea.PluginTagToContent("hparams")
         assert hp_tags, f"no HParams summary in {d}"
@@ -82,7 +83,8 @@ def test_results_and_promote_commands_read_the_run_back(finished_run) -> None:  
     rows = json.loads(res.output)
     assert [round(r["best_val_acc"], 4) for r in rows] == best and {"lr", "state"} <= set(rows[0])
     res = CliRunner().invoke(main, ["results", str(run_dir), "--csv"], catch_exceptions=False)
-    assert res.output.splitlines()[0].startswith("trial,state,epochs,best_val_acc,lr")
+    assert res.output.splitlines()[0].startswith(
+        "trial,state,epochs,best_val_acc,params,flops,latency_b1_ms,latency_b32_ms,epoch_s,lr")
     assert len(res.output.splitlines()) == 5
     res = CliRunner().invoke(main, ["promote", str(run_dir)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -98,7 +100,8 @@ def test_report_writes_html_with_real_plots(finished_run) -> None:  # noqa: ANN0
     assert res.exit_code == 0, res.output
     page = (run_dir / "report" / "report.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert set(images) == {"curves.png", "best_vs_time.png", "importance.png", "parallel.png"}
+    assert set(images) == {"curves.png", "best_vs_time.png", "importance.png", "parallel.png",
+                           "cost.png"}  # every trial recorded its cost: accuracy vs latency
     for name in images:
         data = (run_dir / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
