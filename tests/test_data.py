@@ -152,3 +152,27 @@ def test_relative_root_still_reads_from_another_working_folder(
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert s.train_x[0].float().max() > 200  # a real pixel, not the black stand-in
+
+
+def test_prepare_each_reads_every_input_size_of_an_arch_choice_once() -> None:
+    from raytune_ft.data import data_record, prepare_each, recorded_fingerprint
+    from raytune_ft.spec_io import parse_spec
+
+    # resnet18 without weights takes the digits' natural 32 px; mobilenet_v3_small with
+    # torchvision weights takes their crop size, 224 px (read from the registry: nothing loaded)
+    spec = parse_spec("name: t\nmodel:\n  arch: {space: choice, values: [resnet18, "
+                      "mobilenet_v3_small, regnet_x_400mf]}\n  weights: {resnet18: none, "
+                      "mobilenet_v3_small: IMAGENET1K_V1, regnet_x_400mf: none}\n",
+                      file="t.yaml")
+    by_size = prepare_each(spec)
+    assert list(by_size) == [32, 224]  # in the order of the archs, each size once
+    small, big = by_size[32], by_size[224]
+    assert small.train_x.shape[-2:] == (32, 32) and big.train_x.shape[-2:] == (224, 224)
+    # the same images in the same splits, only larger
+    assert torch.equal(small.train_y, big.train_y) and torch.equal(small.test_y, big.test_y)
+    record = data_record(by_size)
+    assert record["by_image_size"]["224"] == big.fingerprint
+    assert recorded_fingerprint(record, 224) == big.fingerprint
+    assert recorded_fingerprint(record, 32) == small.fingerprint
+    assert recorded_fingerprint(small.fingerprint, 32) == small.fingerprint  # one size: as ever
+    assert data_record({32: small}) == small.fingerprint
