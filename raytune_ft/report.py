@@ -19,8 +19,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from raytune_ft.errors import UserError  # noqa: E402
 from raytune_ft.promote import TrialRecord, ranked, trial_state, trial_table  # noqa: E402
-from raytune_ft.runs import choose, pareto_front, read_records  # noqa: E402
+from raytune_ft.runs import choose, choose_for, read_records  # noqa: E402
 from raytune_ft.spec import METRICS, Spec  # noqa: E402
 from raytune_ft.spec_io import load_spec  # noqa: E402
 
@@ -147,19 +148,22 @@ def _parallel(records: list[TrialRecord], spec: Spec, out: Path, top: int = 10) 
     plt.close(fig)
 
 
-def _cost_plot(records: list[TrialRecord], spec: Spec, out: Path,
-               cost: str = "latency_b1_ms") -> list[TrialRecord]:
+def _cost_plot(records: list[TrialRecord], spec: Spec, out: Path) -> list[TrialRecord]:
     """Best-so-far metric against latency at batch 1, one point per trial (coloured by
     architecture when it is searched), the Pareto front as a step line over its points, and
-    `promote.max_latency_ms` as a vertical line. The front is taken among the trials promotion
-    chooses from (a checkpoint, the highest epoch reached); the others are drawn hollow.
+    `promote.max_latency_ms` as a vertical line. The front is what `rtft promote RUN --pareto`
+    promotes (`runs.choose_for`: among the trials promotion chooses from, within promote's
+    bounds); trials promotion never takes (stopped early) are drawn hollow.
     Returns the front, cheapest first."""
-    m = spec.metric
+    m, cost = spec.metric, "latency_b1_ms"
     pts = [r for r in records if r.best(m) is not None and cost in r.cost]
     eligible = {r.trial_id for r in choose(records, m, len(records))}
-    front = pareto_front([r for r in pts if r.trial_id in eligible], m, spec.mode, cost)
+    try:  # the front `rtft promote RUN --pareto` promotes: within promote's bounds too
+        front = choose_for(spec, records, pareto=True)
+    except UserError:  # no trial fits the bounds: no front to promote, none drawn
+        front = []
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    archs = spec.archs if spec.arch_searched else [spec.archs[0]]
+    archs = spec.archs
     for i, arch in enumerate(archs):
         mine = [r for r in pts if not spec.arch_searched or r.params.get("arch") == arch]
         full = [r for r in mine if r.trial_id in eligible]

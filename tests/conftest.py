@@ -14,8 +14,10 @@ from raytune_ft.knobs import Hyperparams
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # Never touch the user's ~/.cache/rtft from tests.
+    # Never touch the user's ~/.cache/rtft from tests, nor torch's hub cache (a test puts
+    # stand-in torchvision weights there); set before Ray starts, so its workers see them too.
     os.environ["RTFT_CACHE"] = str(tmp_path_factory.mktemp("rtft-cache"))
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
     torch.set_num_threads(1)
 
 

@@ -1,7 +1,13 @@
 """Which model to fine-tune: a tiny `model.arch` choice search end to end through `rtft search`
 and a real embedded Ray (two families, a `when: {arch: …}` knob, real training on tiny
 digits), then the cost it recorded, the promotion bound, `rtft promote --pareto`, the results
-table and the report's accuracy/latency plot, all read back from the run folder."""
+table and the report's accuracy/latency plot, all read back from the run folder.
+
+The two networks take different input sizes, as they do with ImageNet weights: resnet18
+without weights trains on the digits' natural 32 px, mobilenet_v3_small with torchvision's
+IMAGENET1K_V1 at that weights' 224 px crop. Offline, those weights are a stand-in file put in
+the tests' private torch hub cache (conftest sets TORCH_HOME): torchvision loads it from there
+as it would the downloaded one."""
 
 from __future__ import annotations
 
@@ -26,8 +32,8 @@ SPEC = """\
 name: which
 model:
   arch: {{space: choice, values: [resnet18, mobilenet_v3_small]}}
-  weights: none
-data: {{source: digits, image_size: 16, train_limit: 120, val_fraction: 0.15, test_fraction: 0.15}}
+  weights: {{resnet18: none, mobilenet_v3_small: IMAGENET1K_V1}}
+data: {{source: digits, train_limit: 120, val_fraction: 0.15, test_fraction: 0.15}}
 train: {{max_epochs: 2, seed: 0}}
 search:
   lr: {{space: loguniform, low: 1.0e-3, high: 1.0e-2}}
@@ -42,8 +48,21 @@ promote: {{dir: {root}/models, max_params: {max_params}}}
 """
 
 
+def _stand_in_imagenet_weights() -> None:
+    """A mobilenet_v3_small state dict where torchvision's hub cache keeps IMAGENET1K_V1."""
+    import torch
+    from torchvision.models import get_model_weights, mobilenet_v3_small
+
+    url = get_model_weights("mobilenet_v3_small").IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(mobilenet_v3_small(weights=None).state_dict(), path)
+
+
 @pytest.fixture(scope="module")
 def which_run(ray_session, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+    _stand_in_imagenet_weights()
     root = tmp_path_factory.mktemp("which")
     spec_file = root / "which.yaml"
     spec_file.write_text(SPEC.format(root=root, max_params=MAX_PARAMS))
@@ -70,6 +89,10 @@ def test_each_trial_trains_its_architecture_and_records_its_cost(which_run) -> N
     assert all(len(v) == 1 for v in params_by_arch.values())
     (big,), (small,) = params_by_arch["resnet18"], params_by_arch["mobilenet_v3_small"]
     assert small < MAX_PARAMS < big
+    # each input size read once, recorded with its own fingerprint
+    data = json.loads((root / "runs" / "which" / "data.json").read_text())
+    assert set(data["by_image_size"]) == {"32", "224"}
+    assert data["by_image_size"]["32"]["sha256"] != data["by_image_size"]["224"]["sha256"]
 
 
 def test_promotion_honours_the_parameter_bound(which_run) -> None:  # noqa: ANN001
@@ -83,6 +106,20 @@ def test_promotion_honours_the_parameter_bound(which_run) -> None:  # noqa: ANN0
     assert metrics["cost"]["params"] <= MAX_PARAMS
     loaded = load_promoted(folder)
     assert sum(p.numel() for p in loaded.model.parameters()) == metrics["cost"]["params"]
+    # promoted at its own input size and normalisation (the weights' metadata), tested there
+    assert spec.data.image_size == 224 and loaded.config["mean"] == [0.485, 0.456, 0.406]
+    assert metrics["test"]["n"] > 0
+
+
+def test_a_trial_at_the_other_input_size_reproduces(which_run) -> None:  # noqa: ANN001
+    root, _ = which_run
+    run_dir = root / "runs" / "which"
+    trials = json.loads((run_dir / "trials.json").read_text())
+    mobile = next(t for t in trials if t["params"]["arch"] == "mobilenet_v3_small")
+    res = CliRunner().invoke(main, ["reproduce", str(run_dir), mobile["trial_id"]],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "data matches" in res.output
 
 
 def test_promote_pareto_promotes_the_front_one_version_each(which_run) -> None:  # noqa: ANN001

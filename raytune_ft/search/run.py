@@ -117,11 +117,19 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
                 ray.shutdown()
     write_records(loc.local, records)
     upload_run_files(loc)
-    localize_checkpoints(records, spec)
     echo("")
     echo(f"{len(records)} trials: {rung_summary(records, spec)}")
     echo(summary_table(records, spec))
-    promoted = promote(spec, records, by_size, echo=echo)
+    try:
+        localize_checkpoints(records, spec)
+        promoted = promote(spec, records, by_size, echo=echo)
+    except UserError as e:
+        if not (e.field or "").startswith("promote.max_"):
+            raise
+        # The search went well and its trials are kept: a bound that none of them fits is
+        # the answer, not a failure. `rtft promote RUN` (--pareto) can promote later.
+        echo(f"no model promoted: {e}")
+        promoted = []
     return SearchOutcome(loc.local, records, promoted, time.monotonic() - t0)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 from ray.tune.trainable import wrap_function
@@ -39,7 +40,7 @@ def make_report(checkpoint: Any) -> Any:
 
 
 def run_trial(config: dict[str, Any], spec_json: dict,
-              data: Splits | Mapping[int, Splits]) -> None:
+              data: Splits | Mapping[int, ray.ObjectRef]) -> None:
     """One trial: train with `config`'s parameters, resuming from Tune's checkpoint if any.
 
     With `model.arch` searched, `config["arch"]` picks the network: the trial trains with the
@@ -48,8 +49,8 @@ def run_trial(config: dict[str, Any], spec_json: dict,
     for name in ("ray.train", "ray.tune"):  # one "checkpoint created" line per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
     spec = Spec.model_validate(spec_json).for_trial(config)
-    if isinstance(data, Mapping):
-        data = data[spec.data.image_size]
+    if isinstance(data, Mapping):  # one object per input size: fetch this trial's only
+        data = ray.get(data[spec.data.image_size])
     hp = hparams_for(spec, config)
     threads = max(1, int(spec.run.resources.cpu))
     checkpoint = tune.get_checkpoint()
@@ -85,12 +86,14 @@ def trainable_for(spec: Spec, splits: Splits | Mapping[int, Splits]) -> Any:
 
     `splits`: the search's splits, or (`data.prepare_each`) the splits of each input size the
     architectures of a `model.arch` choice take; a single size travels as plain splits."""
-    if isinstance(splits, Mapping):
-        sizes = {size: s.without_test() for size, s in splits.items()}
-        data: Splits | dict[int, Splits] = (next(iter(sizes.values())) if len(sizes) == 1
-                                            else sizes)
+    if isinstance(splits, Mapping) and len(splits) > 1:
+        # Each size its own object in the store (with_parameters would put the whole mapping
+        # in one, and every trial would fetch every size).
+        data: Splits | dict[int, ray.ObjectRef] = {
+            size: ray.put(s.without_test()) for size, s in splits.items()}
     else:
-        data = splits.without_test()
+        data = (next(iter(splits.values())) if isinstance(splits, Mapping)
+                else splits).without_test()
     res = spec.run.resources
     spec_json = spec.model_dump(mode="json")
     # Trials run in their own folders: a weights file named relative to where rtft was
