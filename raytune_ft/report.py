@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from raytune_ft.errors import UserError  # noqa: E402
 from raytune_ft.promote import TrialRecord, ranked, trial_state, trial_table  # noqa: E402
-from raytune_ft.runs import choose, choose_for, read_records  # noqa: E402
+from raytune_ft.runs import choose, choose_for, model_costs, read_records  # noqa: E402
 from raytune_ft.spec import METRICS, Spec  # noqa: E402
 from raytune_ft.spec_io import load_spec  # noqa: E402
 
@@ -156,7 +156,8 @@ def _cost_plot(records: list[TrialRecord], spec: Spec, out: Path) -> list[TrialR
     bounds); trials promotion never takes (stopped early) are drawn hollow.
     Returns the front, cheapest first."""
     m, cost = spec.metric, "latency_b1_ms"
-    pts = [r for r in records if r.best(m) is not None and cost in r.cost]
+    costs = model_costs(records)  # latency per model (the median of its trials' readings)
+    pts = [r for r in records if r.best(m) is not None and cost in costs[r.trial_id]]
     eligible = {r.trial_id for r in choose(records, m, len(records))}
     try:  # the front `rtft promote RUN --pareto` promotes: within promote's bounds too
         front = choose_for(spec, records, pareto=True)
@@ -169,31 +170,32 @@ def _cost_plot(records: list[TrialRecord], spec: Spec, out: Path) -> list[TrialR
         full = [r for r in mine if r.trial_id in eligible]
         part = [r for r in mine if r.trial_id not in eligible]
         if full:
-            ax.scatter([r.cost[cost] for r in full], [r.best(m) for r in full], s=28,
+            ax.scatter([costs[r.trial_id][cost] for r in full], [r.best(m) for r in full], s=28,
                        color=f"C{i}", alpha=0.85, label=arch)
         if part:  # stopped early (or no checkpoint): not comparable, not promotable
-            ax.scatter([r.cost[cost] for r in part], [r.best(m) for r in part], s=28,
+            ax.scatter([costs[r.trial_id][cost] for r in part], [r.best(m) for r in part], s=28,
                        facecolors="none", edgecolors=f"C{i}", alpha=0.85,
                        label=None if full else arch)
     if any(r.trial_id not in eligible for r in pts):  # what the hollow points mean
         ax.scatter([], [], s=28, facecolors="none", edgecolors="grey",
                    label="not promotable (stopped early)")
     if front:
-        xs, ys = [r.cost[cost] for r in front], [r.best(m) for r in front]
-        right = max(r.cost[cost] for r in pts)
+        xs, ys = [costs[r.trial_id][cost] for r in front], [r.best(m) for r in front]
+        right = max(costs[r.trial_id][cost] for r in pts)
         ax.step([*xs, right], [*ys, ys[-1]], where="post", color="k", lw=1.2,
                 label="Pareto front")
         ax.scatter(xs, ys, s=90, facecolors="none", edgecolors="k", lw=1.4)
         for r in front:
-            ax.annotate(r.trial_id, (r.cost[cost], r.best(m)), fontsize=7,
+            ax.annotate(r.trial_id, (costs[r.trial_id][cost], r.best(m)), fontsize=7,
                         xytext=(4, -10), textcoords="offset points")
     if spec.promote.max_latency_ms is not None:
         ax.axvline(spec.promote.max_latency_ms, color="C3", ls="--", lw=1,
                    label=f"promote.max_latency_ms {spec.promote.max_latency_ms:g}")
-    lat = [r.cost[cost] for r in pts]
+    lat = [costs[r.trial_id][cost] for r in pts]
     if lat and min(lat) > 0 and max(lat) / min(lat) > 20:
         ax.set_xscale("log")
-    ax.set(xlabel="latency at batch 1 (ms, on the trial's device)", ylabel=f"best {m}",
+    ax.set(xlabel="latency at batch 1 (ms; per model: the median of its trials' readings)",
+           ylabel=f"best {m}",
            title=f"{m} against latency ({len(front)} trial(s) on the Pareto front)")
     if pts:
         ax.legend(loc="best", fontsize=8)

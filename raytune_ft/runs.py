@@ -26,7 +26,8 @@ from raytune_ft.paths import cache_dir, is_uri
 from raytune_ft.spec import METRICS, Spec
 
 __all__ = ["COST_KEYS", "HISTORY_KEYS", "RUN_FILES", "TUNE_DIR", "Echo", "RunLocation",
-           "TrialRecord", "choose", "choose_for", "cost_cells", "fmt", "pareto_front", "ranked",
+           "TrialRecord", "choose", "choose_for", "cost_cells", "fmt", "model_costs",
+           "pareto_front", "ranked",
            "read_records", "records_from_json", "run_location", "rung_summary", "summary_rows",
            "summary_table", "text_table", "trial_state", "trial_table", "where_it_is",
            "write_records"]
@@ -202,6 +203,34 @@ def trial_table(records: list[TrialRecord], spec: Spec,
     return head, rows
 
 
+def model_costs(records: list[TrialRecord]) -> dict[str, dict[str, float]]:
+    """Each trial's cost (:attr:`TrialRecord.cost`) with its latencies replaced by the median
+    over the trials of the same model: the same `params` and `flops` (network, head and input
+    size). Latency belongs to the model, but each trial measures it once at its start, on a
+    machine it shares with other trials, so one reading is noisy (the same resnet18 read 5.4
+    and 5.8 ms on 2 busy cores): two trials of one model must not land on either side of a
+    bound or of the Pareto front by chance. Bounds, the front and its plot read this."""
+    raw = {r.trial_id: r.cost for r in records}
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for c in raw.values():
+        if "params" in c and "flops" in c:
+            g = groups.setdefault((c["params"], c["flops"]), {})
+            for key in ("latency_b1_ms", "latency_b32_ms"):
+                if key in c:
+                    g.setdefault(key, []).append(c[key])
+    out: dict[str, dict[str, float]] = {}
+    for tid, c in raw.items():
+        g = groups.get((c.get("params"), c.get("flops")), {})
+        out[tid] = {**c, **{key: _median(vals) for key, vals in g.items()}}
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
 def text_table(head: list[str], rows: list[list[str]], *, rule: bool = True) -> list[str]:
     """Fixed-width lines of a table (header, optional rule, rows)."""
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
@@ -229,23 +258,26 @@ def choose(records: list[TrialRecord], metric: str, top_k: int = 1, *,
           and r.best(metric) is not None]
     if not ok:
         return []
-    fits = [r for r in ok if _fits(r, max_latency_ms, max_params)]
+    costs = model_costs(records) if (max_latency_ms, max_params) != (None, None) else {}
+    fits = [r for r in ok if _fits(costs.get(r.trial_id, {}), max_latency_ms, max_params)]
     if not fits:
-        raise _none_fits(ok, max_latency_ms, max_params)
+        raise _none_fits(ok, costs, max_latency_ms, max_params)
     top = max(r.epochs for r in fits)
     eligible = [r for r in fits if r.epochs == top]
     return ranked(eligible, metric)[:top_k]
 
 
-def _fits(r: TrialRecord, max_latency_ms: float | None, max_params: int | None) -> bool:
-    cost = r.cost
+def _fits(cost: dict[str, float], max_latency_ms: float | None,
+          max_params: int | None) -> bool:
+    if max_latency_ms is None and max_params is None:
+        return True
     if max_latency_ms is not None and not cost.get("latency_b1_ms", math.inf) <= max_latency_ms:
         return False
     return max_params is None or cost.get("params", math.inf) <= max_params
 
 
-def _none_fits(ok: list[TrialRecord], max_latency_ms: float | None,
-               max_params: int | None) -> UserError:
+def _none_fits(ok: list[TrialRecord], costs: dict[str, dict[str, float]],
+               max_latency_ms: float | None, max_params: int | None) -> UserError:
     """One line: which bound no trial meets, the smallest value seen, trials without costs."""
     parts, fields = [], []
     for key, bound, field_name, unit in [
@@ -253,11 +285,11 @@ def _none_fits(ok: list[TrialRecord], max_latency_ms: float | None,
             ("params", max_params, "max_params", "")]:
         if bound is None:
             continue
-        seen = [r.cost[key] for r in ok if key in r.cost]
+        seen = [costs[r.trial_id][key] for r in ok if key in costs[r.trial_id]]
         smallest = f"the smallest {key} is {fmt(min(seen))}{unit}" if seen else f"none has {key}"
         parts.append(f"{field_name} {fmt(bound)}{unit} ({smallest})")
         fields.append(field_name)
-    missing = sum(1 for r in ok if not r.cost)
+    missing = sum(1 for r in ok if not costs[r.trial_id])
     note = (f"; {missing} of them have no cost data (a run of an rtft before costs were "
             f"recorded) and cannot satisfy a bound" if missing else "")
     return UserError(f"no trial fits {' and '.join(parts)} among the {len(ok)} trial(s) that "
@@ -273,11 +305,14 @@ def pareto_front(records: list[TrialRecord], metric: str, mode: str,
     good (`mode` "max": >=, "min": <=), one of the two strictly. Trials without a metric value
     or without a finite `cost` value are left out. Ties are resolved deterministically: of
     trials with the same cost and metric, only the one with the smallest trial id is kept. The
-    front is sorted by cost ascending (its metric then improves strictly along it).
+    front is sorted by cost ascending (its metric then improves strictly along it). Latencies
+    are per model (:func:`model_costs`): of several trials of one model, only the best can be
+    on the front.
     """
     sign = -1.0 if mode == "max" else 1.0  # sign * metric: smaller is better
-    pts = [(float(r.cost[cost]), sign * float(v), r.trial_id, r) for r in records
-           if (v := r.best(metric)) is not None and _finite(r.cost.get(cost))]
+    costs = model_costs(records)
+    pts = [(float(costs[r.trial_id][cost]), sign * float(v), r.trial_id, r) for r in records
+           if (v := r.best(metric)) is not None and _finite(costs[r.trial_id].get(cost))]
     front, best = [], math.inf
     # Cheapest first, best metric first within a cost: a trial is on the front exactly when
     # its metric is strictly better than every cheaper-or-equal trial's already seen.

@@ -224,3 +224,23 @@ def test_choose_for_takes_the_spec_bounds_and_the_pareto_front() -> None:
 
     with pytest.raises(UserError, match="--pareto needs each trial's latency_b1_ms"):
         choose_for(free, [rec("o", [0.5]), rec("p", [0.6])], pareto=True)
+
+
+def test_latency_is_per_model_the_median_of_its_trials() -> None:
+    from raytune_ft.runs import model_costs, pareto_front
+
+    same = [costly(t, [acc], 5.0, params=11) for t, acc in (("r1", 0.97), ("r2", 0.98),
+                                                           ("r3", 0.90))]
+    for r, ms in zip(same, (5.4, 5.8, 9.9), strict=True):  # one model, three noisy readings
+        for h in r.history:
+            h["latency_b1_ms"] = ms
+    small = costly("m", [0.6], 5.6, params=2)
+    records = [*same, small]
+    costs = model_costs(records)
+    assert [costs[t]["latency_b1_ms"] for t in ("r1", "r2", "r3")] == [5.8, 5.8, 5.8]
+    assert costs["m"]["latency_b1_ms"] == 5.6 and same[0].cost["latency_b1_ms"] == 5.4
+    # By each trial's own reading r1 (5.4 ms) would lead the front and fit a 5.7 ms bound;
+    # per model, the resnet-like model is at 5.8 ms: only its best trial is on the front,
+    # after the small one, and the bound leaves the small one only.
+    assert [r.trial_id for r in pareto_front(records, "val_acc", "max")] == ["m", "r2"]
+    assert [r.trial_id for r in choose(records, "val_acc", max_latency_ms=5.7)] == ["m"]
