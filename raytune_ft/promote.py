@@ -21,8 +21,6 @@ import os
 import re
 import shutil
 import socket
-import statistics
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ import yaml
 from torch import nn
 
 from raytune_ft.checkpoint import load_checkpoint
+from raytune_ft.cost import measure
 from raytune_ft.data import Splits, prepare
 from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import build_model, input_stats
@@ -97,19 +96,10 @@ def _n_params(weights: Path) -> int:
                    for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
 
 
-def _latency_ms(model: nn.Module, image_size: int, repeats: int = 20) -> float:
-    """Median CPU time of one forward pass at batch 1 (after 3 warm-up passes), in ms."""
-    x = torch.rand(1, 3, image_size, image_size)
-    model = model.cpu().eval()
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+def _cpu_latency_ms(model: nn.Module, image_size: int) -> float:
+    """Latency at batch 1 on this machine's CPU, measured as every trial measures its own
+    (:func:`raytune_ft.cost.measure`), here and now, for the student and its teacher alike."""
+    return measure(model.cpu(), image_size, cache=False).latency_b1_ms
 
 
 def _teacher_section(spec: Spec, metrics: dict, n_params: int, model: nn.Module) -> str:
@@ -119,11 +109,11 @@ def _teacher_section(spec: Spec, metrics: dict, n_params: int, model: nn.Module)
         return ""
     t = Path(spec.model.teacher).expanduser()
     size = spec.data.image_size
-    s_ms = f"{_latency_ms(model, size):.2f}"
+    s_ms = f"{_cpu_latency_ms(model, size):.2f}"
     try:
         t_acc = f"{json.loads((t / 'metrics.json').read_text())['test']['acc']:.4f}"
         t_params = f"{_n_params(t / 'model.safetensors'):,}"
-        t_ms = f"{_latency_ms(load_promoted(t).model, size):.2f}"
+        t_ms = f"{_cpu_latency_ms(load_promoted(t).model, size):.2f}"
     except (OSError, ValueError, KeyError, PromotedModelError):  # moved since the search
         t_acc = t_params = t_ms = "(teacher folder unreadable)"
     return f"""
@@ -135,8 +125,8 @@ def _teacher_section(spec: Spec, metrics: dict, n_params: int, model: nn.Module)
 | teacher | {t_acc} | {t_params} | {t_ms} ms |
 
 The teacher's accuracy is on its own held-out test split (the same one when both used the
-same data and split settings). Latency: median of 20 forward passes on a random
-{size} px image, PyTorch on this machine's CPU, at promotion.
+same data and split settings). Latency: median forward time at batch 1 on a {size} px input
+(as every trial measures it), PyTorch on this machine's CPU, both at promotion.
 """
 
 
