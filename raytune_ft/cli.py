@@ -197,7 +197,8 @@ def promote(run_dir: Path, pareto: bool, debug: bool) -> None:
 @spec_options
 @guard
 def pretrain(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
-    """Build (once) the `rtft:` backbone that SPEC_FILE's model.weights names.
+    """Build (once) the `rtft:` backbone(s) that SPEC_FILE's model.weights names (one per
+    architecture of a model.arch choice).
 
     The backbone is cached under $RTFT_CACHE (default ~/.cache/rtft), keyed by its recipe;
     `rtft search` does this automatically on first use.
@@ -205,9 +206,11 @@ def pretrain(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
     from raytune_ft.pretrain import ensure_backbone
 
     spec = load_spec(spec_file, overrides)
-    path = ensure_backbone(spec, echo=click.echo)
-    click.echo(f"backbone: {path}" if path else "model.weights is not an rtft: backbone; "
-                                                 "nothing to do")
+    paths = ensure_backbone(spec, echo=click.echo)
+    for path in paths:
+        click.echo(f"backbone: {path}")
+    if not paths:
+        click.echo("model.weights is not an rtft: backbone; nothing to do")
 
 
 @main.command()

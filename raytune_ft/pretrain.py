@@ -56,11 +56,11 @@ def pretrain(name: str, arch: str, image_size: int, *, echo: Callable[[str], Non
     return path
 
 
-def ensure_backbone(spec: Spec, *, echo: Callable[[str], None] = print) -> Path | None:
+def ensure_backbone(spec: Spec, *, echo: Callable[[str], None] = print) -> list[Path]:
     """Build the spec's `rtft:` backbone(s) that are not cached yet: one per architecture of a
-    `model.arch` choice whose weights name a recipe. Returns the last one's cache file; None
-    when no architecture's weights are an `rtft:` recipe."""
-    path = None
+    `model.arch` choice whose weights name a recipe. Returns every such backbone's cache file,
+    in the order of `spec.archs` (empty when no architecture's weights are a recipe)."""
+    paths = []
     for arch in spec.archs:
         one = spec.for_arch(arch)
         ref = classify(one.model.weights)
@@ -68,6 +68,5 @@ def ensure_backbone(spec: Spec, *, echo: Callable[[str], None] = print) -> Path 
             continue
         size = one.data.image_size
         path = recipe_path(ref.recipe, arch, size)
-        if not path.exists():
-            path = pretrain(ref.recipe, arch, size, echo=echo)
-    return path
+        paths.append(path if path.exists() else pretrain(ref.recipe, arch, size, echo=echo))
+    return paths

@@ -166,7 +166,8 @@ def plan(spec: Spec, sources: list[Source], *, top: int, prior: bool,
                             f"{spec.metric}; allowed: earlier runs with metric {spec.metric}",
                             field=FIELD)
         theirs = sorted({k for r in src.records for k in r.params})
-        if not searched & set(theirs):
+        # `arch` is added to every earlier trial (_with_arch): by itself it is nothing shared.
+        if not (searched & set(theirs)) - {"arch"} and searched - {"arch"}:
             raise UserError(f"{str(src.path)!r} searched {theirs}, nothing in common with "
                             f"this search's {sorted(searched)}; allowed: a run over some of "
                             f"the same parameters", field=FIELD)
@@ -181,7 +182,7 @@ def plan(spec: Spec, sources: list[Source], *, top: int, prior: bool,
             if cfg and cfg not in out.enqueue:
                 out.enqueue.append(cfg)
         if prior:
-            if data is not None and src.data is not None and src.data != data:
+            if data is not None and src.data is not None and not _same_data(src.data, data):
                 out.notes.append(f"warm start from {src.path.name}: its trials ran on other "
                                  f"data (or other splits of it) and count as much as new ones")
             for rec in src.records:
@@ -189,6 +190,16 @@ def plan(spec: Spec, sources: list[Source], *, top: int, prior: bool,
                 if not changed and cfg:  # only trials that lie inside this space, as they ran
                     out.observations.append((cfg, rec, src.max_t))
     return out
+
+
+def _same_data(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two `data.json` records name the same data: equal fingerprints at any input
+    size both record (a run of a `model.arch` choice records one per size: `by_image_size`)."""
+    def each(fp: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in fp.items() if k != "by_image_size"},
+                *fp.get("by_image_size", {}).values()]
+
+    return any(x == y for x in each(a) for y in each(b))
 
 
 def plan_for(spec: Spec, *, data: dict[str, Any] | None = None) -> Plan | None:

@@ -181,3 +181,13 @@ def test_a_trial_of_another_arch_is_noted_and_never_an_observation(tmp_path: Pat
     cfg, changed = warm_start.fit_to_space(choice, {"arch": "mobilenet_v3_small", "lr": 0.005})
     assert cfg == {"lr": 0.005} and changed == [
         "arch='mobilenet_v3_small' dropped (not among ['alexnet', 'resnet18'])"]
+
+
+def test_same_data_compares_each_input_size_an_arch_choice_recorded() -> None:
+    from raytune_ft.warm_start import _same_data
+
+    small, big = {"source": "digits", "sha256": "aa"}, {"source": "digits", "sha256": "bb"}
+    choice = {**small, "by_image_size": {"32": small, "224": big}}
+    assert _same_data(choice, big) and _same_data(small, choice) and _same_data(choice, choice)
+    assert not _same_data(choice, {"source": "digits", "sha256": "cc"})
+    assert not _same_data(small, big)

@@ -101,7 +101,7 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
          f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
     restore = _check_run_folder(spec, loc, resume, echo)
     # Read before anything is written: a bad warm-start source refuses the search here.
-    warm = None if restore else warm_start.plan_for(spec, data=splits.fingerprint)
+    warm = None if restore else warm_start.plan_for(spec, data=data_record(by_size))
     created = preflight.first_missing(loc.local)  # removed again if the cluster refuses
     with _run_lock(loc.local):
         started = ensure_ray(address, echo, job_metadata(spec, loc))
