@@ -12,9 +12,8 @@ from raytune_ft.checkpoint import CheckpointError, load_checkpoint
 from raytune_ft.data import prepare
 from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import count_params
+from raytune_ft.runs import COST_KEYS as COST  # the trainer's keys are the records' keys
 from raytune_ft.train import DIVERGED, evaluate, train
-
-COST = ("params", "flops", "latency_b1_ms", "latency_b32_ms", "epoch_s")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +130,10 @@ def test_measuring_the_cost_leaves_training_bit_for_bit_the_same(setup,  # noqa:
     hp = hp.model_copy(update={"head_dropout": 0.3, "augment": "light"})  # RNG in training
     cost.clear_cache()
     measured = train(hp, spec=spec, data=data, report=lambda m, c: None, checkpoints=False)
+    [entry] = cost._CACHE.values()  # measured once, kept
     cached = train(hp, spec=spec, data=data, report=lambda m, c: None, checkpoints=False)
+    [again] = cost._CACHE.values()
+    assert again is entry  # the second run found it there (a new measurement is a new Cost)
     a, b = measured.model.state_dict(), cached.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["epoch_s"] > 0 for m in measured.history] == [True, True]
