@@ -138,9 +138,9 @@ def promote_again(run_dir: Path, *, echo: Echo = print, pareto: bool = False) ->
     own spec; the chosen checkpoints of an s3:// / gs:// run are downloaded first. `pareto`:
     every trial on the accuracy / latency front instead (`promote.promote`)."""
     spec = load_spec(run_dir / "spec.yaml")
-    by_size = prepare_each(spec)
     records = localize_checkpoints(load_records(run_dir, spec), spec, pareto=pareto)
-    return promote(spec, records, by_size, echo=echo, pareto=pareto)
+    # No splits given: promote reads the data at the input size of each trial it promotes.
+    return promote(spec, records, echo=echo, pareto=pareto)
 
 
 def _check_run_folder(spec: Spec, loc: RunLocation, resume: bool, echo: Echo) -> bool:
