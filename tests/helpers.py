@@ -64,3 +64,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_tiny(spec: Spec, hp: object, dest: Path, data: object = None) -> list[dict]:
+    """Train `hp` on `spec` with the plain trainer, as one trial would, copying each epoch's
+    checkpoint folder to `dest` (a made-up trial's `best_checkpoint`); the reported history."""
+    import shutil
+
+    from raytune_ft.data import prepare
+    from raytune_ft.train import train
+
+    history: list[dict] = []
+
+    def report(m: dict, folder: Path | None) -> None:
+        history.append(m)
+        if folder is not None:
+            shutil.copytree(folder, dest, dirs_exist_ok=True)
+
+    train(hp, spec=spec, data=data if data is not None else prepare(spec.data), report=report)
+    return history

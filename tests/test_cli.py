@@ -161,28 +161,17 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with three made-up trials sharing one real checkpoint: their histories say how accurate
     and how fast each was."""
     import os
-    import shutil
 
-    from helpers import tiny_spec
+    from helpers import tiny_spec, train_tiny
 
-    from raytune_ft.data import prepare
     from raytune_ft.knobs import Hyperparams
     from raytune_ft.runs import TrialRecord, write_records
     from raytune_ft.spec_io import spec_to_yaml
-    from raytune_ft.train import train
 
     root = tmp_path_factory.mktemp("finished")
     spec = tiny_spec(root, extra="")
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"max_epochs": 1})})
-    history: list = []
-
-    def report(m: dict, folder: Path | None) -> None:
-        history.append(m)
-        if folder is not None:
-            shutil.copytree(folder, root / "ckpt", dirs_exist_ok=True)
-
-    train(Hyperparams(batch_size=32, augment="none"), spec=spec, data=prepare(spec.data),
-          report=report)
+    history = train_tiny(spec, Hyperparams(batch_size=32, augment="none"), root / "ckpt")
     run = root / "runs" / "tiny"
     (run / "tune").mkdir(parents=True)
     state = run / "tune" / "experiment_state-2026-01-01_00-00-00.json"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ENV, ROOT, tiny_spec
+from helpers import ENV, ROOT, tiny_spec, train_tiny
 
 from raytune_ft.data import prepare
 from raytune_ft.knobs import Hyperparams
@@ -144,15 +144,8 @@ promote: {{dir: {tmp_path}/models}}
     params = {"arch": "mobilenet_v3_small", "lr": 0.005, "batch_size": 32}
     tspec = spec.for_trial(params)
     data = prepare(tspec.data)
-    history: list = []
-
-    def report(m: dict, folder: Path | None) -> None:
-        history.append(m)
-        if folder is not None:
-            shutil.copytree(folder, tmp_path / "ckpt", dirs_exist_ok=True)
-
-    train(Hyperparams(batch_size=32, lr=0.005, augment="none"), spec=tspec, data=data,
-          report=report)
+    history = train_tiny(tspec, Hyperparams(batch_size=32, lr=0.005, augment="none"),
+                         tmp_path / "ckpt", data)
     record = TrialRecord("m1", params, history, str(tmp_path / "ckpt"))
     [v1] = promote(spec, [record], None, echo=lambda s: None)  # its data read for its size
     again = load_spec(v1 / "spec.yaml")  # a plain single-arch spec: export, reproduce read it
@@ -213,24 +206,13 @@ FILES = {"model.safetensors", "spec.yaml", "config.json", "metrics.json", "MODEL
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
     """A tiny trained trial: (root, spec, TrialRecord)."""
-    import shutil
 
-    from raytune_ft.data import prepare
     from raytune_ft.promote import TrialRecord
     from raytune_ft.spec import Hyperparams
-    from raytune_ft.train import train
 
     root = tmp_path_factory.mktemp("promote")
     spec = tiny_spec(root)
-    history: list = []
-
-    def report(m: dict, folder: Path | None) -> None:
-        history.append(m)
-        if folder is not None:
-            shutil.copytree(folder, root / "ckpt", dirs_exist_ok=True)
-
-    train(Hyperparams(batch_size=32, augment="none"), spec=spec, data=prepare(spec.data),
-          report=report)
+    history = train_tiny(spec, Hyperparams(batch_size=32, augment="none"), root / "ckpt")
     return root, spec, TrialRecord("t1", {"batch_size": 32}, history, str(root / "ckpt"))
 
 
