@@ -242,8 +242,8 @@ def text_table(head: list[str], rows: list[list[str]], *, rule: bool = True) -> 
 
 
 def choose(records: list[TrialRecord], metric: str, top_k: int = 1, *,
-           max_latency_ms: float | None = None,
-           max_params: int | None = None) -> list[TrialRecord]:
+           max_latency_ms: float | None = None, max_params: int | None = None,
+           costs: dict[str, dict[str, float]] | None = None) -> list[TrialRecord]:
     """The trials to promote, best first: among trials with a checkpoint (not diverged) that
     fit the bounds and reached the highest epoch any such trial reached, ranked by best-so-far
     metric.
@@ -258,7 +258,10 @@ def choose(records: list[TrialRecord], metric: str, top_k: int = 1, *,
           and r.best(metric) is not None]
     if not ok:
         return []
-    costs = model_costs(records) if (max_latency_ms, max_params) != (None, None) else {}
+    if (max_latency_ms, max_params) == (None, None):
+        costs = {}
+    elif costs is None:  # per model, over every trial given (`model_costs`)
+        costs = model_costs(records)
     fits = [r for r in ok if _fits(costs.get(r.trial_id, {}), max_latency_ms, max_params)]
     if not fits:
         raise _none_fits(ok, costs, max_latency_ms, max_params)
@@ -298,7 +301,8 @@ def _none_fits(ok: list[TrialRecord], costs: dict[str, dict[str, float]],
 
 
 def pareto_front(records: list[TrialRecord], metric: str, mode: str,
-                 cost: str = "latency_b1_ms") -> list[TrialRecord]:
+                 cost: str = "latency_b1_ms", *,
+                 costs: dict[str, dict[str, float]] | None = None) -> list[TrialRecord]:
     """The trials no other trial beats on both best-so-far `metric` and `cost`, cheapest first.
 
     Rule: trial A dominates trial B when A's cost <= B's cost and A's metric is at least as
@@ -306,11 +310,12 @@ def pareto_front(records: list[TrialRecord], metric: str, mode: str,
     or without a finite `cost` value are left out. Ties are resolved deterministically: of
     trials with the same cost and metric, only the one with the smallest trial id is kept. The
     front is sorted by cost ascending (its metric then improves strictly along it). Latencies
-    are per model (:func:`model_costs`): of several trials of one model, only the best can be
-    on the front.
+    are per model (:func:`model_costs` of `records`, or `costs` when given: taken over a whole
+    run, while the front may be taken among some of its trials): of several trials of one
+    model, only the best can be on the front.
     """
     sign = -1.0 if mode == "max" else 1.0  # sign * metric: smaller is better
-    costs = model_costs(records)
+    costs = costs if costs is not None else model_costs(records)
     pts = [(float(costs[r.trial_id][cost]), sign * float(v), r.trial_id, r) for r in records
            if (v := r.best(metric)) is not None and _finite(costs[r.trial_id].get(cost))]
     front, best = [], math.inf
@@ -330,11 +335,13 @@ def choose_for(spec: Spec, records: list[TrialRecord], *,
     latency-at-batch-1 front among the trials :func:`choose` finds eligible (cheapest first,
     top_k not applied). Raises :class:`UserError` when the front needs costs no trial has."""
     p = spec.promote
-    bounds = {"max_latency_ms": p.max_latency_ms, "max_params": p.max_params}
+    # Latency per model over the whole run, whichever trials are then compared.
+    costs = model_costs(records)
+    bounds = {"max_latency_ms": p.max_latency_ms, "max_params": p.max_params, "costs": costs}
     if not pareto:
         return choose(records, spec.metric, p.top_k, **bounds)
     eligible = choose(records, spec.metric, len(records), **bounds)
-    front = pareto_front(eligible, spec.metric, spec.mode)
+    front = pareto_front(eligible, spec.metric, spec.mode, costs=costs)
     if eligible and not front:
         raise UserError(f"--pareto needs each trial's latency_b1_ms, and none of the "
                         f"{len(eligible)} trial(s) that could be promoted has it (a run of an "

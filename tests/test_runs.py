@@ -244,3 +244,22 @@ def test_latency_is_per_model_the_median_of_its_trials() -> None:
     # after the small one, and the bound leaves the small one only.
     assert [r.trial_id for r in pareto_front(records, "val_acc", "max")] == ["m", "r2"]
     assert [r.trial_id for r in choose(records, "val_acc", max_latency_ms=5.7)] == ["m"]
+
+
+def test_the_front_takes_each_models_latency_over_the_whole_run() -> None:
+    """A model's trial stopped early still counts in that model's latency: the front, among
+    the trials that reached the top epoch, compares models, not single readings."""
+    from raytune_ft.runs import choose_for
+    from raytune_ft.spec_io import parse_spec
+
+    free = parse_spec(CHOICE, file="pick.yaml")
+    free = free.model_copy(update={"promote": free.promote.model_copy(
+        update={"max_latency_ms": None})})
+    m_full, m_early = costly("m_full", [0.5, 0.6], 6.2, params=2), costly("m_early", [0.4], 3.8,
+                                                                          params=2)
+    for h in m_early.history:  # the same model as m_full: same params and FLOPs
+        h["flops"] = m_full.history[0]["flops"]
+    r = costly("r", [0.9, 0.95], 5.6, params=11)
+    # m's latency is the median of 6.2 and 3.8, 5.0 ms: cheaper than r, so on the front
+    assert [x.trial_id for x in choose_for(free, [m_full, m_early, r], pareto=True)] == [
+        "m_full", "r"]
