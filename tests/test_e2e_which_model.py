@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from raytune_ft.cli import main
 from raytune_ft.promote import load_promoted
-from raytune_ft.runs import COST_KEYS, pareto_front, read_records
+from raytune_ft.runs import COST_KEYS, model_costs, pareto_front, read_records
 from raytune_ft.spec_io import load_spec
 
 pytestmark = pytest.mark.slow
@@ -126,9 +126,10 @@ def test_promote_pareto_promotes_the_front_one_version_each(which_run) -> None: 
     root, _ = which_run
     run_dir = root / "runs" / "which"
     spec = load_spec(run_dir / "spec.yaml")
-    eligible = [r for r in read_records(run_dir / "trials.json")
-                if r.cost.get("params", 0) <= MAX_PARAMS]
-    front = pareto_front(eligible, spec.metric, spec.mode)
+    records = read_records(run_dir / "trials.json")
+    eligible = [r for r in records if r.cost.get("params", 0) <= MAX_PARAMS]
+    # latency per model over the whole run (runs.model_costs), the front among those that fit
+    front = pareto_front(eligible, spec.metric, spec.mode, costs=model_costs(records))
     assert front
     before = {p.name for p in (root / "models" / "which").iterdir() if p.name.startswith("v")}
     res = CliRunner().invoke(main, ["promote", str(run_dir), "--pareto"], catch_exceptions=False)
