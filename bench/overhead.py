@@ -25,11 +25,12 @@ stopping, 2 trials at a time with 1 thread each, run three ways, each in a fresh
 and promotion work), so their cost counts as overhead. The trainer traces how long each epoch's
 report took (`report ms/epoch`: Tune's report, and for (c) the checkpoint write and Ray's copy
 of it into the trial's folder). `--image-size 16 --train-limit 200` makes epochs short (about
-half a second here), as they are on a GPU, where a fixed cost per epoch weighs most. The three ways run in turn, rotated each repeat;
-every ratio is the median of the per-repeat ratios. Trial start-up is measured from the
-trainer's own timestamps (``RTFT_TRACE``, see ``raytune_ft/train.py``): the gap between a
-trial ending and the next trial in that slot being ready to take its first step (model built,
-data on hand), and for the first trials from the process start.
+half a second here), as they are on a GPU, where a fixed cost per epoch weighs most. The three
+ways run in turn, rotated each repeat; every ratio is the median of the per-repeat ratios.
+Trial start-up is measured from the trainer's own timestamps (``RTFT_TRACE``, see
+``raytune_ft/train.py``): the gap between a trial ending and the next trial in that slot being
+ready to take its first step (model built, data on hand), and for the first trials from the
+process start.
 """
 
 from __future__ import annotations
