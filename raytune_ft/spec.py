@@ -267,6 +267,12 @@ class Resources(Strict):
         return v
 
 
+# The most trials one search may ask for. The driver keeps every trial in memory (Ray Tune's
+# table, ~65 kB a trial) and snapshots it: bench/load.py measured 10,000 trials (1.7 GB);
+# 100,000 is ~8 GB. More is a search no machine finishes: say so, not launch it.
+MAX_SAMPLES = 100_000
+
+
 class RunSpec(Strict):
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
@@ -282,6 +288,16 @@ class RunSpec(Strict):
     checkpoint_every_minutes: float = Field(10.0, gt=0)
     max_failures: int = Field(0, ge=0)  # retries of one trial, from its last checkpoint
     max_failed_trials: int | None = Field(None, ge=1)  # end the search after this many
+
+    @field_validator("num_samples")
+    @classmethod
+    def _finishable(cls, v: int) -> int:
+        if v > MAX_SAMPLES:
+            raise ValueError(f"got {v}: more trials than one search can finish (the driver "
+                             f"keeps every trial in memory, ~65 kB each); allowed: "
+                             f"1..{MAX_SAMPLES:,}, or several searches chained with "
+                             f"searcher.warm_start")
+        return v
 
 
 class PromoteSpec(Strict):
@@ -398,6 +414,14 @@ class Spec(Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:
         check_params(self.search, self.model.arch if self.arch_searched else None)
+        if self.model.teacher is None:
+            for knob in ("distill_alpha", "distill_temperature"):
+                if knob in self.search:
+                    raise FieldError(("search", knob),
+                                     f"{knob} only counts with model.teacher, and this spec "
+                                     f"names none: the knob would do nothing; allowed: set "
+                                     f"model.teacher (a promoted model folder), or drop "
+                                     f"search.{knob}")
         if self.scheduler.max_t is not None and self.scheduler.max_t > self.train.max_epochs:
             raise FieldError(("scheduler", "max_t"),
                              f"max_t ({self.scheduler.max_t}) exceeds train.max_epochs "

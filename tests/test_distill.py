@@ -78,10 +78,14 @@ def test_the_trainer_distills_and_refuses_mixup(tmp_path: Path) -> None:
 
 
 def test_knobs_are_searchable_and_validated() -> None:
-    spec = parse_spec("name: t\nsearch:\n  distill_alpha: {space: uniform, low: 0.0, high: 1.0}\n"
+    spec = parse_spec("name: t\nmodel: {teacher: models/t/v1}\nsearch:\n"
+                      "  distill_alpha: {space: uniform, low: 0.0, high: 1.0}\n"
                       "  distill_temperature: {space: choice, values: [2.0, 4.0]}\n",
                       file="t.yaml")
     assert set(spec.search) == {"distill_alpha", "distill_temperature"}
+    # Without a teacher the knobs would do nothing: refused (tests/bad_specs/distill_*).
+    with pytest.raises(UserError, match="only counts with model.teacher"):
+        parse_spec("name: t\nsearch:\n  distill_alpha: 0.5\n", file="t.yaml")
     with pytest.raises(UserError, match="distill_alpha"):
         parse_spec("name: t\nsearch:\n  distill_alpha: {space: uniform, low: 0.0, high: 1.5}\n",
                    file="t.yaml")

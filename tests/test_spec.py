@@ -28,6 +28,10 @@ BAD = [
     ("search:\n  optimizer: {space: choice, values: [adam, adamw]}\n  momentum: {space: uniform, low: 0.8, high: 0.9, when: {optimizer: sgd}}\n", "search.momentum.when.optimizer", 4, "never a value"),
     ("search:\n  lr: {space: loguniform, low: 0.001, high: 0.1}\n  momentum: {space: uniform, low: 0.8, high: 0.9, when: {lr: 0.01}}\n", "search.momentum.when.lr", 4, "choice or fixed"),
     ("run:\n  num_samples: 0\n", "run.num_samples", 3, "greater than or equal to 1"),
+    ("run:\n  num_samples: 100001\n", "run.num_samples", 3, "allowed: 1..100,000"),
+    ("search:\n  distill_alpha: {space: uniform, low: 0.1, high: 0.9}\n", "search.distill_alpha", 3, "only counts with model.teacher"),
+    ("search:\n  distill_alpha: 0\n", "search.distill_alpha", 3, "the knob would do nothing"),
+    ("search:\n  distill_temperature: {space: choice, values: [2.0, 8.0]}\n", "search.distill_temperature", 3, "set model.teacher"),
     ("run:\n  num_sample: 3\n", "run.num_sample", 3, "Did you mean 'num_samples'"),
     ("run:\n  resources: {gpu: 1.5}\n", "run.resources.gpu", 3, "whole number"),
     ("scheduler:\n  reduction_factor: 1\n", "scheduler.reduction_factor", 3, "greater than or equal to 2"),
@@ -200,6 +204,13 @@ def test_for_arch_refuses_an_arch_the_spec_does_not_have() -> None:
         in str(info.value)
     with pytest.raises(SpecError):
         parse_spec(BASE).for_arch("alexnet")
+
+
+def test_the_largest_search_and_distillation_with_a_teacher_are_accepted() -> None:
+    assert parse_spec(BASE + "run: {num_samples: 100000}\n").run.num_samples == 100_000
+    spec = parse_spec(BASE + "model: {teacher: models/t/v1}\nsearch:\n  distill_alpha: 0.3\n"
+                      "  distill_temperature: {space: choice, values: [2.0, 8.0]}\n")
+    assert set(spec.search) == {"distill_alpha", "distill_temperature"}
 
 
 def test_promotion_bounds_are_optional_positive_numbers() -> None:
