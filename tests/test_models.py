@@ -251,18 +251,19 @@ def test_mismatched_weights_name_the_keys(tmp_path: Path, backbone_file: Path) -
 
 
 class _Evil:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
     def __reduce__(self):  # noqa: ANN204
-        return (os.system, ("touch /tmp/rtft-owned",))
+        return (os.system, (f"touch '{self.target}'",))
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
-    evil = tmp_path / "evil.pth"
-    torch.save({"conv1.weight": torch.zeros(1), "x": _Evil()}, evil)
-    if os.path.exists("/tmp/rtft-owned"):
-        os.remove("/tmp/rtft-owned")
+    evil, owned = tmp_path / "evil.pth", tmp_path / "owned"  # the test's own folder only
+    torch.save({"conv1.weight": torch.zeros(1), "x": _Evil(owned)}, evil)
     with pytest.raises(SpecError, match="weights_only=True"):
         build_model("resnet18", 3, Hyperparams(), str(evil))
-    assert not os.path.exists("/tmp/rtft-owned")
+    assert not owned.exists()
 
 
 def test_unknown_torchvision_weights_name_lists_allowed() -> None:
