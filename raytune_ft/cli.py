@@ -95,10 +95,10 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
     Example:
       rtft resume rtft_runs/resnet18-digits
     """
-    from raytune_ft.runs import where_it_is
+    from raytune_ft.run_folder import open_run
     from raytune_ft.search import run_search
 
-    spec = where_it_is(load_spec(run_dir / "spec.yaml"), run_dir)
+    spec = open_run(run_dir, resume=True)
     _finish(run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=True))
 
 
@@ -247,10 +247,11 @@ def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
       rtft results rtft_runs/resnet18-digits
       rtft results rtft_runs/resnet18-digits --csv > trials.csv
     """
+    from raytune_ft.run_folder import open_run
     from raytune_ft.runs import rung_summary, summary_rows, summary_table
     from raytune_ft.search import load_records
 
-    spec = load_spec(run_dir / "spec.yaml")
+    spec = open_run(run_dir)
     records = load_records(run_dir, spec)
     if fmt == "json":
         click.echo(json.dumps(summary_rows(records, spec), indent=1))

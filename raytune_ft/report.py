@@ -21,9 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from raytune_ft.errors import UserError  # noqa: E402
 from raytune_ft.promote import TrialRecord, ranked, trial_state, trial_table  # noqa: E402
+from raytune_ft.run_folder import open_run  # noqa: E402
 from raytune_ft.runs import choose, choose_for, model_costs, read_records  # noqa: E402
 from raytune_ft.spec import METRICS, Spec  # noqa: E402
-from raytune_ft.spec_io import load_spec  # noqa: E402
 
 __all__ = ["write_report"]
 
@@ -217,7 +217,7 @@ def _table(records: list[TrialRecord], spec: Spec) -> str:
 def write_report(run_dir: str | Path, promoted: str | Path | None = None) -> Path:
     """Write `report.html` and its PNGs into `run_dir/report/`; returns the HTML path."""
     run_dir = Path(run_dir)
-    spec = load_spec(run_dir / "spec.yaml")
+    spec = open_run(run_dir)
     records = _records(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)

@@ -29,7 +29,7 @@ __all__ = ["COST_KEYS", "HISTORY_KEYS", "RUN_FILES", "TUNE_DIR", "Echo", "RunLoc
            "TrialRecord", "choose", "choose_for", "cost_cells", "fmt", "model_costs",
            "pareto_front", "ranked",
            "read_records", "records_from_json", "run_location", "rung_summary", "summary_rows",
-           "summary_table", "text_table", "trial_state", "trial_table", "where_it_is",
+           "summary_table", "text_table", "trial_state", "trial_table",
            "write_records"]
 
 Echo = Callable[[str], None]
@@ -83,18 +83,6 @@ def run_location(spec: Spec) -> RunLocation:
         digest = hashlib.sha1(remote.encode()).hexdigest()[:12]
         return RunLocation(cache_dir() / "staging" / digest / spec.name, remote)
     return RunLocation(Path(storage).expanduser().resolve() / spec.name)
-
-
-def where_it_is(spec: Spec, run_dir: Path) -> Spec:
-    """The run's own `spec`, opened at `run_dir`: a run folder that was moved (or is opened
-    through another path) is resumed where it now is. With an s3:// or gs:// storage_path
-    the folder is the staging copy and the spec stays as it is."""
-    if is_uri(spec.run.storage_path):
-        return spec
-    if Path(spec.run.storage_path).expanduser().resolve() / spec.name == run_dir.resolve():
-        return spec
-    return spec.model_copy(update={"run": spec.run.model_copy(
-        update={"storage_path": str(run_dir.resolve().parent)})})
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,9 +354,27 @@ def records_from_json(run_dir: Path) -> list[TrialRecord] | None:
 
 def read_records(path: Path) -> list[TrialRecord]:
     """The records in a `trials.json` (ValueError/TypeError when it is not one). Its `cost`
-    is derived from the history again, not read."""
-    return [TrialRecord(**{k: v for k, v in r.items() if k != "cost"})
-            for r in json.loads(path.read_text())]
+    is derived from the history again, not read. Checkpoint paths are taken in the run folder
+    the file is in now (the file names them absolutely, where the run was written)."""
+    records = [TrialRecord(**{k: v for k, v in r.items() if k != "cost"})
+               for r in json.loads(path.read_text())]
+    for r in records:
+        r.best_checkpoint = _in_run(r.best_checkpoint, path.parent)
+    return records
+
+
+def _in_run(checkpoint: str | None, run_dir: Path) -> str | None:
+    """A checkpoint path recorded in a run folder, re-rooted at `run_dir`: the part from
+    `tune/trial_<id>/` on is kept. URIs and paths already inside `run_dir` stay."""
+    if not checkpoint or is_uri(checkpoint):
+        return checkpoint
+    parts = Path(checkpoint).parts
+    at = [i for i in range(len(parts) - 1)
+          if parts[i] == TUNE_DIR and parts[i + 1].startswith("trial_")]
+    if not at:
+        return checkpoint
+    moved = run_dir.resolve().joinpath(*parts[at[-1]:])
+    return str(moved) if str(moved) != checkpoint else checkpoint
 
 
 def write_records(run_dir: Path, records: list[TrialRecord]) -> None:

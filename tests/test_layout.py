@@ -95,7 +95,7 @@ def test_reading_a_spec_and_a_finished_run_imports_neither_torch_nor_ray(tmp_pat
     """What `rtft --help`, `rtft results` and a spec check do, in a fresh process: `rtft
     results` on a run whose trials.json is current reads it without Ray or torch."""
     run = tmp_path / "run"
-    (run / "tune").mkdir(parents=True)
+    (run / "tune" / "trial_t1").mkdir(parents=True)
     (run / "tune" / "experiment_state-x.json").write_text("{}")
     (run / "spec.yaml").write_text((ROOT / "search_spaces" / "resnet.yaml").read_text())
     (run / "trials.json").write_text(json.dumps([{

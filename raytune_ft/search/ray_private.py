@@ -29,6 +29,7 @@ lacks an attribute used here.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import time
 from collections.abc import Iterator
@@ -57,8 +58,13 @@ USED: tuple[tuple[str, str, str], ...] = (
     ("ray.tune.search.optuna.OptunaSearch", "_ot_study", "instance"),
     ("ray.tune.impl.tuner_internal.TunerInternal", "_tune_config", "init"),
     ("ray.tune.tuner.Tuner", "_local_tuner", "init"),
+    ("ray.tune.impl.tuner_internal.TunerInternal", "_run_config", "init"),
+    ("ray.train._internal.storage.StorageContext", "storage_fs_path", "init"),
+    ("ray.tune.experiment.Experiment", "spec", "init"),
     ("ray.tune.search.optuna.OptunaSearch", "_ot_trials", "instance"),
     ("ray.tune.search.optuna.OptunaSearch", "_completed_trials", "instance"),
+    ("optuna.storages.journal.JournalFileBackend", "_file_path", "init"),
+    ("optuna.storages.JournalStorage", "_backend", "init"),
     ("ray.tune.logger.TBXLoggerCallback", "_try_log_hparams", "class"),
     ("ray.job_submission.JobSubmissionClient", "_do_request", "class"),
     ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER", "class"),
@@ -113,10 +119,67 @@ def optuna_completed(searcher: Any) -> set[str]:
     return searcher._completed_trials
 
 
+def optuna_relocate_journal(searcher: Any, journal: str) -> None:
+    """Point the study of a restored OptunaSearch at the journal file `journal`.
+
+    Ray pickles the whole study, and with it Optuna's `JournalFileBackend`, which names the
+    journal by its absolute path: a run folder moved since would read (or create) the journal
+    at the old place. Unpickling reads nothing (the storage replays its journal lazily, on
+    first use), so swapping the backend before any use is enough; every object of the study
+    (its trials included) shares the one storage."""
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = getattr(searcher._ot_study, "_storage", None)
+    backend = getattr(storage, "_backend", None)
+    if isinstance(backend, JournalFileBackend) and backend._file_path != journal:
+        storage._backend = JournalFileBackend(journal)
+
+
+def restored_search_alg(tuner: Any) -> Any:
+    """The search algorithm of a restored Tuner, as given to TuneConfig (our searcher under
+    Ray's ConcurrencyLimiter)."""
+    return tuner._local_tuner._tune_config.search_alg
+
+
 def restored_searcher(tuner: Any) -> Any:
-    """The searcher inside a restored Tuner (under Ray's ConcurrencyLimiter), or None."""
+    """The searcher inside a restored Tuner (under Ray's ConcurrencyLimiter, and under our
+    RestoredSearchGenerator once wrapped), or None."""
     alg = tuner._local_tuner._tune_config.search_alg
-    return getattr(alg, "searcher", alg)
+    while hasattr(alg, "searcher"):
+        alg = alg.searcher
+    return alg
+
+
+def replace_restored_search_alg(tuner: Any, search_alg: Any) -> None:
+    """Give a restored Tuner another search algorithm (the restored one, wrapped)."""
+    tuner._local_tuner._tune_config.search_alg = search_alg
+
+
+def restored_storage(tuner: Any) -> Any:
+    """Ray's StorageContext of a restored Tuner's experiment, where the run folder is now
+    (`Tuner.restore` sets its run config's storage_path and name from the path it is given)."""
+    from ray.train._internal.storage import StorageContext
+
+    rc = tuner._local_tuner._run_config
+    return StorageContext(storage_path=rc.storage_path, experiment_dir_name=rc.name,
+                          storage_filesystem=rc.storage_filesystem)
+
+
+def move_experiment(experiment: Any, storage: Any) -> None:
+    """Point a restored `Experiment` (what Ray's SearchGenerator makes new trials from) at
+    `storage`'s location, as Ray's `TuneController._restore_trials` does for restored trials
+    (its storage copied, with the filesystem, path and experiment folder replaced)."""
+    new = copy.copy(experiment.storage)
+    new.storage_filesystem = storage.storage_filesystem
+    new.storage_fs_path = storage.storage_fs_path
+    new.experiment_dir_name = storage.experiment_dir_name
+    experiment.storage = new
+    experiment.spec["storage"] = new
+
+
+def restored_scheduler(tuner: Any) -> Any:
+    """The trial scheduler inside a restored Tuner."""
+    return tuner._local_tuner._tune_config.scheduler
 
 
 # Ray's experiment snapshots ---------------------------------------------------------------

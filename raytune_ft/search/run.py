@@ -30,6 +30,7 @@ from raytune_ft.distill import with_teacher_logits
 from raytune_ft.errors import UserError
 from raytune_ft.pretrain import ensure_backbone
 from raytune_ft.promote import promote
+from raytune_ft.run_folder import open_run
 from raytune_ft.runs import (
     TUNE_DIR,
     Echo,
@@ -48,10 +49,16 @@ from raytune_ft.search.cluster import (
     job_metadata,
 )
 from raytune_ft.search.metrics import SearchMetrics
-from raytune_ft.search.ray_private import restored_searcher
+from raytune_ft.search.ray_private import (
+    replace_restored_search_alg,
+    restored_scheduler,
+    restored_search_alg,
+    restored_searcher,
+    restored_storage,
+)
 from raytune_ft.search.records import load_records, records_from_results
 from raytune_ft.search.schedulers import FIFO, PersistentASHA
-from raytune_ft.search.searcher import FidelityOptunaSearch
+from raytune_ft.search.searcher import FidelityOptunaSearch, RestoredSearchGenerator
 from raytune_ft.search.storage import (
     download_run_files,
     localize_checkpoints,
@@ -137,7 +144,7 @@ def promote_again(run_dir: Path, *, echo: Echo = print, pareto: bool = False) ->
     """`rtft promote RUN_DIR`: promote the best trial(s) of a finished run (again), from its
     own spec; the chosen checkpoints of an s3:// / gs:// run are downloaded first. `pareto`:
     every trial on the accuracy / latency front instead (`promote.promote`)."""
-    spec = load_spec(run_dir / "spec.yaml")
+    spec = open_run(run_dir)
     records = localize_checkpoints(load_records(run_dir, spec), spec, pareto=pareto)
     # No splits given: promote reads the data at the input size of each trial it promotes.
     return promote(spec, records, echo=echo, pareto=pareto)
@@ -166,6 +173,7 @@ def _comparable(spec: Spec) -> dict:
     """The spec without what may differ between two places the same run is opened from."""
     d = spec.model_dump(mode="json")
     d["run"].pop("storage_path")
+    d["promote"].pop("dir")  # re-rooted with the run folder when it moved (run_folder)
     return d
 
 
@@ -189,7 +197,16 @@ def _fit(spec: Spec, loc: RunLocation, splits: dict[int, Splits], echo: Echo, qu
                  "last checkpoint")
             tuner = tune.Tuner.restore(loc.tune_path, trainable=trainable_for(spec, splits),
                                        resume_unfinished=True, resume_errored=True)
-            FidelityOptunaSearch.adopt(restored_searcher(tuner), spec.max_t)  # rtft 0.1.0 runs
+            searcher = restored_searcher(tuner)
+            FidelityOptunaSearch.adopt(searcher, spec.max_t)  # rtft 0.1.0 runs
+            # The pickles name the folder the run was written in: a folder moved since goes on
+            # here, and nothing is written at the old place.
+            searcher.relocate(loc.local / "optuna.journal")
+            replace_restored_search_alg(
+                tuner, RestoredSearchGenerator(restored_search_alg(tuner), restored_storage(tuner)))
+            scheduler = restored_scheduler(tuner)
+            if isinstance(scheduler, PersistentASHA):
+                scheduler.relocate(loc.local)
         else:
             tuner = _tuner(spec, loc, splits, echo, quiet, warm)
         results = tuner.fit()

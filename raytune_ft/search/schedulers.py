@@ -91,6 +91,11 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
             self._t_attr, self._m_name, mode, self._last_t = asha_settings(self)
             self._sign = -1.0 if mode == "min" else 1.0
 
+    def relocate(self, run_dir: Path) -> None:
+        """Write and read the decision log in `run_dir` from now on: a scheduler restored from
+        a run folder that has moved since (its pickle names the folder it was written in)."""
+        self._run_dir = str(run_dir)
+
     def _load_once(self) -> None:
         if self._loaded:
             return

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
+from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from raytune_ft.fidelity import finite, tell
 from raytune_ft.search.ray_private import (
+    move_experiment,
     optuna_completed,
     optuna_forget,
+    optuna_relocate_journal,
     optuna_study,
     optuna_trial,
 )
@@ -47,6 +51,20 @@ class FidelityOptunaSearch(OptunaSearch):
         if type(searcher) is OptunaSearch:
             searcher.__class__ = cls
             searcher._max_t, searcher._telling = max_t, "last"
+
+    def relocate(self, journal: Path) -> None:
+        """Read and write the Optuna journal at `journal` from now on, and after any later
+        `restore` of Ray's searcher state: the pickled study names the journal where the run
+        was written, and a run folder that moved must go on in its own journal (not create or
+        append to one at the old place)."""
+        self._rtft_journal = str(journal)
+        optuna_relocate_journal(self, self._rtft_journal)
+
+    def restore(self, checkpoint_path: str) -> None:
+        journal = getattr(self, "_rtft_journal", None)
+        super().restore(checkpoint_path)  # replaces every attribute with the pickled ones
+        if journal is not None:
+            self.relocate(Path(journal))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not finite(result.get(self.metric)):  # Optuna refuses to rank on NaN/inf
@@ -80,3 +98,24 @@ class FidelityOptunaSearch(OptunaSearch):
                                                 exc_info=True)
         optuna_completed(self).add(trial_id)
         optuna_forget(self, trial_id)  # told: nothing asks for it again
+
+
+class RestoredSearchGenerator(SearchGenerator):
+    """Ray's SearchGenerator for a resumed run, whose restored state is moved to where the run
+    folder is now.
+
+    Ray's snapshot of the generator holds the run's `Experiment`, whose storage names the
+    folder the run was written in: restored as it is, every trial created after a resume of
+    a moved run folder writes its results there ("Unable to set up cluster storage", or files
+    at the old place). Ray moves the restored trials themselves (`_restore_trials`); this
+    does the same for the experiment new trials are made from. `storage`: Ray's
+    StorageContext of the restored Tuner (`ray_private.restored_storage`)."""
+
+    def __init__(self, searcher: Any, storage: Any) -> None:
+        super().__init__(searcher)
+        self._rtft_storage = storage
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if self._experiment is not None:
+            move_experiment(self._experiment, self._rtft_storage)
