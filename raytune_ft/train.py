@@ -35,6 +35,8 @@ from raytune_ft.data import (
     iter_batches,
     normalize,
 )
+from raytune_ft.environment import amp_name
+from raytune_ft.environment import current as current_environment
 from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import build_model, freeze_stages, input_stats, param_groups, resolve_weights
 from raytune_ft.spec import METRICS, Spec
@@ -63,10 +65,12 @@ def pick_device(setting: str) -> torch.device:
 
 
 def _amp(device: torch.device, precision: str) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether a GradScaler is needed)."""
-    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+    """(autocast dtype or None, whether a GradScaler is needed); the rule is
+    :func:`raytune_ft.environment.amp_name`'s, which records it."""
+    name = amp_name(device.type, precision)
+    if name == "fp32":
         return None, False
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+    if name == "bf16":
         return torch.bfloat16, False
     return torch.float16, device.type == "cuda"
 
@@ -276,6 +280,10 @@ def train(hp: Hyperparams, *, spec: Spec, data: Splits, report: Report,
     loss_fn = loss_function(hp)
     metric, mode = spec.metric, METRICS[spec.metric]
     config = trial_config(spec, hp, data.classes)
+    # What decides whether `rtft reproduce` can expect the same bits (environment.py): read
+    # after the threads and cuDNN flags are set; the machine's part once per process.
+    config["environment"] = current_environment(
+        device=device.type, amp=amp_name(device.type, spec.train.precision))
 
     # -- resume ----------------------------------------------------------------------------------
     start, best = 0, None
