@@ -16,7 +16,9 @@ from raytune_ft.cli_common import guard
 @click.argument("trial_id")
 @click.option("--rtol", type=click.FloatRange(min=0), default=None, metavar="R",
               help="Relative tolerance per figure. Default: 0 (equal to the last bit) for a "
-                   "trial that ran on CPU, 1e-4 for one that ran on GPU.")
+                   "trial that ran on CPU in the environment it recorded (torch build, CPU "
+                   "model and ISA, threads, ...); 1e-4 in another environment, one not "
+                   "recorded, or on GPU.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @guard
 def reproduce(run_dir: Path, trial_id: str, rtol: float | None, debug: bool) -> None:
@@ -24,7 +26,10 @@ def reproduce(run_dir: Path, trial_id: str, rtol: float | None, debug: bool) -> 
     the epochs it ran, and compare train_loss, val_loss and val_acc epoch by epoch.
 
     The data is checked against the run's data.json first: data that changed is refused
-    (exit code 2) naming what changed. Exit code 0: every figure matches; 1: one differs (the
+    (exit code 2) naming what changed. Then the trial's recorded environment is compared with
+    this one: the same (on CPU), the figures must be equal to the last bit; another one, or
+    none recorded, they must agree within the tolerance, and the differences are listed.
+    Exit code 0: every figure matches (within the stated tolerance); 1: one differs (the
     first is named).
 
     \b
