@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "runs_v0.1.0" / "old-run"
@@ -38,6 +39,12 @@ def test_an_old_run_folder_reports_resumes_and_promotes(tmp_path: Path) -> None:
     runs = tmp_path / "elsewhere"  # not where it was written: resume where it now is
     run = runs / "old-run"
     shutil.copytree(FIXTURE, run)
+    # The folder the run was written in must not exist here, or this test could pass by
+    # reading and writing there (it did, on the machine that made the fixture).
+    recorded = yaml.safe_load((FIXTURE / "spec.yaml").read_text())
+    old_places = [Path(recorded["run"]["storage_path"]), Path(recorded["promote"]["dir"])]
+    assert not any(p.exists() for p in old_places), (
+        f"{old_places} exist on this machine: the fixture's old location must be absent")
     decisions_before = (run / "asha_decisions.jsonl").read_text().splitlines()
 
     res = _rtft("results", str(run), cwd=tmp_path)
@@ -59,6 +66,10 @@ def test_an_old_run_folder_reports_resumes_and_promotes(tmp_path: Path) -> None:
     assert sum(1 for d in decisions if d["trial"] == "4d02f39d" and d["epoch"] == 1
                and d["action"] != "COMPLETE") == 1
     assert trials["9294ffbd"]["history"][-1]["epoch"] == 2
+
+    assert not any(p.exists() for p in old_places), "resume wrote at the run's old location"
+    # promote.dir lay beside the runs folder: the model is promoted beside where it is now
+    assert (tmp_path / "models" / "old-run" / "v1" / "model.safetensors").is_file()
 
     res = _rtft("report", str(run), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -80,6 +80,7 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         # rung at epoch 1 would judge them on the part of their curve that says least.
         self._protect_first = int(protect_first)
         self._protected: list[str] = []
+        self._judged: set[tuple[str, Any, bool]] = set()  # (trial, epoch, COMPLETE?) logged
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A scheduler pickled by rtft 0.1.0 lacks our own copies of its settings.
@@ -87,6 +88,7 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         if not isinstance(state.get("_protected"), list):  # rtft 0.1.0: one id or None
             self._protected = [state["_protected"]] if state.get("_protected") else []
             self._protect_first = int(state.get("_protect_first", 0))
+        self.__dict__.setdefault("_judged", set())
         if "_t_attr" not in state:
             self._t_attr, self._m_name, mode, self._last_t = asha_settings(self)
             self._sign = -1.0 if mode == "min" else 1.0
@@ -115,6 +117,7 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
                 f.truncate(len(text.encode()))
         for line in text.splitlines():
             d = json.loads(line)
+            self._judged.add((d["trial"], d["epoch"], d["action"] == "COMPLETE"))
             if d.get("protected") and d["trial"] not in self._protected:
                 self._protected.append(d["trial"])
             if d["action"] == "PROTECT":
@@ -149,15 +152,25 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         if trial.trial_id in self._protected and result.get(self._t_attr, 0) < self._last_t:
             action = "CONTINUE"  # recorded at the rung like any trial, but never stopped
         if self._t_attr in result and self._m_name in result:
-            self._log(trial.trial_id, result[self._t_attr], result[self._m_name], action)
+            self._log_once(trial.trial_id, result[self._t_attr], result[self._m_name], action)
         return action
+
+    def _log_once(self, trial_id: str, epoch: Any, value: Any, action: str) -> None:
+        """Log a decision unless this trial's result at this epoch is logged already: a trial
+        restarted after a crash from before its last checkpoint reports those epochs again,
+        and ASHA, which records a trial once per rung, does not judge them again."""
+        key = (trial_id, epoch, action == "COMPLETE")
+        if key not in self._judged:
+            self._judged.add(key)
+            self._log(trial_id, epoch, value, action)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         self._load_once()
         asha_adopt(self, trial.trial_id)
         super().on_trial_complete(tune_controller, trial, result)
         if self._t_attr in result and self._m_name in result:
-            self._log(trial.trial_id, result[self._t_attr], result[self._m_name], "COMPLETE")
+            self._log_once(trial.trial_id, result[self._t_attr], result[self._m_name],
+                           "COMPLETE")
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         asha_forget(self, trial.trial_id)
