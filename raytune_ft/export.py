@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytune_ft.checkpoint import honour_umask
 from raytune_ft.data import iter_batches, normalize, prepare
 from raytune_ft.errors import UserError, first_line
 from raytune_ft.promote import PromotedModelError, load_promoted
@@ -106,6 +107,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
                 f"{n - agree} of {n} {split} images (first: image {i}, PyTorch "
                 f"{names[ours]!r}, {fmt} {names[theirs]!r}; max abs logit difference "
                 f"{diff:.3g}); nothing was written")
+        honour_umask(tmp)  # the mode of the model folder's other files, whoever wrote it
         os.replace(tmp, dest)  # atomic: the destination is the checked file or untouched
     finally:
         tmp.unlink(missing_ok=True)

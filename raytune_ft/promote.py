@@ -31,9 +31,10 @@ import torch
 import yaml
 from torch import nn
 
-from raytune_ft.checkpoint import load_checkpoint
+from raytune_ft.checkpoint import honour_umask, load_checkpoint
 from raytune_ft.cost import measure
 from raytune_ft.data import Splits, prepare
+from raytune_ft.environment import summary as environment_summary
 from raytune_ft.knobs import Hyperparams
 from raytune_ft.models import build_model, input_stats
 from raytune_ft.runs import (  # re-exported: promotion's rule lives with the records
@@ -171,8 +172,28 @@ training and validation, the mean over its {rec.epochs} epoch(s).
 """
 
 
+def _environment_section(rec: TrialRecord, env: dict[str, Any] | None) -> str:
+    """The environment the trial trained in, as its trainer recorded it in the checkpoint
+    (config.json, key `environment`): what `rtft reproduce` must match to expect the same
+    bits."""
+    if not isinstance(env, dict):
+        return ("\n## Environment\nNot recorded (the trial ran on an rtft before environments "
+                "were recorded).\n")
+    rows = "\n".join(f"| {label} | {value} |" for label, value in environment_summary(env))
+    return f"""
+## Environment (trial {rec.trial_id}, as its trainer recorded it)
+
+| | |
+|---|---|
+{rows}
+
+Float results are bit-equal only in the same environment (config.json, key `environment`);
+`rtft reproduce` compares exactly there, and within a stated tolerance elsewhere.
+"""
+
+
 def _card(spec: Spec, rec: TrialRecord, metrics: dict, params: dict, n_params: int,
-          model: nn.Module) -> str:
+          model: nn.Module, env: dict[str, Any] | None = None) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
     val, test, size = metrics["val"], metrics["test"], spec.data.image_size
     val_row = f"{val['val_acc']:.4f} | {val['val_loss']:.4f} | {metrics['data']['val']}"
@@ -189,7 +210,8 @@ Fine-tuned from `{spec.model.weights}` on `{spec.data.source}` by an rtft search
 
 Trained {rec.epochs} epoch(s); checkpoint of epoch {metrics['val']['epoch']}.
 Data fingerprint: `{metrics['data']['sha256']}`. Weights sha256: `{metrics['sha256']}`.
-{_cost_section(spec, rec)}{_teacher_section(spec, metrics, n_params, model)}
+{_cost_section(spec, rec)}{_environment_section(rec, env)}\
+{_teacher_section(spec, metrics, n_params, model)}
 ## Parameters
 | parameter | value |
 |---|---|
@@ -291,7 +313,10 @@ def promote(spec: Spec, records: list[TrialRecord],
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
                 n_values = sum(v.numel() for v in model.state_dict().values())
                 (tmp / "MODEL_CARD.md").write_text(_card(tspec, rec, metrics, params, n_values,
-                                                           model))
+                                                           model, config.get("environment")))
+                # One mode for every file, the umask's: safetensors writes its file 0600, which
+                # on shared storage hides the weights from a teammate who can read the rest.
+                honour_umask(*(f for f in tmp.iterdir() if f.is_file()))
                 try:
                     os.rename(tmp, dest)  # atomic: the folder appears whole or not at all
                     break

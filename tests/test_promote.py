@@ -259,3 +259,53 @@ def test_sigkill_during_promotion_leaves_old_or_new_never_half(trained) -> None:
     weights.write_bytes(bytes(blob))
     with pytest.raises(PromotedModelError, match="sha256 does not match"):
         load_promoted(v1)
+
+
+# --------------------------------------------------------------------------------------------
+# The trial's environment on the card; one file mode for the whole folder (shared storage).
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o002, 0o664)])
+def test_a_promoted_model_and_its_checkpoint_have_one_mode_and_the_trials_environment(
+        trained, tmp_path: Path, mask: int, mode: int) -> None:  # noqa: ANN001
+    """Under umask 022 every file is 0644, under 002 0664: safetensors alone wrote its file
+    0600, which on shared storage hid the weights from a teammate who could read the rest."""
+    import os
+
+    from raytune_ft.checkpoint import load_checkpoint, save_checkpoint
+
+    _, spec, record = trained
+    spec = spec.model_copy(update={"name": f"modes{mask:o}", "promote": spec.promote.model_copy(
+        update={"dir": str(tmp_path / "models")})})
+    state, config = load_checkpoint(record.best_checkpoint)
+    old = os.umask(mask)
+    try:  # the trial's checkpoint written again under this umask, then promoted from it
+        ckpt = save_checkpoint(tmp_path / "ckpt", model=state["model"], optimizer=None,
+                               scheduler=None, epoch=state["epoch"], best=state["best"],
+                               config=config)
+        rec = TrialRecord(record.trial_id, record.params, record.history, str(ckpt))
+        [v1] = promote(spec, [rec], prepare(spec.data), echo=lambda s: None)
+    finally:
+        os.umask(old)
+    files = [*ckpt.iterdir(), *v1.iterdir(), v1.parent / "LATEST"]
+    modes = {f"{p.parent.name}/{p.name}": oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(mode)}, modes
+    assert len(modes) == 2 + len(FILES) + 1
+
+    # The environment the trainer recorded in the checkpoint: in config.json and on the card.
+    env = json.loads((v1 / "config.json").read_text())["environment"]
+    assert env == config["environment"] and env["device"] == "cpu" and env["threads"] >= 1
+    card = (v1 / "MODEL_CARD.md").read_text()
+    section = card.split(f"## Environment (trial {record.trial_id}, as its trainer recorded "
+                         f"it)\n", 1)[1].split("\n## ", 1)[0]
+    assert f"| torch / torchvision | {env['torch']} / {env['torchvision']} |" in section
+    assert f"| CPU | {env['cpu']} ({env['arch']}) |" in section
+    assert f"| device, torch threads | cpu, {env['threads']} |" in section
+    assert "| precision (autocast) | fp32 |" in section and "| GPU |" not in section
+    assert " ".join(env["isa"]) in section and env["cpu_capability"] in section
+
+
+def test_the_card_says_when_no_environment_was_recorded() -> None:
+    from raytune_ft.promote import _environment_section
+
+    rec = TrialRecord("old", {}, [])
+    assert "Not recorded (the trial ran on an rtft before" in _environment_section(rec, None)
