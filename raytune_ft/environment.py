@@ -19,7 +19,8 @@ Keys of an environment (a flat JSON object):
 - descriptive only (:data:`DESCRIPTIVE`, never compared): `ray` and `optuna` (a trial's
   parameters are recorded; the trainer, and so `rtft reproduce`, runs neither), `python`
   (the trainer's arithmetic is torch's), `os`, and `recorded_by` (`trial`: the trainer, in the
-  trial's own process; `driver`: the process that ran the search, for `environment.json`).
+  trial's own process; `driver`: the process that ran the search, for `environment.json`,
+  which alone adds `host`, the driver's host name, to tell whether a trial ran beside it).
 
 No Ray here, and no torch at import: reading and comparing environments needs neither.
 """
@@ -55,7 +56,7 @@ DECIDING = ("torch", "torchvision", "numpy", "arch", "cpu", "isa", "cpu_capabili
             "threads", "amp", "deterministic", "gpu", "cuda", "cudnn", "cudnn_deterministic",
             "cudnn_benchmark")
 # Recorded, shown, never compared.
-DESCRIPTIVE = ("ray", "optuna", "python", "os", "recorded_by")
+DESCRIPTIVE = ("ray", "optuna", "python", "os", "recorded_by", "host")
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,10 +188,12 @@ def write_run(run_dir: str | Path, spec: Spec) -> Path:
     """Write the run's `environment.json` (atomically, with the umask's mode): the
     environment of the process that runs the search, with the trials' device, autocast and
     threads. On one machine that is the trials' own; on a cluster the driver's (the trials'
-    are in their checkpoints' config.json, which `rtft reproduce` reads first)."""
+    are in their checkpoints' config.json, which `rtft reproduce` reads first; `host` tells
+    it whether a trial without a checkpoint ran here). A resumed search writes it again: the
+    machine that runs the rest."""
     path = Path(run_dir) / RUN_FILE
-    write_atomic(path, json.dumps(for_spec(spec, recorded_by="driver"), indent=1,
-                                  sort_keys=True) + "\n")
+    env = {**for_spec(spec, recorded_by="driver"), "host": platform.node() or None}
+    write_atomic(path, json.dumps(env, indent=1, sort_keys=True) + "\n")
     return path
 
 

@@ -130,12 +130,13 @@ def recorded_history(record: TrialRecord) -> list[dict[str, Any]]:
 trial_device = environment.trial_device
 
 
-def _checkpoint_config(folder: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, *, first_line: bool = False) -> Any:
+    """A JSON file's value (its first line's: Ray's result.json), None when unreadable."""
     try:
-        config = json.loads((folder / CONFIG).read_text())
+        with open(path) as f:
+            return json.loads(f.readline() if first_line else f.read())
     except (OSError, ValueError):
         return None
-    return config if isinstance(config, dict) else None
 
 
 def recorded_environment(run_dir: Path, record: TrialRecord
@@ -145,18 +146,23 @@ def recorded_environment(run_dir: Path, record: TrialRecord
     First the trial's own, which its trainer wrote into each checkpoint's config.json: its
     last checkpoint in the run folder (`tune/trial_<id>/`: where the folder is now), else the
     checkpoint trials.json names; then the run's environment.json (the search's process:
-    the trials' own on one machine); none for runs of rtft before either was recorded."""
+    the trials' own on one machine; not when Ray says the trial ran on another host); none
+    for runs of rtft before either was recorded."""
     folder = run_dir / TUNE_DIR / f"trial_{record.trial_id}"
     candidates = sorted(folder.glob("checkpoint_*"), reverse=True)
     if record.best_checkpoint and "://" not in record.best_checkpoint:
         candidates.append(Path(record.best_checkpoint))
     for ckpt in candidates:
-        config = _checkpoint_config(ckpt)
-        if config is not None and isinstance(config.get("environment"), dict):
+        config = _read_json(ckpt / CONFIG)
+        if isinstance(config, dict) and isinstance(config.get("environment"), dict):
             return config["environment"], str(ckpt / CONFIG)
-    env = environment.read_run(run_dir)
+    env, run_file = environment.read_run(run_dir), run_dir / environment.RUN_FILE
+    first = _read_json(folder / "result.json", first_line=True)
+    host = first.get("hostname") if isinstance(first, dict) else None
+    if env is not None and env.get("host") and host and host != env["host"]:
+        return None, f"{run_file} is the search's, on {env['host']}; the trial ran on {host}"
     if env is not None:
-        return env, str(run_dir / environment.RUN_FILE)
+        return env, str(run_file)
     return None, (f"none recorded: no environment in the trial's checkpoints, no "
                   f"{environment.RUN_FILE}; a run of an rtft before they were recorded")
 

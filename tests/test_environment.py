@@ -17,7 +17,7 @@ from raytune_ft.environment import DECIDING, DESCRIPTIVE, current, differences
 
 def test_current_records_every_key_and_reads_the_machine_once() -> None:
     env = current(device="cpu", amp="fp32", threads=3)
-    assert set(env) == set(DECIDING) | set(DESCRIPTIVE)
+    assert set(env) == set(DECIDING) | set(DESCRIPTIVE) - {"host"}  # host: the run's only
     import torch
 
     assert env["torch"] == torch.__version__ and env["threads"] == 3
@@ -73,7 +73,7 @@ def test_the_runs_environment_json_is_written_atomically_and_read_back(
     assert path == tmp_path / environment.RUN_FILE
     assert [p.name for p in tmp_path.iterdir()] == [environment.RUN_FILE]  # no temp file left
     env = environment.read_run(tmp_path)
-    assert env is not None and env["recorded_by"] == "driver"
+    assert env is not None and env["recorded_by"] == "driver" and env["host"]
     # The trials' device, autocast and threads (one per run.resources.cpu), as they got them.
     assert (env["device"], env["amp"], env["threads"]) == ("cpu", "fp32", 1)
     assert differences(env, environment.for_spec(spec)) == []

@@ -106,6 +106,34 @@ def test_unknown_trial_is_refused_listing_known_ids(tmp_path: Path) -> None:
     assert "no trial 'nope'" in res.output and "t0, t1, t2, t3, t4, … (7 trials" in res.output
 
 
+def test_the_recorded_environment_is_the_trials_own_else_the_runs(tmp_path: Path) -> None:
+    """The trial's checkpoint first (its trainer wrote it); else the run's environment.json,
+    unless Ray says the trial ran on another host than the search's (a cluster); else none."""
+    from raytune_ft.reproduce import TrialRecord, recorded_environment
+
+    run = tmp_path / "run"
+    trial = run / "tune" / "trial_t1"
+    (trial / "checkpoint_000000").mkdir(parents=True)
+    (trial / "checkpoint_000000" / "config.json").write_text(json.dumps({"classes": []}))
+    record = TrialRecord("t1", {}, [])
+    env, why = recorded_environment(run, record)
+    assert env is None and why.startswith("none recorded: no environment in the trial's")
+    (run / "environment.json").write_text(json.dumps({"cpu": "A", "host": "head"}))
+    assert recorded_environment(run, record) == ({"cpu": "A", "host": "head"},
+                                                 str(run / "environment.json"))
+    (trial / "result.json").write_text(json.dumps({"epoch": 1, "hostname": "head"}) + "\n")
+    assert recorded_environment(run, record)[0] == {"cpu": "A", "host": "head"}
+    (trial / "result.json").write_text(json.dumps({"epoch": 1, "hostname": "worker-3"}) + "\n")
+    env, why = recorded_environment(run, record)
+    assert env is None and why == f"{run / 'environment.json'} is the search's, on head; " \
+        "the trial ran on worker-3"
+    (trial / "checkpoint_000001").mkdir()  # the latest checkpoint's, written by the trainer
+    (trial / "checkpoint_000001" / "config.json").write_text(json.dumps({"environment": {
+        "cpu": "B"}}))
+    assert recorded_environment(run, record) == (
+        {"cpu": "B"}, str(trial / "checkpoint_000001" / "config.json"))
+
+
 def test_a_trial_of_an_old_run_folder_is_found_in_rays_folders() -> None:
     """rtft 0.1.0 runs have no trials.json: trials come from tune/trial_<id>/."""
     run = ROOT / "tests" / "fixtures" / "runs_v0.1.0" / "old-run"
