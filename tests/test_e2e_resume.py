@@ -27,13 +27,13 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_sigkill_mid_search_then_resume(ray_session, tmp_path: Path, backbone_file: Path) -> None:  # noqa: ANN001
-    spec_file = write_tiny_spec(tmp_path, weights=str(backbone_file))
-    run_dir = tmp_path / "runs" / "tiny"
+def _search_killed_after(spec_file: Path, sets: list[str], n_ended: int = 2) -> list[str]:
+    """Run `rtft search` in a subprocess and SIGKILL it (and the Ray it started) once
+    `n_ended` trials have ended; returns the ids of the trials that had ended."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "raytune_ft.cli", "search", str(spec_file),
-                             *SETS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             *sets], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     ended: list[str] = []
     try:
@@ -42,12 +42,19 @@ def test_sigkill_mid_search_then_resume(ray_session, tmp_path: Path, backbone_fi
         for line in proc.stdout:
             if " after epoch " in line:
                 ended.append(line.split("] ", 1)[1].split()[0])
-            elif len(ended) >= 2 and " epoch " in line:
+            elif len(ended) >= n_ended and " epoch " in line:
                 break
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, no goodbye
         proc.wait()
-    assert len(ended) >= 2, "the search ended before two trials finished"
+    assert len(ended) >= n_ended, "the search ended before two trials finished"
+    return ended
+
+
+def test_sigkill_mid_search_then_resume(ray_session, tmp_path: Path, backbone_file: Path) -> None:  # noqa: ANN001
+    spec_file = write_tiny_spec(tmp_path, weights=str(backbone_file))
+    run_dir = tmp_path / "runs" / "tiny"
+    ended = _search_killed_after(spec_file, SETS)
     before = {d.name.removeprefix("trial_"): _lines(d / "result.json")
               for d in (run_dir / "tune").glob("trial_*")}
     decisions_before = _lines(run_dir / "asha_decisions.jsonl")
@@ -84,6 +91,44 @@ def test_sigkill_mid_search_then_resume(ray_session, tmp_path: Path, backbone_fi
     first = next((d["trial"] for d in decisions if d.get("protected")), None)
     assert first and all(not (d["trial"] == first and d["action"] == "STOP"
                               and d["epoch"] < 4) for d in decisions)
+
+
+def test_sigkill_then_move_the_folder_then_resume_where_it_is(ray_session, tmp_path: Path,  # noqa: ANN001
+                                                              backbone_file: Path) -> None:
+    """A run folder moved after a crash (copied off a cluster, a renamed project) resumes
+    where it now is: every trial kept, none re-run, the ASHA log and the Optuna journal go on
+    in the new place, and nothing is written at the old one."""
+    spec_file = write_tiny_spec(tmp_path, weights=str(backbone_file))
+    ended = _search_killed_after(spec_file, SETS)
+    old = tmp_path / "runs"
+    new = tmp_path / "moved" / "project" / "runs" / "tiny"
+    new.parent.mkdir(parents=True)
+    (old / "tiny").rename(new)
+    old.rmdir()  # the old location is gone: anything written there would recreate it
+    before = {d.name.removeprefix("trial_"): _lines(d / "result.json")
+              for d in (new / "tune").glob("trial_*")}
+    decisions_before = _lines(new / "asha_decisions.jsonl")
+    journal_before = _lines(new / "optuna.journal")
+
+    res = CliRunner().invoke(main, ["resume", str(new)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.output and "promoted model:" in res.output
+    assert not old.exists() and not (tmp_path / "models").exists(), "written at the old place"
+    trials = json.loads((new / "trials.json").read_text())
+    assert len(trials) == 6 and not any(t["error"] for t in trials)
+    # Every checkpoint is in the folder where the run is now (trials stopped by ASHA before
+    # their last epoch keep none: run.checkpoint_every is 0).
+    kept = [t["best_checkpoint"] for t in trials if t["best_checkpoint"]]
+    assert len(kept) >= sum(len(t["history"]) == 4 for t in trials) >= 1
+    assert all(c.startswith(str(new.resolve() / "tune")) for c in kept), kept
+    for tid in ended:  # finished before the crash: no new result, no new ASHA decision
+        assert _lines(new / "tune" / f"trial_{tid}" / "result.json") == before[tid]
+    decisions = [json.loads(x) for x in (new / "asha_decisions.jsonl").read_text().splitlines()]
+    assert len(decisions) > decisions_before
+    assert not {d["trial"] for d in decisions[decisions_before:]} & set(ended)
+    assert _lines(new / "optuna.journal") > journal_before  # the study went on here
+    # promote.dir sat beside the runs folder in the spec: it moved with it
+    assert (tmp_path / "moved" / "project" / "models" / "tiny" / "v1").is_dir()
 
 
 def test_second_search_on_the_same_run_is_refused(tmp_path: Path) -> None:
