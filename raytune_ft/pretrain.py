@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from raytune_ft.checkpoint import honour_umask
 from raytune_ft.data import prepare
 from raytune_ft.models import RECIPES, recipe_path
 from raytune_ft.spec import DataSpec, Hyperparams, Spec, TrainSpec
@@ -52,6 +53,7 @@ def pretrain(name: str, arch: str, image_size: int, *, echo: Callable[[str], Non
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, tmp)
+    honour_umask(tmp)  # mkstemp makes it 0600: a shared cache must be readable by others
     os.replace(tmp, path)
     return path
 

@@ -33,9 +33,9 @@ from typing import Any
 from raytune_ft import environment
 from raytune_ft.checkpoint import CONFIG
 from raytune_ft.errors import UserError
+from raytune_ft.run_folder import open_run
 from raytune_ft.runs import HISTORY_KEYS, TUNE_DIR, Echo, TrialRecord, read_records, text_table
 from raytune_ft.spec import Spec
-from raytune_ft.spec_io import load_spec
 from raytune_ft.weights import absolute, classify
 
 __all__ = ["COMPARED", "ENV_RTOL", "GPU_RTOL", "Outcome", "Row", "compare",
@@ -404,7 +404,7 @@ def reproduce(run_dir: Path, trial_id: str, *, rtol: float | None = None,
     """
     record = trial_record(run_dir, trial_id)
     # The plain single-architecture spec the trial trained with (a `model.arch` choice).
-    spec = load_spec(run_dir / "spec.yaml").for_trial(record.params)
+    spec = open_run(run_dir).for_trial(record.params)
     history = recorded_history(record)
     if not history:
         raise UserError(f"trial {trial_id} reported no epoch"

@@ -42,7 +42,7 @@ TUNE_DIR = "tune"
 # decision log on every result: too chatty for object storage) and uploaded to the run's URI
 # after every finished trial and at the end (search.storage).
 RUN_FILES = ("spec.yaml", "data.json", "trials.json", "optuna.journal", "asha_rungs.json",
-             "asha_decisions.jsonl")
+             "asha_decisions.jsonl", "environment.json")
 # Per-epoch metrics kept in TrialRecord.history (Ray adds many bookkeeping columns).
 # The cost of a trial's model, reported by the trainer with every epoch (raytune_ft.cost):
 # parameters, forward FLOPs per image, median latency at batch 1 and 32 on the trial's device
