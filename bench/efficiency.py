@@ -330,12 +330,18 @@ def pool_records(pool: list[dict[str, Any]]) -> list[Any]:
             for i, e in enumerate(pool)]
 
 
-def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
+def replay(spec: Spec, pool: list[dict[str, Any]], method: str | tuple, seed: int, *,
            budget_epochs: int | None = None, num_trials: int | None = None,
            concurrency: int = 2, warm_from: list[dict[str, Any]] | None = None,
-           baseline: bool | None = None, knobs: dict[str, Any] | None = None
-           ) -> dict[str, Any]:
-    """One simulated search: the trace of (epochs so far, simulated seconds, val_acc)."""
+           baseline: bool | None = None, knobs: dict[str, Any] | None = None,
+           portfolio: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One simulated search: the trace of (epochs so far, simulated seconds, val_acc).
+
+    `method`: a name of METHODS, or such a tuple (sampler, scheduler, telling, warm).
+    `knobs`: searcher and scheduler fields to set (n_startup_trials, grace_period,
+    reduction_factor, brackets). `portfolio`: configurations mapped onto the space by
+    `raytune_ft.portfolio.plan` and enqueued after the baseline and warm start, protected
+    from early stopping, as `run_search` does with `searcher.portfolio`."""
     import numpy as np
     import optuna
     from ray.tune.schedulers import FIFOScheduler
@@ -345,7 +351,8 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
     from raytune_ft.search.searcher import FidelityOptunaSearch
     from raytune_ft.space import baseline_params, define_by_run, make_sampler
 
-    sampler_name, sched_type, telling, warm = METHODS[method]
+    sampler_name, sched_type, telling, warm = (METHODS[method] if isinstance(method, str)
+                                               else method)
     s = with_method(spec, sampler_name, sched_type, seed)
     if baseline is not None:
         s = s.model_copy(update={"searcher": s.searcher.model_copy(
@@ -369,6 +376,12 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
         for cfg in warm_start.plan(s, [src], top=WARM_TOP, prior=False).enqueue:
             study.enqueue_trial(cfg, skip_if_exists=True)
             protect += 1  # run to max_t, as run_search protects them
+    if portfolio:
+        from raytune_ft import portfolio as pf
+
+        for cfg in pf.plan(s, pf.Portfolio(list(portfolio), source="replay")).enqueue:
+            study.enqueue_trial(cfg, skip_if_exists=True)
+            protect += 1
     searcher = FidelityOptunaSearch(space=define_by_run(s), sampler=make_sampler(s),
                                     metric=s.metric, mode=s.mode, storage=storage,
                                     study_name=study_name, max_t=s.max_t, telling=telling)
@@ -377,7 +390,8 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str, seed: int, *,
         scheduler: Any = PersistentASHA(
             Path(tmp.name), protect_first=protect,
             time_attr="training_iteration", max_t=s.max_t, metric=s.metric, mode=s.mode,
-            grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
+            grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor,
+            brackets=getattr(s.scheduler, "brackets", 1))
     else:
         scheduler = FIFOScheduler()
     nearest = Nearest(s, pool)
@@ -764,7 +778,12 @@ def main() -> None:
     if path.exists() and not args.smoke:  # parts not run now: keep the earlier results
         old = json.loads(path.read_text())
         kept = {k: old[k] for k in ("efficiency", "live", "ask_tell_ms", "median_trial_s",
-                                    "defaults_sweep", "ask_tell_load")
+                                    "defaults_sweep", "ask_tell_load",
+                                    # bench/transfer.py's leave-one-task-out results
+                                    "tasks", "average", "chosen", "choice_sweep",
+                                    "builtin_portfolio", "levels", "transfer_settings",
+                                    "transfer_load", "transfer_wall_s",
+                                    "pool_recording_load")
                 if k in old and k not in found}
     if "live" not in found and "live" not in kept:
         found["live"] = "skipped"

@@ -68,8 +68,10 @@ def test_efficiency_smoke(tmp_path: Path) -> None:
     data = _run("efficiency.py", tmp_path)
     pool = [json.loads(x) for x in
             (tmp_path / "efficiency_pool_smoke.jsonl").read_text().splitlines()]
-    assert len(pool) == 9 and all(len(e["curve"]) == 2 for e in pool)  # 3 spaces x 3
-    assert {e["space"] for e in pool} == {"default", "large", "sibling"}
+    # 3 spaces x 3, and 2 of each task of the default space (mobilenet, few100, scratch)
+    assert len(pool) == 15 and all(len(e["curve"]) == 2 for e in pool)
+    assert {e["space"] for e in pool} == {"default", "large", "sibling", "mobilenet",
+                                          "few100", "scratch"}
     for space in ("default", "large"):
         e = data["efficiency"][space]
         assert set(e["methods"]) == {"random full", "random+asha", "tpe+asha (ray: last)",
@@ -89,6 +91,30 @@ def test_efficiency_smoke(tmp_path: Path) -> None:
     # A second run reuses the recorded pool instead of training again.
     again = _run("efficiency.py", tmp_path, "--parts", "replay")
     assert "recording" not in again["_stdout"]
+
+
+@pytest.mark.slow
+def test_transfer_smoke(tmp_path: Path) -> None:
+    """Leave-one-task-out: every task's table has every method, regrets are fractions, and
+    the portfolio replayed on a task was built without that task's pool."""
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(BENCH / "transfer.py"), "--smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "efficiency.json").read_text())
+    assert set(data["tasks"]) == {"default", "sibling", "mobilenet", "few100", "scratch"}
+    names = {"random full", "random+asha", "tpe+asha (ray: last)", "previous default",
+             "rtft default", "rtft default, no portfolio", "rtft default, no hedging"}
+    for task, t in data["tasks"].items():
+        assert set(t["methods"]) == names, task
+        for m, r in t["methods"].items():
+            assert 0 <= r["regret_25_median"] <= 1 and r["seeds"] == 2, (task, m)
+            assert r["regret_full_median"] <= r["regret_25_median"] + 1e-9, (task, m)
+        assert len(t["portfolio_indices_loto"]) == data["chosen"]["K"]
+    assert set(data["average"]) == names
+    assert data["chosen"]["K"] in (1, 2) and data["chosen"]["brackets"] in (1, 2)
+    assert "average over tasks" in proc.stdout
 
 
 @pytest.mark.slow

@@ -1,0 +1,380 @@
+"""The default search against what users would run instead, on tasks it has never seen:
+leave-one-task-out replays over the recorded pools of several fine-tuning tasks.
+
+    python bench/transfer.py                   # choose K and brackets, then the comparison
+    python bench/transfer.py --smoke           # seconds: the smoke pools, 2 seeds
+    python bench/transfer.py --write-builtin   # also rebuild raytune_ft/portfolio_builtin.json
+
+How it works:
+
+1. The pools are `bench/efficiency.py`'s (`results/efficiency_pool_e8.jsonl`): the default
+   space of `search_spaces/resnet.yaml`, drawn with one seed, so configuration *i* is the same
+   in every pool, each trained 8 epochs on each task (default digits task, sibling digits,
+   mobilenet_v3_small, 100 training images, no pretraining). Only recorded curves are read.
+2. A **portfolio** of K configurations is picked greedily from the pools of the training
+   tasks to minimise the mean *normalised regret* across them: on task t a configuration's
+   regret is the pool's best val_acc minus its own best, divided by the pool's best minus
+   its median (so an easy task and a hard one weigh the same); a portfolio's regret is that
+   of its best member. Only the configurations every training pool holds are candidates.
+3. **Leave one task out**: for each task, the portfolio is rebuilt without that task's pool
+   and replayed on it (`efficiency.replay`: the real searcher, scheduler and
+   `raytune_ft.portfolio.plan`), 20 seeds, a budget of 16 full trials (128 epochs), 2 trials
+   at a time, no baseline-first trial (it would measure the baseline, not the searcher).
+4. K and the number of ASHA brackets are chosen by the same leave-one-task-out replays
+   (`--ks`, `--brackets`; fewer seeds), by the mean regret at 25 %, 50 % and 100 % of the
+   budget, then the methods are compared: random at full budget; random+ASHA; TPE+ASHA as a
+   plain Ray Tune user runs it (Ray's telling `last`, one bracket, Ray's ASHA defaults grace 1
+   and reduction factor 4); the previous default (fidelity-aware TPE+ASHA, grace 2, η 2, one
+   bracket); the new default (the same with the portfolio and the chosen brackets); and the
+   new default without the portfolio, and without hedging (one bracket).
+5. Measures: regret (fraction: 0.01 = 1 pp) after 25 %, 50 % and 100 % of the budget, epochs
+   until a trial reports within 1 pp and 0.5 pp of the pool's best; medians over seeds, per
+   task and averaged over tasks. Importances of the knobs per task (fANOVA over each pool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+import efficiency as eff  # noqa: E402
+from _common import RESULTS, Results, load_average, median, table  # noqa: E402
+
+from raytune_ft.spec import Spec  # noqa: E402
+
+TASKS = ("default", "sibling", *eff.TASKS)  # the pools of the default space
+BUDGET_TRIALS = 16
+# name → (sampler, scheduler, telling, warm), knobs, portfolio?; "K"/"B" are filled in.
+RAY_ASHA = {"grace_period": 1, "reduction_factor": 4, "brackets": 1}  # ASHAScheduler()'s
+PREVIOUS = {"grace_period": 2, "reduction_factor": 2, "brackets": 1}
+
+
+def methods(k: int, brackets: int) -> dict[str, tuple[tuple, dict[str, Any], int]]:
+    """The compared methods: (method tuple, knobs, portfolio size)."""
+    new = {**PREVIOUS, "brackets": brackets}
+    return {
+        "random full": (("random", "none", "last", False), {}, 0),
+        "random+asha": (("random", "asha", "last", False), RAY_ASHA, 0),
+        "tpe+asha (ray: last)": (("tpe", "asha", "last", False), RAY_ASHA, 0),
+        "previous default": (("tpe", "asha", "fidelity", False), PREVIOUS, 0),
+        "rtft default": (("tpe", "asha", "fidelity", False), new, k),
+        "rtft default, no portfolio": (("tpe", "asha", "fidelity", False), new, 0),
+        "rtft default, no hedging": (("tpe", "asha", "fidelity", False), PREVIOUS, k),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Portfolios
+# --------------------------------------------------------------------------------------------
+def finals(pool: list[dict[str, Any]]) -> list[float]:
+    """Each configuration's best val_acc over its recorded curve (0 for one that failed)."""
+    return [max((c["val_acc"] for c in e["curve"]), default=0.0) for e in pool]
+
+
+def normalised_regrets(pools: dict[str, list[dict]], n: int) -> dict[str, list[float]]:
+    """{task: [normalised regret of configuration i for i < n]}: (best - own) / (best -
+    median), so that every task weighs the same whatever its spread."""
+    out = {}
+    for task, pool in pools.items():
+        f = finals(pool)
+        best, mid = max(f), median(f)
+        scale = max(best - mid, 1e-9)
+        out[task] = [(best - x) / scale for x in f[:n]]
+    return out
+
+
+def greedy_portfolio(pools: dict[str, list[dict]], k: int) -> list[int]:
+    """Indices of `k` configurations chosen greedily (each step the one that lowers the mean
+    over tasks of the portfolio's normalised regret most; ties: the lower index)."""
+    n = min(len(p) for p in pools.values())
+    nr = normalised_regrets(pools, n)
+    chosen: list[int] = []
+    current = {t: math.inf for t in nr}
+    def score(i: int, current: dict[str, float]) -> float:
+        return sum(min(current[t], nr[t][i]) for t in nr) / len(nr)
+
+    for _ in range(min(k, n)):
+        best = min((i for i in range(n) if i not in chosen),
+                   key=lambda i: (score(i, current), i))
+        chosen.append(best)
+        current = {t: min(current[t], nr[t][best]) for t in nr}
+    return chosen
+
+
+def searched_params(spec: Spec, params: dict[str, Any]) -> dict[str, Any]:
+    """A pool configuration without the knobs the space fixes (batch_size, augment, ...)."""
+    keep = {n for n, p in spec.search.items() if p.space != "fixed"}
+    return {k: v for k, v in params.items() if k in keep}
+
+
+def portfolio_for(specs: dict[str, Spec], pools: dict[str, list[dict]], k: int,
+                  leave_out: str | None) -> tuple[list[int], list[dict[str, Any]]]:
+    """The portfolio built from every pool but `leave_out`'s: indices and configurations."""
+    train = {t: p for t, p in pools.items() if t != leave_out}
+    idx = greedy_portfolio(train, k)
+    some = next(iter(train))
+    return idx, [searched_params(specs[some], train[some][i]["params"]) for i in idx]
+
+
+# --------------------------------------------------------------------------------------------
+# Replays
+# --------------------------------------------------------------------------------------------
+def _job(job: tuple) -> dict[str, Any]:
+    spec_json, pool, method, knobs, portfolio, seed, budget = job
+    warnings.filterwarnings("ignore")
+    r = eff.replay(Spec.model_validate(spec_json), pool, method, seed, budget_epochs=budget,
+                   baseline=False, knobs=knobs, portfolio=portfolio)
+    return {"trace": r["trace"], "trials": r["trials"]}
+
+
+def measures(rs: list[dict[str, Any]], pool_best: float, budget: int) -> dict[str, Any]:
+    """Medians over seeds of the regrets at 25/50/100 % and the epochs to 1 and 0.5 pp."""
+    def regret_at(r: dict, share: float) -> float:
+        seen = [v for e, _, v in r["trace"] if e <= share * budget]
+        return pool_best - max(seen) if seen else pool_best
+
+    out: dict[str, Any] = {}
+    for share, key in ((0.25, "regret_25"), (0.5, "regret_50"), (1.0, "regret_full")):
+        vals = [regret_at(r, share) for r in rs]
+        out[f"{key}_median"] = round(median(vals), 5)
+        out[f"{key}_q75"] = round(eff.quartiles(vals)[2], 5)
+    for pp, key in ((0.01, "epochs_to_1pp"), (0.005, "epochs_to_05pp")):
+        hits = [eff.to_target(r["trace"], pool_best - pp)[0] for r in rs]
+        m = eff.quartiles(hits)[1]
+        out[f"{key}_median"] = m if math.isfinite(m) else None  # null: not within budget
+        out[f"{key}_reached"] = sum(math.isfinite(h) for h in hits)
+    out["trials_median"] = median([r["trials"] for r in rs])
+    out["seeds"] = len(rs)
+    return out
+
+
+def run_replays(specs: dict[str, Spec], pools: dict[str, list[dict]],
+                plan: dict[str, tuple[tuple, dict[str, Any], int]], seeds: int,
+                workers: int) -> dict[str, dict[str, Any]]:
+    """{task: {method: measures}} for every method of `plan`, leave-one-task-out."""
+    jobs, keys = [], []
+    portfolios: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for task in pools:
+        spec, pool = specs[task], pools[task]
+        budget = BUDGET_TRIALS * spec.max_t
+        for name, (method, knobs, k) in plan.items():
+            pf = None
+            if k:
+                if (task, k) not in portfolios:
+                    portfolios[(task, k)] = portfolio_for(specs, pools, k, task)[1]
+                pf = portfolios[(task, k)]
+            for seed in range(seeds):
+                jobs.append((spec.model_dump(mode="json"), pool, method, knobs, pf, seed,
+                             budget))
+                keys.append((task, name))
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+            done = list(ex.map(_job, jobs, chunksize=4))
+    else:
+        done = [_job(j) for j in jobs]
+    out: dict[str, dict[str, Any]] = {}
+    for task in pools:
+        best = max(finals(pools[task]))
+        budget = BUDGET_TRIALS * specs[task].max_t
+        out[task] = {name: measures([r for kk, r in zip(keys, done, strict=True)
+                                     if kk == (task, name)], best, budget)
+                     for name in plan}
+    return out
+
+
+def average(per_task: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean over tasks of each method's medians (epochs: over the tasks that reached it)."""
+    names = next(iter(per_task.values())).keys()
+    out = {}
+    for m in names:
+        rows = [per_task[t][m] for t in per_task]
+        avg: dict[str, Any] = {}
+        for key in rows[0]:
+            vals = [r[key] for r in rows if isinstance(r[key], (int, float))]
+            avg[key] = round(sum(vals) / len(vals), 5) if vals else None
+        avg["tasks"] = len(rows)
+        avg["epochs_to_1pp_tasks_reached"] = sum(r["epochs_to_1pp_median"] is not None
+                                                 for r in rows)
+        avg["epochs_to_05pp_tasks_reached"] = sum(r["epochs_to_05pp_median"] is not None
+                                                  for r in rows)
+        out[m] = avg
+    return out
+
+
+def choose(specs: dict[str, Spec], pools: dict[str, list[dict]], ks: list[int],
+           brackets: list[int], seeds: int, workers: int) -> tuple[int, int, list[dict]]:
+    """K and brackets of the new default, by the leave-one-task-out replays: the lowest sum
+    of the mean regrets at 25, 50 and 100 % of the budget."""
+    plan = {f"K={k} B={b}": (("tpe", "asha", "fidelity", False), {**PREVIOUS, "brackets": b}, k)
+            for k in ks for b in brackets}
+    per_task = run_replays(specs, pools, plan, seeds, workers)
+    avg = average(per_task)
+    rows = []
+    for name, a in avg.items():
+        k, b = (int(x.split("=")[1]) for x in name.split())
+        rows.append({"K": k, "brackets": b, **{key: a[key] for key in (
+            "regret_25_median", "regret_50_median", "regret_full_median",
+            "epochs_to_1pp_median", "epochs_to_05pp_median")},
+            "score": a["regret_25_median"] + a["regret_50_median"] + a["regret_full_median"]})
+    rows.sort(key=lambda r: (r["score"], r["K"], r["brackets"]))
+    return rows[0]["K"], rows[0]["brackets"], rows
+
+
+# --------------------------------------------------------------------------------------------
+# Which knobs mattered where
+# --------------------------------------------------------------------------------------------
+def importances(spec: Spec, pool: list[dict[str, Any]]) -> dict[str, float]:
+    """fANOVA importances of the searched knobs for the final val_acc of a pool (Optuna's
+    evaluator, over the pool's configurations re-asked with their own distributions)."""
+    import optuna
+
+    from raytune_ft.space import baseline_params, sample_params
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=1234))
+    study.enqueue_trial(baseline_params(spec))  # as pool_params drew them: baseline first
+    for e, v in zip(pool, finals(pool), strict=True):
+        t = study.ask()
+        got = sample_params(spec, t)
+        if searched_params(spec, got) != searched_params(spec, e["params"]):
+            # the baseline (enqueued with its own values) or a changed space: tell by value
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+            continue
+        study.tell(t, v)
+    ev = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    try:
+        got = optuna.importance.get_param_importances(study, evaluator=ev)
+    except RuntimeError:  # a pool without spread (the smoke pools): nothing to attribute
+        return {}
+    return {k: round(v, 3) for k, v in got.items()}
+
+
+def level_table(spec: Spec, pools: dict[str, list[dict]], knob: str) -> dict[str, dict]:
+    """Median final val_acc of the configurations with each value of a categorical knob,
+    per task: the direct answer to "which init / activation / optimiser"."""
+    out: dict[str, dict] = {}
+    for task, pool in pools.items():
+        by: dict[str, list[float]] = {}
+        for e, v in zip(pool, finals(pool), strict=True):
+            if knob in e["params"]:
+                by.setdefault(str(e["params"][knob]), []).append(v)
+        out[task] = {lvl: round(median(vs), 4) for lvl, vs in sorted(by.items())}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def load_pools(smoke: bool, out_dir: Path) -> tuple[dict[str, Spec], dict[str, list[dict]],
+                                                   Path]:
+    """The specs and the recorded pools of TASKS (only what is recorded; in smoke mode the
+    tiny pools are recorded first, in seconds)."""
+    specs = eff.spaces(smoke)
+    pool_file = (out_dir / "efficiency_pool_smoke.jsonl" if smoke
+                 else RESULTS / "efficiency_pool_e8.jsonl")
+    sizes = ({t: 3 for t in TASKS} if smoke
+             else {t: eff.recorded_prefix(pool_file, specs[t], t) for t in TASKS})
+    missing = [t for t, n in sizes.items() if n == 0]
+    if missing:
+        raise SystemExit(f"no recorded curves for {missing} in {pool_file}: run "
+                         f"`python bench/efficiency.py --record-only` first")
+    pools = eff.record_pool(pool_file, {t: specs[t] for t in TASKS}, sizes, 1)
+    return specs, pools, pool_file
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--choose-seeds", type=int, default=10, help="seeds for choosing K, B")
+    ap.add_argument("--ks", default="2,3,4,6,8", help="portfolio sizes to try")
+    ap.add_argument("--brackets", default="1,2,3", help="ASHA bracket counts to try")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--write-builtin", action="store_true",
+                    help="rebuild raytune_ft/portfolio_builtin.json from all the pools")
+    ap.add_argument("--out", help="results folder (default bench/results)")
+    args = ap.parse_args()
+    out_dir = Path(args.out) if args.out else RESULTS
+    if args.smoke:
+        args.seeds, args.choose_seeds, args.ks, args.brackets = 2, 1, "1,2", "1,2"
+        args.workers = 1
+    res = Results("efficiency", smoke=args.smoke, out_dir=out_dir)
+    t0 = time.perf_counter()
+    specs, pools, pool_file = load_pools(args.smoke, out_dir)
+    print("pools: " + ", ".join(f"{t} {len(p)} (best {max(finals(p)):.4f})"
+                                for t, p in pools.items()), flush=True)
+    ks = [int(x) for x in args.ks.split(",")]
+    bs = [int(x) for x in args.brackets.split(",")]
+    k, b, sweep = choose(specs, pools, ks, bs, args.choose_seeds, args.workers)
+    print(f"\nchoosing K and brackets ({args.choose_seeds} seeds, leave-one-task-out):")
+    print(table(["K", "brackets", "regret 25%", "50%", "100%", "ep to 1pp", "ep to 0.5pp"],
+                [[r["K"], r["brackets"], r["regret_25_median"], r["regret_50_median"],
+                  r["regret_full_median"], r["epochs_to_1pp_median"],
+                  r["epochs_to_05pp_median"]] for r in sweep]))
+    print(f"chosen: K={k}, brackets={b}", flush=True)
+
+    per_task = run_replays(specs, pools, methods(k, b), args.seeds, args.workers)
+    avg = average(per_task)
+    for task, rows in [*per_task.items(), ("average over tasks", avg)]:
+        print(f"\n{task}: regret (pp) after 25/50/100 % of {BUDGET_TRIALS} full trials, "
+              f"epochs to 1 / 0.5 pp (median of {args.seeds} seeds)")
+        print(table(["method", "25 %", "50 %", "100 %", "ep 1pp", "ep 0.5pp"],
+                    [[m, 100 * r["regret_25_median"], 100 * r["regret_50_median"],
+                      100 * r["regret_full_median"], r["epochs_to_1pp_median"],
+                      r["epochs_to_05pp_median"]] for m, r in rows.items()]))
+
+    loto = {t: portfolio_for(specs, pools, k, t)[0] for t in pools}
+    full_idx, full_cfgs = portfolio_for(specs, pools, k, None)
+    imp = {t: importances(specs[t], pools[t]) for t in pools}
+    levels = {knob: level_table(specs["default"], pools, knob)
+              for knob in ("init", "activation", "optimizer", "freeze_depth", "head_hidden")}
+    print("\nimportances (fANOVA, final val_acc):")
+    knobs = sorted({n for d in imp.values() for n in d})
+    print(table(["task", *knobs], [[t, *[d.get(n) for n in knobs]] for t, d in imp.items()]))
+    if args.write_builtin and not args.smoke:
+        from raytune_ft import portfolio
+
+        about = (f"Built by bench/transfer.py on {time.strftime('%Y-%m-%d')}: the {k} "
+                 f"configurations of search_spaces/resnet.yaml's space that minimise the mean "
+                 f"normalised regret over the recorded 8-epoch pools of "
+                 f"{', '.join(pools)} (pool indices {full_idx}, {pool_file.name}); K chosen "
+                 f"by leave-one-task-out replays (bench/README.md).")
+        path = portfolio.write(portfolio.BUILTIN_FILE, full_cfgs, about)
+        print(f"wrote {path}")
+
+    tasks = {t: {"pool_size": len(pools[t]), "pool_best": max(finals(pools[t])),
+                 "portfolio_indices_loto": loto[t], "methods": per_task[t],
+                 "importances": imp[t]} for t in pools}
+    # efficiency.json is shared with efficiency.py (one task's replays, the sweep, the
+    # searcher's cost): what this script does not write is kept.
+    old = {}
+    if (out_dir / "efficiency.json").exists() and not args.smoke:
+        old = {k: v for k, v in json.loads((out_dir / "efficiency.json").read_text()).items()
+               if k not in res.data and k not in {"load_end", "seconds"}}
+    transfer_keys = {"tasks", "average", "chosen", "choice_sweep", "builtin_portfolio",
+                     "levels", "transfer_settings", "transfer_load", "transfer_wall_s"}
+    path = res.write(
+        **{k: v for k, v in old.items() if k not in transfer_keys},
+        transfer_load={"start": res.data["load_start"], "end": load_average()},
+        tasks=tasks, average=avg, chosen={"K": k, "brackets": b}, choice_sweep=sweep,
+        builtin_portfolio={"indices": full_idx, "configs": full_cfgs},
+        levels=levels, transfer_settings={"seeds": args.seeds, "choose_seeds": args.choose_seeds,
+                                 "budget_trials": BUDGET_TRIALS, "concurrency": 2,
+                                 "baseline_first": False, "ray_asha": RAY_ASHA,
+                                 "previous": PREVIOUS, "pool_file": str(pool_file.name)},
+        transfer_wall_s=round(time.perf_counter() - t0, 1))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    main()
