@@ -135,16 +135,23 @@ def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
     return samplers[s.sampler]()
 
 
-def rung_plan(spec: Spec) -> list[tuple[int, int]]:
-    """ASHA's rungs as (epoch, trials expected to reach it), from the first to max_t.
+def rung_plan(spec: Spec, bracket: int = 0) -> list[tuple[int, int]]:
+    """ASHA's rungs as (epoch, trials expected to reach it), from the first to max_t, of one
+    bracket (`scheduler.brackets`: trials take turns, so bracket s gets every s-th trial).
 
-    With reduction factor η, a 1/η fraction of the trials at a rung goes on to the next.
+    With reduction factor η, a 1/η fraction of the trials at a rung goes on to the next;
+    bracket s has its first rung at grace_period × η^s (a bracket whose first rung would be
+    at or past max_t stops nothing: only max_t is listed).
     """
     sch = spec.scheduler
     n = spec.run.num_samples
     if sch.type == "none":
         return [(spec.max_t, n)]
-    plan, t, k = [], sch.grace_period, 0
+    n = len(range(bracket, n, sch.brackets))  # this bracket's turns
+    t = sch.grace_period
+    for _ in range(bracket):
+        t = int(t * sch.reduction_factor)
+    plan, k = [], 0
     while t < spec.max_t:
         plan.append((t, max(1, math.floor(n / sch.reduction_factor ** k))))
         t, k = int(t * sch.reduction_factor), k + 1

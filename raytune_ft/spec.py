@@ -4,7 +4,8 @@ trial) and may trust it.
 
 The knobs a trial is trained with and the `search:` parameters that vary them are
 :mod:`raytune_ft.knobs`; reading spec files (YAML, `--set`, error lines) is
-:mod:`raytune_ft.spec_io`; what a `model.weights` value names is :mod:`raytune_ft.weights`.
+:mod:`raytune_ft.spec_io`; what a `model.weights` value names is :mod:`raytune_ft.weights`;
+the `searcher:` and `scheduler:` sections are :mod:`raytune_ft.spec_searcher`.
 Neither importing this module nor validating a spec imports torch or torchvision: names and
 crop sizes come from :mod:`raytune_ft.tv_registry`.
 """
@@ -46,6 +47,7 @@ from raytune_ft.knobs import (
     param_order,
     params_for_arch,
 )
+from raytune_ft.spec_searcher import SchedulerSpec, SearcherSpec, check_scheduler
 from raytune_ft.weights import weights_meta
 
 __all__ = [
@@ -227,33 +229,6 @@ class TrainSpec(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
-class SearcherSpec(Strict):
-    sampler: Literal["tpe", "random", "cmaes", "gp", "qmc"] = "tpe"
-    seed: int | None = 0
-    n_startup_trials: int = Field(5, ge=0)
-    # Try the plain defaults first (where the space allows them): the search then never ends
-    # below a default fine-tune on the validation metric.
-    baseline_first: bool = True
-    # What Optuna is told when a trial ends (raytune_ft/fidelity.py): `fidelity` (PRUNED when
-    # ASHA stopped it, COMPLETE with its best value at max_t) or Ray's own `last` (COMPLETE
-    # with the last value, whatever the epoch).
-    telling: Literal["fidelity", "last"] = "fidelity"
-    # Earlier run folders or promoted model folders to start from (raytune_ft/warm_start.py):
-    # their `warm_start_top` best configurations are tried first; with `warm_start_prior`
-    # their trials also join the study as observations (same task and data only: they count
-    # as much as new trials).
-    warm_start: list[str] = Field(default_factory=list)
-    warm_start_top: int = Field(3, ge=1)
-    warm_start_prior: bool = False
-
-
-class SchedulerSpec(Strict):
-    type: Literal["asha", "none"] = "asha"
-    max_t: int | None = Field(None, ge=1)  # default: train.max_epochs
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2, ge=2)
-
-
 class Resources(Strict):
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
@@ -426,10 +401,7 @@ class Spec(Strict):
             raise FieldError(("scheduler", "max_t"),
                              f"max_t ({self.scheduler.max_t}) exceeds train.max_epochs "
                              f"({self.train.max_epochs}); allowed: 1..{self.train.max_epochs}")
-        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.max_t:
-            raise FieldError(("scheduler", "grace_period"),
-                             f"grace_period ({self.scheduler.grace_period}) exceeds max_t "
-                             f"({self.max_t}); allowed: 1..{self.max_t}")
+        check_scheduler(self.scheduler, self.max_t)  # grace_period, brackets
         return self
 
 

@@ -249,3 +249,42 @@ def test_check_fit_refuses_what_would_stay_pending(resources: str, cluster: dict
         check_fit(spec, cluster)
     assert info.value.field == "run.resources" and words in str(info.value)
     assert "pending forever" in str(info.value)
+
+
+# -- searcher.portfolio, scheduler.brackets (spec_searcher.py) ------------------------------
+@pytest.mark.parametrize("body, field, line, words", [
+    ("scheduler:\n  brackets: 0\n", "scheduler.brackets", 3, "greater than or equal to 1"),
+    ("scheduler:\n  grace_period: 2\n  brackets: 3\n", "scheduler.brackets", 4,
+     "3 brackets, but with grace_period 2, reduction_factor 2 and max_t 4 bracket 1 already "
+     "stops nothing before max_t; allowed: 1..2"),
+    ("scheduler:\n  brackets: 2\n  grace_period: 4\n", "scheduler.brackets", 3, "allowed: 1..1"),
+    ("searcher:\n  portfolio: ''\n", "searcher.portfolio", 3, "empty; allowed: builtin, none"),
+    ("searcher:\n  portfolio: 3\n", "searcher.portfolio", 3, "valid string"),
+])
+def test_bad_brackets_and_portfolio_names_are_refused(body: str, field: str, line: int,
+                                                      words: str) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_spec(BASE + body, file="t.yaml")
+    assert e.value.field == field and e.value.line == line and words in str(e.value)
+
+
+@pytest.mark.parametrize("sched, top", [
+    ("{grace_period: 1}", 3),          # max_t 4: rungs 1, 2 below it; bracket 2 stops nothing
+    ("{grace_period: 2}", 2),
+    ("{grace_period: 4}", 1),
+    ("{grace_period: 1, reduction_factor: 3}", 3),  # rungs 1, 3
+    ("{type: none, brackets: 9}", None),  # without ASHA brackets are not checked
+])
+def test_brackets_up_to_one_that_stops_nothing(sched: str, top: int | None) -> None:
+    from raytune_ft.spec_searcher import max_brackets
+
+    spec = parse_spec(BASE + f"train: {{max_epochs: 4}}\nscheduler: {sched}\n", file="t.yaml")
+    assert spec.searcher.portfolio == "none"  # the schema's default: specs search as before
+    if top is None:
+        assert spec.scheduler.brackets == 9
+        return
+    sch = spec.scheduler
+    assert sch.brackets == 1 and max_brackets(sch.grace_period, 4, sch.reduction_factor) == top
+    most = parse_spec(BASE + f"train: {{max_epochs: 4}}\nscheduler: {sched[:-1]}, "
+                             f"brackets: {top}}}\n", file="t.yaml")
+    assert most.scheduler.brackets == top

@@ -5,8 +5,10 @@ these things; each function says why it is needed. On a Ray upgrade, run
 `pytest tests/search/test_ray_private.py`: it fails, naming this file, when an installed Ray
 lacks an attribute used here.
 
-- ASHA's rung records (`ASHAScheduler._brackets[0]._rungs`, `_trial_info`): Ray's
-  `Tuner.restore` brings the scheduler back with empty rungs (ray#30838), so we persist them.
+- ASHA's rung records (`ASHAScheduler._brackets[s]._rungs`, `_trial_info`): Ray's
+  `Tuner.restore` brings the scheduler back with empty rungs (ray#30838), so we persist them;
+  and with several brackets Ray draws each trial's bracket from numpy's global RNG, which a
+  resume cannot replay, so we assign brackets ourselves (round-robin) and log them.
 - The controller's `_checkpoint_manager._should_force_sync_up` (and `_last_save_time`,
   `sync_up_experiment_state` to time it): snapshot Ray's trial table when a trial starts or
   ends, not on every controller step (bench/overhead.py --profile), and no more than 5 % of
@@ -73,16 +75,29 @@ USED: tuple[tuple[str, str, str], ...] = (
 
 
 # ASHA -------------------------------------------------------------------------------------
-def asha_rungs(scheduler: Any) -> list[tuple[float, dict[str, float]]]:
-    """ASHA's rungs, lowest bracket: (milestone, {trial_id: recorded value}), as Ray keeps
-    them (for mode=min Ray stores values sign-flipped: larger is always better)."""
-    return scheduler._brackets[0]._rungs
+def asha_rungs(scheduler: Any, bracket: int = 0) -> list[tuple[float, dict[str, float]]]:
+    """ASHA's rungs of one bracket (the lowest by default): (milestone, {trial_id: recorded
+    value}), as Ray keeps them (for mode=min Ray stores values sign-flipped: larger is always
+    better)."""
+    return scheduler._brackets[bracket]._rungs
 
 
-def asha_adopt(scheduler: Any, trial_id: str) -> None:
-    """Make sure ASHA knows `trial_id`: a trial restored after a crash may not have been
-    re-added to a bracket, and Ray's ASHA raises on a trial it does not know."""
-    scheduler._trial_info.setdefault(trial_id, scheduler._brackets[0])
+def asha_adopt(scheduler: Any, trial_id: str, bracket: int = 0) -> None:
+    """Make sure ASHA knows `trial_id` (in `bracket` if it does not): a trial restored after a
+    crash may not have been re-added to a bracket, and Ray's ASHA raises on a trial it does
+    not know."""
+    scheduler._trial_info.setdefault(trial_id, scheduler._brackets[bracket])
+
+
+def asha_bracket_count(scheduler: Any) -> int:
+    """How many brackets ASHA has (Ray's `brackets` argument)."""
+    return len(scheduler._brackets)
+
+
+def asha_assign(scheduler: Any, trial_id: str, bracket: int) -> None:
+    """Put `trial_id` in `bracket`, whatever Ray's `on_trial_add` drew for it (Ray draws from
+    numpy's global RNG: neither reproducible nor replayable on a resume)."""
+    scheduler._trial_info[trial_id] = scheduler._brackets[bracket]
 
 
 def asha_settings(scheduler: Any) -> tuple[str, str, str, float]:

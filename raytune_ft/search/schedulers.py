@@ -12,6 +12,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from raytune_ft.search.ray_private import (
     asha_adopt,
+    asha_assign,
+    asha_bracket_count,
     asha_forget,
     asha_rungs,
     asha_settings,
@@ -60,6 +62,12 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
     later result as the uninterrupted one would. One short line per result, never a rewrite
     (a line cut short by a crash is dropped at the next start).
 
+    With several brackets (`brackets=n`, Ray's argument), trials take turns: the k-th trial
+    added goes to bracket k mod n, logged as an ADD line with its `bracket` before any of its
+    results, so a replay puts every trial back in its bracket and rebuilds every bracket's
+    rungs. (Ray draws the bracket from numpy's global RNG: a resume could not repeat that.)
+    One bracket writes no ADD lines; a log without them is all bracket 0.
+
     Run folders written before this (rtft <= 0.1.0) also hold `asha_rungs.json`, a snapshot of
     the rungs; only its `protected` entry is still read, the log holds everything else.
     """
@@ -81,6 +89,8 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         self._protect_first = int(protect_first)
         self._protected: list[str] = []
         self._judged: set[tuple[str, Any, bool]] = set()  # (trial, epoch, COMPLETE?) logged
+        self._n_brackets = asha_bracket_count(self)
+        self._bracket_of: dict[str, int] = {}  # every trial added, with several brackets
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A scheduler pickled by rtft 0.1.0 lacks our own copies of its settings.
@@ -89,6 +99,8 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
             self._protected = [state["_protected"]] if state.get("_protected") else []
             self._protect_first = int(state.get("_protect_first", 0))
         self.__dict__.setdefault("_judged", set())
+        if "_bracket_of" not in state:  # pickled before brackets: it had one
+            self._n_brackets, self._bracket_of = asha_bracket_count(self), {}
         if "_t_attr" not in state:
             self._t_attr, self._m_name, mode, self._last_t = asha_settings(self)
             self._sign = -1.0 if mode == "min" else 1.0
@@ -122,7 +134,11 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
                 self._protected.append(d["trial"])
             if d["action"] == "PROTECT":
                 continue
-            asha_adopt(self, d["trial"])
+            if d["action"] == "ADD":
+                self._bracket_of[d["trial"]] = d["bracket"]
+                asha_assign(self, d["trial"], d["bracket"])
+                continue
+            asha_adopt(self, d["trial"], self._bracket_of.get(d["trial"], 0))
             result = {self._t_attr: d["epoch"], self._m_name: d["value"]}
             stub = _Replayed(d["trial"])
             if d["action"] == "COMPLETE":  # Ray's ASHA records a finished trial's last result
@@ -130,8 +146,8 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
             else:
                 ASHAScheduler.on_trial_result(self, None, stub, result)
 
-    def _log(self, trial_id: str, epoch: Any, value: Any, action: str) -> None:
-        entry = {"trial": trial_id, "epoch": epoch, "value": value, "action": action}
+    def _log(self, trial_id: str, epoch: Any, value: Any, action: str, **extra: Any) -> None:
+        entry = {"trial": trial_id, "epoch": epoch, "value": value, "action": action, **extra}
         if trial_id in self._protected:
             entry["protected"] = True
         with open(Path(self._run_dir) / self.LOG, "a") as f:
@@ -142,12 +158,19 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         if len(self._protected) < self._protect_first and trial.trial_id not in self._protected:
             self._protected.append(trial.trial_id)
             self._log(trial.trial_id, 0, None, "PROTECT")  # a restore must know it at once
-        super().on_trial_add(tune_controller, trial)
+        super().on_trial_add(tune_controller, trial)  # Ray's bracket draw is replaced below
+        if self._n_brackets > 1:
+            tid = trial.trial_id
+            bracket = self._bracket_of.get(tid)  # known: a trial Ray adds again on a restore
+            if bracket is None:
+                bracket = self._bracket_of[tid] = len(self._bracket_of) % self._n_brackets
+                self._log(tid, 0, None, "ADD", bracket=bracket)
+            asha_assign(self, tid, bracket)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         self._load_once()
         # A trial restored after a crash may not have been re-added to a bracket.
-        asha_adopt(self, trial.trial_id)
+        asha_adopt(self, trial.trial_id, self._bracket_of.get(trial.trial_id, 0))
         action = super().on_trial_result(tune_controller, trial, result)
         if trial.trial_id in self._protected and result.get(self._t_attr, 0) < self._last_t:
             action = "CONTINUE"  # recorded at the rung like any trial, but never stopped
@@ -166,7 +189,7 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         self._load_once()
-        asha_adopt(self, trial.trial_id)
+        asha_adopt(self, trial.trial_id, self._bracket_of.get(trial.trial_id, 0))
         super().on_trial_complete(tune_controller, trial, result)
         if self._t_attr in result and self._m_name in result:
             self._log_once(trial.trial_id, result[self._t_attr], result[self._m_name],
@@ -175,12 +198,23 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         asha_forget(self, trial.trial_id)
 
-    def rungs(self) -> dict[float, dict[str, float]]:
-        """{milestone: {trial_id: value}}, values in the metric's own units (Ray keeps them
-        sign-flipped for mode=min), lowest milestone first."""
+    def rungs(self, bracket: int = 0) -> dict[float, dict[str, float]]:
+        """{milestone: {trial_id: value}} of one bracket (the first by default), values in the
+        metric's own units (Ray keeps them sign-flipped for mode=min), lowest milestone
+        first. The last of several brackets may have no rung at all (all past max_t)."""
         self._load_once()
         return {float(m): {t: self._sign * v for t, v in rec.items()}
-                for m, rec in sorted(asha_rungs(self))}
+                for m, rec in sorted(asha_rungs(self, bracket))}
+
+    @property
+    def brackets(self) -> int:
+        """How many brackets the trials take turns in."""
+        return self._n_brackets
+
+    def bracket_of(self, trial_id: str) -> int:
+        """The bracket `trial_id` was put in (0 for every trial with one bracket)."""
+        self._load_once()
+        return self._bracket_of.get(trial_id, 0)
 
 
 class _Replayed:

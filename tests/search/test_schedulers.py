@@ -41,7 +41,8 @@ def test_rungs_survive_a_restart_from_the_pickled_scheduler(tmp_path: Path) -> N
     # ... and a, re-reporting epoch 1 from its checkpoint, is not judged twice.
     assert again.on_trial_result(None, _T("a"), _result(1, 0.1)) == "CONTINUE"
     decisions = (tmp_path / "asha_decisions.jsonl").read_text().splitlines()
-    assert [json.loads(d)["action"] for d in decisions] == ["CONTINUE", "STOP", "CONTINUE"]
+    # One line per trial and epoch: a's epoch 1 again is not logged again.
+    assert [json.loads(d)["action"] for d in decisions] == ["CONTINUE", "STOP"]
 
 
 def test_the_first_trial_is_never_stopped_early(tmp_path: Path) -> None:
@@ -215,3 +216,128 @@ def test_the_first_n_trials_run_to_the_end(tmp_path: Path) -> None:
     restored.on_trial_add(None, _T("z"))  # after a restore: still the same three
     assert restored._protected == ["base", "warm1", "warm2"]
     assert restored.on_trial_result(None, _T("z"), _result(1, 0.05)) == "STOP"
+
+
+# -- several brackets (scheduler.brackets) ----------------------------------------------------
+def _brackets(run_dir: Path, n: int = 2, protect_first: int = 0, max_t: int = 4,
+              grace: int = 2) -> PersistentASHA:
+    return PersistentASHA(run_dir, protect_first=protect_first, time_attr="training_iteration",
+                          max_t=max_t, metric="val_acc", mode="max", grace_period=grace,
+                          reduction_factor=2, brackets=n)
+
+
+def test_trials_take_turns_in_the_brackets_whatever_numpy_draws(tmp_path: Path) -> None:
+    import numpy as np
+
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    asha = _brackets(tmp_path / "a", n=3, max_t=8, grace=1)
+    np.random.seed(1)
+    tids = [f"t{i}" for i in range(7)]
+    for tid in tids:
+        asha.on_trial_add(None, _T(tid))
+    assert asha.brackets == 3
+    assert [asha.bracket_of(t) for t in tids] == [0, 1, 2, 0, 1, 2, 0]
+    other = _brackets(tmp_path / "b", n=3, max_t=8, grace=1)
+    np.random.seed(2)  # Ray's own draw would differ: ours does not
+    for tid in tids:
+        other.on_trial_add(None, _T(tid))
+    assert [other.bracket_of(t) for t in tids] == [0, 1, 2, 0, 1, 2, 0]
+    adds = [json.loads(x) for x in (tmp_path / "a" / "asha_decisions.jsonl").read_text()
+            .splitlines()]
+    assert [(d["trial"], d["action"], d["bracket"]) for d in adds] == \
+        [(t, "ADD", i % 3) for i, t in enumerate(tids)]
+
+
+def test_one_bracket_logs_no_bracket(tmp_path: Path) -> None:
+    asha = _brackets(tmp_path, n=1)
+    asha.on_trial_add(None, _T("a"))
+    asha.on_trial_result(None, _T("a"), _result(2, 0.5))
+    lines = [json.loads(x) for x in (tmp_path / "asha_decisions.jsonl").read_text().splitlines()]
+    assert [d["action"] for d in lines] == ["CONTINUE"] and "bracket" not in lines[0]
+    assert asha.bracket_of("a") == 0
+
+
+def test_the_second_bracket_stops_nothing_before_max_t(tmp_path: Path) -> None:
+    """max_t 4, grace 2, η 2: bracket 0 has its rung at epoch 2 (half stop there), bracket 1
+    only at max_t (where every trial ends anyway)."""
+    asha = _brackets(tmp_path)
+    assert list(asha.rungs(0)) == [2.0, 4.0] and list(asha.rungs(1)) == [4.0]
+    for i in range(8):  # t0, t2, … in bracket 0; t1, t3, … in bracket 1
+        asha.on_trial_add(None, _T(f"t{i}"))
+    # Each trial worse than the ones before it: in bracket 0 all but the first stop at epoch 2.
+    acts: dict[str, list[str]] = {}
+    for i in range(8):
+        acts[f"t{i}"] = []
+        for epoch in (1, 2, 3, 4):
+            acts[f"t{i}"].append(asha.on_trial_result(None, _T(f"t{i}"),
+                                                      _result(epoch, 0.9 - 0.1 * i)))
+            if acts[f"t{i}"][-1] == "STOP":
+                break
+    assert acts["t0"] == ["CONTINUE"] * 3 + ["STOP"]  # max_t
+    assert all(acts[f"t{i}"] == ["CONTINUE", "STOP"] for i in (2, 4, 6))
+    assert all(acts[f"t{i}"] == ["CONTINUE"] * 3 + ["STOP"] for i in (1, 3, 5, 7))
+    assert set(asha.rungs(0)[2.0]) == {"t0", "t2", "t4", "t6"} and not asha.rungs(1)[4.0]
+
+
+def test_brackets_and_rungs_survive_a_restore(tmp_path: Path) -> None:
+    """The driver dies; a new scheduler on the same run folder replays the log: every trial
+    is in its bracket, every bracket has its rungs, and new trials go on taking turns."""
+    stream = _stream(24, seed=3)
+    live = _brackets(tmp_path, n=3, protect_first=2, max_t=8, grace=1)
+    seen: list[str] = []
+    for tid, epoch, v, last in stream[: len(stream) // 2]:
+        if tid not in seen:
+            seen.append(tid)
+            live.on_trial_add(None, _T(tid))
+        live.on_trial_result(None, _T(tid), _result(epoch, v))
+        if last:
+            live.on_trial_complete(None, _T(tid), _result(epoch, v))
+    restored = pickle.loads(pickle.dumps(_brackets(tmp_path, n=3, protect_first=2, max_t=8,
+                                                   grace=1)))
+    assert [restored.bracket_of(t) for t in seen] == [live.bracket_of(t) for t in seen] \
+        == [i % 3 for i in range(len(seen))]
+    for b in range(3):
+        assert restored.rungs(b) == live.rungs(b)
+    assert any(restored.rungs(b)[m] for b in (1, 2) for m in restored.rungs(b))
+    assert restored._protected == live._protected == seen[:2]
+    restored.on_trial_add(None, _T("new"))
+    assert restored.bracket_of("new") == len(seen) % 3
+    # A trial Ray adds again after the restore keeps its bracket and is not logged twice.
+    restored.on_trial_add(None, _T(seen[1]))
+    assert restored.bracket_of(seen[1]) == 1
+    log = (tmp_path / "asha_decisions.jsonl").read_text()
+    assert log.count(f'"trial": "{seen[1]}", "epoch": 0, "value": null, "action": "ADD"') == 1
+
+
+def test_a_log_without_brackets_is_all_bracket_0(tmp_path: Path) -> None:
+    old = _asha(tmp_path)  # one bracket: no ADD lines
+    old.on_trial_add(None, _T("a"))
+    old.on_trial_result(None, _T("a"), _result(1, 0.9))
+    again = PersistentASHA(tmp_path, time_attr="training_iteration", max_t=4, metric="val_acc",
+                           mode="max", grace_period=1, reduction_factor=2, brackets=2)
+    assert again.bracket_of("a") == 0 and again.rungs(0)[1.0] == {"a": 0.9}
+
+
+@pytest.mark.parametrize("grace, max_t, rf", [(1, 4, 2), (2, 4, 2), (1, 9, 3), (1, 8, 2),
+                                               (2, 12, 2), (1, 10, 3), (3, 3, 2)])
+def test_the_rungs_validate_prints_are_rays(tmp_path: Path, grace: int, max_t: int,
+                                            rf: int) -> None:
+    """spec_searcher computes ASHA's rungs without Ray (the spec check, `rtft validate`'s
+    plan): the same as Ray's brackets, bracket by bracket, up to the most worth having."""
+    from raytune_ft.space import rung_plan
+    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.spec_searcher import asha_milestones, max_brackets
+
+    top = max_brackets(grace, max_t, rf)
+    asha = PersistentASHA(tmp_path, time_attr="training_iteration", max_t=max_t,
+                          metric="val_acc", mode="max", grace_period=grace,
+                          reduction_factor=rf, brackets=top)
+    spec = parse_spec(f"name: t\ntrain: {{max_epochs: {max_t}}}\nscheduler: {{grace_period: "
+                      f"{grace}, reduction_factor: {rf}, brackets: {top}}}\n", file="t.yaml")
+    for s in range(top):
+        ray_rungs = list(asha.rungs(s))
+        assert ray_rungs == [float(m) for m in asha_milestones(grace, max_t, rf, s)]
+        below = [m for m in ray_rungs if m < max_t]
+        assert [e for e, _ in rung_plan(spec, s)] == [*below, max_t]
+        assert (not below) == (s == top - 1)  # only the last one stops nothing
