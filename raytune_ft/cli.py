@@ -121,8 +121,8 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
     """Dry-run the search in SPEC_FILE: every check `rtft search` makes before it starts Ray
     (the spec, where results go, the data folders, the weights, the model, how many trials
     fit), writing and downloading nothing. Prints the resolved spec, the search space, the ASHA
-    rung plan, the model's stages and how many trials fit at once (on this machine, a given
-    cluster size, or --address).
+    rung plan, the portfolio as it will run, the model's stages and how many trials fit at
+    once (on this machine, a given cluster size, or --address).
 
     \b
     Examples:
@@ -141,10 +141,27 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
     click.echo(f"# {spec_file}: valid\n")
     click.echo(spec_to_yaml(spec))
     click.echo(_space_table(spec))
-    click.echo("\nASHA rung plan (epoch: trials expected to reach it):"
-               if spec.scheduler.type == "asha" else "\nNo early stopping:")
-    for epoch, n in rung_plan(spec):
-        click.echo(f"  epoch {epoch:>4}: {n:>4} trial(s)")
+    brackets = spec.scheduler.brackets if spec.scheduler.type == "asha" else 1
+    if spec.scheduler.type != "asha":
+        click.echo("\nNo early stopping:")
+    elif brackets == 1:
+        click.echo("\nASHA rung plan (epoch: trials expected to reach it):")
+    else:
+        click.echo(f"\nASHA rung plan, {brackets} brackets (trials take turns; epoch: trials "
+                   f"expected to reach it):")
+    for b in range(brackets):
+        plan_b = rung_plan(spec, b)
+        pad = "  " if brackets > 1 else ""
+        if brackets > 1:
+            click.echo(f"  bracket {b}" + (":" if len(plan_b) > 1 else
+                                           " (stops nothing before max_t):"))
+        for epoch, n in plan_b:
+            click.echo(f"{pad}  epoch {epoch:>4}: {n:>4} trial(s)")
+    if plan.portfolio is not None:
+        from raytune_ft.portfolio import describe
+
+        click.echo("\n" + "\n".join(describe(plan.portfolio, spec,
+                                               first=plan.before_portfolio)))
     click.echo(f"\ndata:    {plan.data}\nweights: {plan.weights}")
     click.echo("\n" + plan.tables())
     if plan.fit is not None:

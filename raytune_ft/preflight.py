@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from raytune_ft import warm_start
 from raytune_ft.errors import UserError
@@ -29,6 +29,9 @@ from raytune_ft.paths import is_uri
 from raytune_ft.runs import TUNE_DIR, run_location
 from raytune_ft.spec import Hyperparams, Spec, check_fit
 from raytune_ft.weights import classify, torchvision_name
+
+if TYPE_CHECKING:  # portfolio sits beside this module (layer 5): imported where it is used
+    from raytune_ft import portfolio as _portfolio
 
 __all__ = ["Fit", "Machines", "ModelShape", "Plan", "check_pretrained", "check_writable",
            "dry_run", "first_missing", "local_resources", "machines", "this_machine"]
@@ -292,12 +295,16 @@ def check_pretrained(spec: Spec, num_classes: int) -> None:
 class Plan:
     """What a dry run found, for `rtft validate` to print: the data in a line, the weights in
     a line per architecture, each architecture's model shape, and how many trials fit at once
-    (None: the search checks that once it has joined its cluster)."""
+    (None: the search checks that once it has joined its cluster); the portfolio mapped onto
+    the space (None: `searcher.portfolio: none`, or a resume), and how many configurations
+    the study tries before it (the baseline, the warm start's)."""
 
     data: str
     weights: str
     models: tuple[ModelShape, ...]
     fit: Fit | None
+    portfolio: _portfolio.Plan | None = None
+    before_portfolio: int = 0
 
     @property
     def model(self) -> ModelShape:
@@ -360,10 +367,12 @@ def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True,
     a cluster the search joins, checked then); the weights name something that exists (an
     `rtft:` recipe, torchvision weights of the architecture); the data is where the spec says
     (no image is read); the warm start's earlier runs are rtft runs of the same metric over
-    some of the same parameters; the model builds, a weights file loads as plain tensors and
-    fits it, and `freeze_depth` / `reinit_blocks` stay within its stages and blocks. With a
-    choice of architectures, the weights and the model are checked for each one, as the spec
-    of that architecture alone (:meth:`Spec.for_arch`).
+    some of the same parameters; the portfolio file (`searcher.portfolio`) holds valid knob
+    values (not on a resume, whose study has its trials already); the model builds, a
+    weights file loads as plain tensors and fits it, and `freeze_depth` / `reinit_blocks`
+    stay within its stages and blocks. With a choice of architectures, the weights and the
+    model are checked for each one, as the spec of that architecture alone
+    (:meth:`Spec.for_arch`).
     """
     from raytune_ft.sources import check_source
 
@@ -380,12 +389,19 @@ def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True,
         f"{a}: {w}" for a, w in zip(spec.archs, named, strict=True))
     num_classes = check_source(spec.data)
     _check_teacher(spec, num_classes)
+    warm_plan = None
     if warm:  # `rtft search` reads them once it knows the run is new (a resume needs none)
-        warm_start.plan_for(spec)  # every earlier run it names is readable and fits
+        warm_plan = warm_start.plan_for(spec)  # every earlier run it names is readable and fits
+    pf = None
+    if not resume:
+        from raytune_ft import portfolio
+
+        pf = portfolio.plan_for(spec, warm=warm_plan.enqueue if warm_plan else ())
+    before = int(spec.searcher.baseline_first) + len(warm_plan.enqueue if warm_plan else ())
     shapes = _per_arch(spec, lambda one: _check_model(one, num_classes or _SOME_CLASSES,
                                                       choice=spec.arch_searched))
     d = spec.data
     where = f" in {Path(d.root).expanduser().resolve()}" if d.root else " (built in)"
     found = (f": {num_classes} classes" if num_classes is not None
              else " (its files are read by rtft search)")
-    return Plan(f"{d.source}{where}{found}", weights, tuple(shapes), fit)
+    return Plan(f"{d.source}{where}{found}", weights, tuple(shapes), fit, pf, before)

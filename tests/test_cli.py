@@ -21,6 +21,25 @@ def test_validate_prints_space_rungs_and_stages(tmp_path: Path,
     assert "momentum           uniform    [0.8, 0.99]  when optimizer=sgd" in res.output
     assert "epoch    2:   16 trial(s)" in res.output and "epoch    4:    8 trial(s)" in res.output
     assert "5. layer4" in res.output
+    # The built-in portfolio as it will run, after the rung plan: one line per configuration.
+    out = res.output.split("ASHA rung plan", 1)[1].split("\ndata:", 1)[0]
+    assert "portfolio (builtin): 4 configuration(s), tried right after the baseline" in out
+    lines = [x for x in out.splitlines() if x.startswith(("   1. ", "   4. "))]
+    assert len(lines) == 2 and lines[0].startswith("   1. lr=") and "init=" in lines[0]
+
+
+def test_validate_prints_each_brackets_rungs(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["validate", str(ROOT / "search_spaces" / "resnet.yaml"),
+                                    "--set", "scheduler.brackets=2",
+                                    "--set", "searcher.portfolio=none"])
+    assert res.exit_code == 0, res.output
+    assert ("ASHA rung plan, 2 brackets (trials take turns; epoch: trials expected to reach "
+            "it):\n  bracket 0:\n    epoch    2:    8 trial(s)\n    epoch    4:    4 trial(s)\n"
+            "  bracket 1 (stops nothing before max_t):\n    epoch    4:    8 trial(s)\n"
+            "\ndata:") in res.output
+    assert "portfolio (" not in res.output
 
 
 @pytest.mark.parametrize("args, words", [

@@ -20,6 +20,7 @@ it before it starts Ray.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -116,9 +117,16 @@ def _image_folders(root: Path, mp: pytest.MonkeyPatch) -> None:
     (root / "empty_class" / "dog" / "notes.txt").write_text("not an image\n")
 
 
+def _bad_portfolio(root: Path, mp: pytest.MonkeyPatch) -> None:
+    # searcher.portfolio: the third configuration's lr is past the knob's (0, 10].
+    configs = [{"lr": 0.01}, {"lr": 0.003, "optimizer": "sgd"}, {"lr": 50.0}]
+    (root / "bad_portfolio.json").write_text(json.dumps({"configs": configs}))
+
+
 SETUPS: dict[str, Callable[[Path, pytest.MonkeyPatch], None]] = {
     "one_class": _one_class, "wrong_shapes": _wrong_shapes, "evil_pickle": _evil_pickle,
     "no_gpu": _no_gpu, "a_file": _a_file, "image_folders": _image_folders,
+    "bad_portfolio": _bad_portfolio,
 }
 
 

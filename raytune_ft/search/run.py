@@ -24,7 +24,7 @@ import ray
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
-from raytune_ft import preflight, warm_start
+from raytune_ft import portfolio, preflight, warm_start
 from raytune_ft.data import Splits, data_record, prepare_each
 from raytune_ft.distill import with_teacher_logits
 from raytune_ft.errors import UserError
@@ -214,11 +214,13 @@ def _fit(spec: Spec, loc: RunLocation, splits: dict[int, Splits], echo: Echo, qu
 
 
 def _searcher(spec: Spec, run_dir: Path, echo: Echo,
-              warm: warm_start.Plan | None) -> tuple[ConcurrencyLimiter, bool]:
-    """Optuna, through Ray, over the run's journal-backed study; True when the study is new.
+              warm: warm_start.Plan | None) -> tuple[ConcurrencyLimiter, int]:
+    """Optuna, through Ray, over the run's journal-backed study, and how many configurations
+    a new study was given to try first (0 for a study that exists already).
 
     A new study gets the baseline first (`searcher.baseline_first`), then the warm start's
-    configurations (`searcher.warm_start`), and the warm start's observations if asked."""
+    configurations (`searcher.warm_start`), then the portfolio's (`searcher.portfolio`), and
+    the warm start's observations if asked."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -229,6 +231,7 @@ def _searcher(spec: Spec, run_dir: Path, echo: Echo,
     journal = run_dir / "optuna.journal"
     fresh = not journal.exists()
     storage = JournalStorage(JournalFileBackend(str(journal)))
+    first = 0
     if fresh:
         # Ray ignores points_to_evaluate with a define-by-run space (ray#35319): enqueue in the
         # study itself, which OptunaSearch then loads.
@@ -238,13 +241,27 @@ def _searcher(spec: Spec, run_dir: Path, echo: Echo,
             study.enqueue_trial(baseline_params(spec), skip_if_exists=True)
         if warm is not None:
             _warm_start(spec, study, warm, echo)
+        # Checked by the dry run already; read again here, after the warm start, whose
+        # configurations it is not to repeat.
+        pf = portfolio.plan_for(spec, warm=warm.enqueue if warm else ())
+        if pf is not None:
+            for note in pf.notes:
+                echo(note)
+            for cfg in pf.enqueue:
+                study.enqueue_trial(cfg, skip_if_exists=True)
+            echo(f"portfolio ({pf.source}): {len(pf.enqueue)} configuration(s) next, each run "
+                 f"to max_t")
+        # Counted in the study, not added up: enqueue_trial skips a configuration it holds
+        # already (a warm start's equal to the baseline), and ASHA must protect exactly these.
+        first = len(study.get_trials(deepcopy=False,
+                                     states=(optuna.trial.TrialState.WAITING,)))
     searcher = ConcurrencyLimiter(
         FidelityOptunaSearch(space=define_by_run(spec), sampler=make_sampler(spec),
                              metric=spec.metric, mode=spec.mode, storage=storage,
                              study_name=spec.name, max_t=spec.max_t,
                              telling=spec.searcher.telling),
         max_concurrent=spec.run.max_concurrent_trials)
-    return searcher, fresh
+    return searcher, first
 
 
 def _warm_start(spec: Spec, study: Any, plan: warm_start.Plan, echo: Echo) -> None:
@@ -263,19 +280,18 @@ def _warm_start(spec: Spec, study: Any, plan: warm_start.Plan, echo: Echo) -> No
 
 def _tuner(spec: Spec, loc: RunLocation, splits: dict[int, Splits], echo: Echo, quiet: bool,
            warm: warm_start.Plan | None) -> tune.Tuner:
-    searcher, fresh = _searcher(spec, loc.local, echo, warm)
+    searcher, protect = _searcher(spec, loc.local, echo, warm)
     sch = spec.scheduler
     # metric/mode go to the searcher and scheduler themselves: Ray does not pass TuneConfig's
     # through a ConcurrencyLimiter.
-    # The baseline and the warm start's configurations are the study's first trials: they run
-    # to max_t (on a resume the scheduler's own log says which trials those were).
-    protect = (int(spec.searcher.baseline_first) + len(warm.enqueue if warm else [])
-               if fresh else 0)
+    # The baseline, the warm start's and the portfolio's configurations are the study's first
+    # trials: they run to max_t (on a resume the scheduler's own log says which trials those
+    # were). With several brackets, trials take turns in them (logged: a resume keeps them).
     scheduler = (PersistentASHA(loc.local, protect_first=protect,
                                 time_attr="training_iteration", max_t=spec.max_t,
                                 metric=spec.metric, mode=spec.mode,
                                 grace_period=sch.grace_period,
-                                reduction_factor=sch.reduction_factor)
+                                reduction_factor=sch.reduction_factor, brackets=sch.brackets)
                  if sch.type == "asha" else FIFO())
     budget = FailureBudget(spec.run.max_failed_trials, echo)
     uploads = [UploadRunFiles(loc)] if loc.remote else []
