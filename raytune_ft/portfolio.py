@@ -262,8 +262,10 @@ def describe(p: Plan, spec: Spec, *, first: int = 0) -> list[str]:
     as it will run (its mapped values), the notes. `first`: how many trials the study tries
     before it (baseline, warm start), to say which of them `run.num_samples` leaves out."""
     n = spec.run.num_samples
-    lines = [f"portfolio ({p.source}): {len(p.enqueue)} configuration(s), tried right after "
-             f"the baseline and any warm-start configurations, each run to max_t:"]
+    after = ("right after the baseline and any warm-start configurations"
+             if spec.searcher.baseline_first else "after any warm-start configurations")
+    lines = [f"portfolio ({p.source}): {len(p.enqueue)} configuration(s), tried {after}, "
+             f"each run to max_t:"]
     for k, cfg in enumerate(p.enqueue):
         values = " ".join(f"{name}={_fmt(v)}" for name, v in cfg.items())
         late = "  (not run: beyond run.num_samples)" if first + k >= n else ""
