@@ -37,8 +37,8 @@ def open_run(run_dir: str | Path, *, resume: bool = False) -> Spec:
     run_dir = Path(run_dir)
     saved = run_dir / "spec.yaml"
     if not saved.is_file():
-        raise UserError(f"{run_dir}: not an rtft run folder (no spec.yaml); allowed: a "
-                        f"folder `rtft search` wrote (spec.yaml, trials.json, tune/)",
+        raise UserError("file not found: the folder is not an rtft run folder; allowed: a "
+                        "folder `rtft search` wrote (spec.yaml, trials.json, tune/)",
                         file=str(saved))
     spec = where_it_is(load_spec(saved), run_dir)
     check_run_folder(run_dir, resume=resume)
@@ -101,27 +101,29 @@ def check_run_folder(run_dir: Path, *, resume: bool = False) -> None:
         try:
             recorded = [str(t["trial_id"]) for t in json.loads(trials_file.read_text())]
         except (ValueError, TypeError, KeyError) as e:
-            raise UserError(f"{trials_file}: not a trials.json rtft wrote ({e}); copy it "
-                            f"again from the run, or delete it (it is rewritten from tune/)",
+            raise UserError(f"not a trials.json rtft wrote ({e}); copy it again from the "
+                            f"run, or delete it (it is rewritten from tune/)",
                             file=str(trials_file)) from e
-        if tune.is_dir():
-            strangers = [t for t in recorded if not (tune / f"trial_{t}").is_dir()]
-            if strangers:
-                raise UserError(f"{trials_file}: trial {strangers[0]} (and "
-                                f"{len(strangers) - 1} more) has no folder {tune}/trial_"
-                                f"{strangers[0]}: the file is from another run, or tune/ was "
-                                f"partly copied", file=str(trials_file))
+        # Trial folders may all be gone (deleted to save space: trials.json and the
+        # checkpoints promotion reads are what a finished run needs); some gone is a sign of
+        # a file of another run, or of a partial copy.
+        folders = {p.name.removeprefix("trial_") for p in tune.glob("trial_*")}
+        strangers = [t for t in recorded if t not in folders]
+        if folders and strangers:
+            raise UserError(f"trial {strangers[0]} (and {len(strangers) - 1} more) has no "
+                            f"folder {tune}/trial_{strangers[0]}: the file is from another "
+                            f"run, or tune/ was partly copied", file=str(trials_file))
     if not resume:
         return
     if not tune.is_dir() or not any(tune.glob("experiment_state*.json")):
-        raise UserError(f"{tune}: missing, or without Ray's experiment state "
-                        f"(experiment_state-*.json): a run folder copied without it cannot "
-                        f"be resumed; `rtft results` and `rtft promote` read trials.json",
+        raise UserError("missing, or without Ray's experiment state "
+                        "(experiment_state-*.json): a run folder copied without it cannot "
+                        "be resumed; `rtft results` and `rtft promote` read trials.json",
                         file=str(tune))
     journal = run_dir / JOURNAL
     if not journal.exists():
-        raise UserError(f"{journal}: missing; the search's Optuna study cannot be resumed "
-                        f"without it", file=str(journal))
+        raise UserError("missing; the search's Optuna study cannot be resumed without it",
+                        file=str(journal))
     created = 0
     with open(journal, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -130,13 +132,13 @@ def check_run_folder(run_dir: Path, *, resume: bool = False) -> None:
             try:
                 op = json.loads(raw)
             except ValueError as e:
-                raise UserError(f"{journal}: line {n} is not a journal entry (edited or "
-                                f"corrupt); copy the file again from the run",
+                raise UserError(f"line {n} is not a journal entry (edited or corrupt); "
+                                f"copy the file again from the run",
                                 file=str(journal)) from e
             created += op.get("op_code") == _CREATE_TRIAL
     trials = recorded if recorded is not None else [
         p.name.removeprefix("trial_") for p in tune.glob("trial_*") if p.is_dir()]
     if created < len(trials):
-        raise UserError(f"{journal}: holds {created} trials, the run has {len(trials)}: the "
-                        f"journal is truncated or from another run; copy it again from the "
-                        f"run", file=str(journal))
+        raise UserError(f"holds {created} trials, the run has {len(trials)}: the journal is "
+                        f"truncated or from another run; copy it again from the run",
+                        file=str(journal))

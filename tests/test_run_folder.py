@@ -98,7 +98,7 @@ def _snapshot(run: Path) -> dict[str, float]:
     ("corrupt_journal", "optuna.journal: line 2 is not a journal entry"),
     ("foreign_trials", "trials.json: trial zz (and 0 more) has no folder"),
     ("broken_trials", "trials.json: not a trials.json rtft wrote"),
-    ("no_spec", "not an rtft run folder (no spec.yaml)"),
+    ("no_spec", "spec.yaml: file not found: the folder is not an rtft run folder"),
 ])
 def test_a_damaged_run_folder_is_refused_in_one_line(tmp_path: Path, damage: str,
                                                      expected: str) -> None:

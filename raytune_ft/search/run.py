@@ -24,7 +24,7 @@ import ray
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
-from raytune_ft import portfolio, preflight, warm_start
+from raytune_ft import environment, portfolio, preflight, warm_start
 from raytune_ft.data import Splits, data_record, prepare_each
 from raytune_ft.distill import with_teacher_logits
 from raytune_ft.errors import UserError
@@ -182,6 +182,7 @@ def _write_run_files(spec: Spec, loc: RunLocation, by_size: dict[int, Splits],
     run_dir = loc.local
     (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
     (run_dir / "data.json").write_text(json.dumps(data_record(by_size), indent=1))
+    environment.write_run(run_dir, spec)  # what `rtft reproduce` compares against
     echo(f"results: {loc.root}" + (f"  (rtft's files staged in {run_dir})"
                                    if loc.remote else ""))
     echo(f"watch:   tensorboard --logdir {loc.root} --host 127.0.0.1")
