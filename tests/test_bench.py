@@ -118,6 +118,15 @@ def test_transfer_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_live_default_smoke(tmp_path: Path) -> None:
+    data = _run("live_default.py", tmp_path)
+    arms = {r["arm"]: r for r in data["runs"]}
+    assert set(arms) == {"rtft default", "random full"}
+    assert all(0 <= r["test_acc"] <= 1 and r["trials"] == 3 for r in arms.values())
+    assert set(data["default_at_least_random"]) == {"mnist-scratch/0"}
+
+
+@pytest.mark.slow
 def test_gpu_smoke(tmp_path: Path) -> None:
     import torch
 
