@@ -232,13 +232,13 @@ def record_pool(path: Path, specs: dict[str, Spec], sizes: dict[str, int],
             if line.strip():
                 e = json.loads(line)
                 have[(e["space"], e["index"])] = e
-    for spec in specs.values():  # once, here: not raced by two workers
-        ensure_backbone(spec)
     todo = [(name, i, p) for name, ps in want.items() for i, p in enumerate(ps)
             if (name, i) not in have or have[(name, i)]["params"] != p]
     # Interleaved: a recording stopped part-way leaves every space's first configurations.
     todo.sort(key=lambda job: (job[1] / max(1, len(want[job[0]])), job[0]))
     if todo:
+        for name in {name for name, _, _ in todo}:  # once, here: not raced by two workers
+            ensure_backbone(specs[name])
         print(f"recording {len(todo)} learning curves into {path} ({workers} at a time)",
               flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -381,7 +381,8 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str | tuple, seed: in
 
         for cfg in pf.plan(s, pf.Portfolio(list(portfolio), source="replay")).enqueue:
             study.enqueue_trial(cfg, skip_if_exists=True)
-            protect += 1
+    # As run_search counts them: the configurations waiting in the new study run to max_t.
+    protect = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     searcher = FidelityOptunaSearch(space=define_by_run(s), sampler=make_sampler(s),
                                     metric=s.metric, mode=s.mode, storage=storage,
                                     study_name=study_name, max_t=s.max_t, telling=telling)
@@ -391,7 +392,7 @@ def replay(spec: Spec, pool: list[dict[str, Any]], method: str | tuple, seed: in
             Path(tmp.name), protect_first=protect,
             time_attr="training_iteration", max_t=s.max_t, metric=s.metric, mode=s.mode,
             grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor,
-            brackets=getattr(s.scheduler, "brackets", 1))
+            brackets=s.scheduler.brackets)
     else:
         scheduler = FIFOScheduler()
     nearest = Nearest(s, pool)

@@ -148,7 +148,11 @@ def current(*, device: str = "cpu", amp: str = "fp32", threads: int | None = Non
     import torch
 
     on_cuda = device == "cuda"
-    cuda = _cuda() if on_cuda else {"gpu": None, "cuda": None, "cudnn": None}
+    # The search's driver never touches CUDA: initialising it there would hold a context
+    # (hundreds of MB) on the GPU its trials pack onto. Its record names the CUDA build only;
+    # each trial records its GPU in its checkpoint.
+    cuda = (_cuda() if on_cuda and recorded_by != "driver"
+            else {"gpu": None, "cuda": torch.version.cuda if on_cuda else None, "cudnn": None})
     if cudnn_benchmark is None:
         cudnn_benchmark = bool(torch.backends.cudnn.benchmark)
     return {

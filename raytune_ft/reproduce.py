@@ -33,6 +33,7 @@ from typing import Any
 from raytune_ft import environment
 from raytune_ft.checkpoint import CONFIG
 from raytune_ft.errors import UserError
+from raytune_ft.paths import is_uri
 from raytune_ft.run_folder import open_run
 from raytune_ft.runs import HISTORY_KEYS, TUNE_DIR, Echo, TrialRecord, read_records, text_table
 from raytune_ft.spec import Spec
@@ -150,7 +151,7 @@ def recorded_environment(run_dir: Path, record: TrialRecord
     for runs of rtft before either was recorded."""
     folder = run_dir / TUNE_DIR / f"trial_{record.trial_id}"
     candidates = sorted(folder.glob("checkpoint_*"), reverse=True)
-    if record.best_checkpoint and "://" not in record.best_checkpoint:
+    if record.best_checkpoint and not is_uri(record.best_checkpoint):
         candidates.append(Path(record.best_checkpoint))
     for ckpt in candidates:
         config = _read_json(ckpt / CONFIG)
@@ -161,6 +162,9 @@ def recorded_environment(run_dir: Path, record: TrialRecord
     host = first.get("hostname") if isinstance(first, dict) else None
     if env is not None and env.get("host") and host and host != env["host"]:
         return None, f"{run_file} is the search's, on {env['host']}; the trial ran on {host}"
+    if env is not None and host is None:  # s3:// / gs:// runs: Ray's result.json not here
+        return None, (f"{run_file} is the search's, and where the trial ran is not recorded "
+                      f"here (no {folder.name}/result.json)")
     if env is not None:
         return env, str(run_file)
     return None, (f"none recorded: no environment in the trial's checkpoints, no "

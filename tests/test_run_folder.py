@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from helpers import tiny_spec
 
 from raytune_ft.cli import main
-from raytune_ft.run_folder import _beside, open_run, where_it_is
+from raytune_ft.run_folder import _beside, check_resumable, open_run, where_it_is
 from raytune_ft.runs import read_records
 from raytune_ft.spec_io import spec_to_yaml
 
@@ -34,6 +34,7 @@ def _run_folder(root: Path, *, trials: int = 2, journal_trials: int | None = Non
     (run / "tune").mkdir(parents=True)
     (run / "spec.yaml").write_text(spec_to_yaml(spec))
     (run / "tune" / "experiment_state-2026.json").write_text("{}")
+    (run / "tune" / "tuner.pkl").write_bytes(b"")  # never read: refused before the restore
     old_tune = root / "runs" / "tiny" / "tune"  # where it was written: recorded absolutely
     records = []
     for i in range(trials):
@@ -52,7 +53,8 @@ def _run_folder(root: Path, *, trials: int = 2, journal_trials: int | None = Non
 def test_a_moved_run_is_opened_where_it_is(tmp_path: Path) -> None:
     run = _run_folder(tmp_path)
     assert not (tmp_path / "runs").exists()
-    spec = open_run(run, resume=True)
+    spec = open_run(run)
+    check_resumable(run)
     assert Path(spec.run.storage_path) == run.parent.resolve()
     # promote.dir sat beside the runs folder ({root}/runs, {root}/models): beside it again
     assert Path(spec.promote.dir) == (tmp_path / "models").resolve()
@@ -74,6 +76,7 @@ def test_a_run_opened_where_it_was_written_is_unchanged(tmp_path: Path) -> None:
     ("rtft_runs", "out/models", "/home/u/p2/rtft_runs", "/home/u/p2/out/models"),
     ("/mnt/shared/a/runs", "/mnt/shared/models", "/h/p/x/runs", "/h/p/models"),
     ("/mnt/a/runs", "/data/models", "/x/runs", None),   # only / in common: a dedicated folder
+    ("/home/u/runs", "/home/v/models", "/x/runs", None),  # a generic root only: not a project
     ("./runs", "/abs/models", "/x/runs", None),          # one relative, one absolute
     ("../runs", "../models", "/x/runs", None),           # above the start folder: unknown
 ])
@@ -93,10 +96,13 @@ def _snapshot(run: Path) -> dict[str, float]:
 
 
 @pytest.mark.parametrize(("damage", "expected"), [
-    ("no_tune", "tune: missing, or without Ray's experiment state"),
-    ("truncated_journal", "optuna.journal: holds 1 trials, the run has 2: the journal is truncated"),
+    ("no_tune", "tune: no Ray experiment (tune/tuner.pkl): the run folder was partly copied"),
+    ("no_state", "tune: no Ray experiment state (experiment_state-*.json)"),
+    ("truncated_journal", "optuna.journal: the journal holds 1 trial(s), the run has 2"),
     ("corrupt_journal", "optuna.journal: line 2 is not a journal entry"),
-    ("foreign_trials", "trials.json: trial zz (and 0 more) has no folder"),
+    ("array_journal", "optuna.journal: line 2 is not a journal entry"),
+    ("foreign_trials", "trials.json: trial zz has no folder"),
+    ("renamed", "the run is named 'tiny' but its folder is 'tiny-copy'"),
     ("broken_trials", "trials.json: not a trials.json rtft wrote"),
     ("no_spec", "spec.yaml: file not found: the folder is not an rtft run folder"),
 ])
@@ -108,6 +114,13 @@ def test_a_damaged_run_folder_is_refused_in_one_line(tmp_path: Path, damage: str
             p.rmdir() if p.is_dir() else p.unlink()
         (run / "tune").rmdir()
         (run / "trials.json").unlink()
+    elif damage == "no_state":
+        (run / "tune" / "experiment_state-2026.json").unlink()
+    elif damage == "array_journal":
+        lines = (run / "optuna.journal").read_text().splitlines(keepends=True)
+        (run / "optuna.journal").write_text(lines[0] + "[1, 2]\n" + "".join(lines[2:]))
+    elif damage == "renamed":
+        run = run.rename(run.with_name("tiny-copy"))
     elif damage == "corrupt_journal":
         lines = (run / "optuna.journal").read_text().splitlines(keepends=True)
         (run / "optuna.journal").write_text(lines[0] + "{not json\n" + "".join(lines[2:]))
@@ -133,7 +146,7 @@ def test_a_journal_cut_short_by_a_crash_is_accepted(tmp_path: Path) -> None:
     run = _run_folder(tmp_path)
     with open(run / "optuna.journal", "a") as f:
         f.write('{"op_code": 4, "work')
-    open_run(run, resume=True)
+    check_resumable(run)
 
 
 def test_results_of_a_damaged_folder_name_the_file(tmp_path: Path) -> None:
@@ -142,5 +155,5 @@ def test_results_of_a_damaged_folder_name_the_file(tmp_path: Path) -> None:
     recs.append({**recs[0], "trial_id": "other"})
     (run / "trials.json").write_text(json.dumps(recs))
     res = CliRunner().invoke(main, ["results", str(run)])
-    assert res.exit_code == 2 and "trial other (and 0 more) has no folder" in res.output
+    assert res.exit_code == 2 and "trial other has no folder" in res.output
     assert os.fspath(run / "trials.json") in res.output

@@ -63,6 +63,7 @@ USED: tuple[tuple[str, str, str], ...] = (
     ("ray.tune.impl.tuner_internal.TunerInternal", "_run_config", "init"),
     ("ray.train._internal.storage.StorageContext", "storage_fs_path", "init"),
     ("ray.tune.experiment.Experiment", "spec", "init"),
+    ("ray.tune.search.SearchGenerator", "_experiment", "init"),
     ("ray.tune.search.optuna.OptunaSearch", "_ot_trials", "instance"),
     ("ray.tune.search.optuna.OptunaSearch", "_completed_trials", "instance"),
     ("optuna.storages.journal.JournalFileBackend", "_file_path", "init"),
@@ -178,6 +179,11 @@ def restored_storage(tuner: Any) -> Any:
     rc = tuner._local_tuner._run_config
     return StorageContext(storage_path=rc.storage_path, experiment_dir_name=rc.name,
                           storage_filesystem=rc.storage_filesystem)
+
+
+def generator_experiment(generator: Any) -> Any:
+    """The `Experiment` a SearchGenerator makes new trials from (None before one is added)."""
+    return generator._experiment
 
 
 def move_experiment(experiment: Any, storage: Any) -> None:

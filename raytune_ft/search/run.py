@@ -30,7 +30,7 @@ from raytune_ft.distill import with_teacher_logits
 from raytune_ft.errors import UserError
 from raytune_ft.pretrain import ensure_backbone
 from raytune_ft.promote import promote
-from raytune_ft.run_folder import open_run
+from raytune_ft.run_folder import JOURNAL, check_resumable, open_run
 from raytune_ft.runs import (
     TUNE_DIR,
     Echo,
@@ -95,6 +95,8 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     # then what only a search does: pretrain, read all the data, load named weights.
     preflight.dry_run(spec, preflight.this_machine() if local else None, warm=False,
                       resume=resume)
+    # The run folder next, before any work: a damaged one is refused at once.
+    restore = _check_run_folder(spec, loc, resume, echo)
     if ray.is_initialized():  # a Ray this process already runs: ask it now, before any work
         check_cluster_fit(spec, None)
     ensure_backbone(spec, echo=echo)  # one per architecture of a model.arch choice
@@ -106,9 +108,10 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
     splits = next(iter(by_size.values()))
     echo(f"data: {spec.data.source} — {len(splits.train_y)} train / {len(splits.val_y)} val / "
          f"{len(splits.test_y)} test (held out) images, {splits.num_classes} classes")
-    restore = _check_run_folder(spec, loc, resume, echo)
     # Read before anything is written: a bad warm-start source refuses the search here.
     warm = None if restore else warm_start.plan_for(spec, data=data_record(by_size))
+    if not restore:  # the dry run skips it under --resume, which may find nothing to resume
+        portfolio.plan_for(spec, warm=warm.enqueue if warm else ())
     created = preflight.first_missing(loc.local)  # removed again if the cluster refuses
     with _run_lock(loc.local):
         started = ensure_ray(address, echo, job_metadata(spec, loc))
@@ -158,10 +161,16 @@ def _check_run_folder(spec: Spec, loc: RunLocation, resume: bool, echo: Echo) ->
         raise UserError(f"a run named {spec.name!r} already exists in {loc.local.parent}; pass "
                         f"--resume to continue it, or --set name=... for a new run", field="name")
     if not exists:
+        if resume and loc.remote is None and any(
+                (loc.local / f).exists() for f in ("trials.json", JOURNAL)):
+            # rtft's files without Ray's: a partial copy, not a run that never started
+            raise UserError("no Ray experiment (tune/tuner.pkl): the run folder was partly "
+                            "copied; copy tune/ again from the run", file=str(loc.tune_path))
         if resume:
             echo(f"nothing to resume in {loc.local}: starting a new run")
         return False
     download_run_files(loc)  # a resume on another machine: rtft's files from the URI
+    check_resumable(loc.local, tune_here=loc.remote is None)
     saved = loc.local / "spec.yaml"
     if saved.exists() and _comparable(load_spec(saved)) != _comparable(spec):
         raise UserError(f"--resume with a spec that differs from the run's own {saved}; "

@@ -19,6 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raytune_ft.fidelity import finite, tell
 from raytune_ft.search.ray_private import (
+    generator_experiment,
     move_experiment,
     optuna_completed,
     optuna_forget,
@@ -117,5 +118,6 @@ class RestoredSearchGenerator(SearchGenerator):
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
-        if self._experiment is not None:
-            move_experiment(self._experiment, self._rtft_storage)
+        experiment = generator_experiment(self)
+        if experiment is not None:
+            move_experiment(experiment, self._rtft_storage)
