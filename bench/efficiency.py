@@ -95,6 +95,9 @@ METHODS = {  # name → (sampler, scheduler, telling, warm-started from the sibl
     "cmaes+asha": ("cmaes", "asha", "fidelity", False),
     "tpe+asha warm": ("tpe", "asha", "fidelity", True),
 }
+# What bench/transfer.py writes into the same efficiency.json (kept when this script runs).
+TRANSFER_KEYS = ("tasks", "average", "chosen", "choice_sweep", "builtin_portfolio", "levels",
+                 "transfer_settings", "transfer_load", "transfer_wall_s")
 WARM_TOP = 3  # configurations a warm start enqueues from the earlier run (searcher.warm_start_top)
 # The comparison replays run without rtft's baseline-first trial: the baseline is the same
 # first trial for every method (and in this pool it is nearly the best configuration), so it
@@ -779,12 +782,8 @@ def main() -> None:
     if path.exists() and not args.smoke:  # parts not run now: keep the earlier results
         old = json.loads(path.read_text())
         kept = {k: old[k] for k in ("efficiency", "live", "ask_tell_ms", "median_trial_s",
-                                    "defaults_sweep", "ask_tell_load",
-                                    # bench/transfer.py's leave-one-task-out results
-                                    "tasks", "average", "chosen", "choice_sweep",
-                                    "builtin_portfolio", "levels", "transfer_settings",
-                                    "transfer_load", "transfer_wall_s",
-                                    "pool_recording_load")
+                                    "defaults_sweep", "ask_tell_load", "pool_recording_load",
+                                    *TRANSFER_KEYS)
                 if k in old and k not in found}
     if "live" not in found and "live" not in kept:
         found["live"] = "skipped"

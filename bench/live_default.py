@@ -8,7 +8,8 @@ baseline trial, what a user would run instead. Reported: the held-out test accur
 model each promotes, its best val_acc, epochs trained, wall seconds.
 
 Tasks (`--tasks`): `mnist-scratch` (MNIST digits, 500 training images, no pretraining: a data
-set none of the pools holds, from scratch) and `mnist-64` (MNIST at 64 px, pretrained).
+set none of the pools holds, from scratch) and `mnist-64` (MNIST at 64 px from the rtft:mnist
+backbone, which was pretrained on MNIST: an unseen input size, not an unseen data set).
 
     python bench/live_default.py --tasks mnist-scratch --seeds 0 1
     python bench/live_default.py --smoke

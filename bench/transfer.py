@@ -360,8 +360,7 @@ def main() -> None:
     if (out_dir / "efficiency.json").exists() and not args.smoke:
         old = {k: v for k, v in json.loads((out_dir / "efficiency.json").read_text()).items()
                if k not in res.data and k not in {"load_end", "seconds"}}
-    transfer_keys = {"tasks", "average", "chosen", "choice_sweep", "builtin_portfolio",
-                     "levels", "transfer_settings", "transfer_load", "transfer_wall_s"}
+    transfer_keys = set(eff.TRANSFER_KEYS)
     path = res.write(
         **{k: v for k, v in old.items() if k not in transfer_keys},
         transfer_load={"start": res.data["load_start"], "end": load_average()},
