@@ -16,6 +16,7 @@ import optuna
 
 from raytune_ft.knobs import Hyperparams, param_order
 from raytune_ft.spec import Spec
+from raytune_ft.spec_searcher import asha_milestones
 
 __all__ = ["SUGGEST", "baseline_params", "define_by_run", "distribution", "hparams_for",
            "make_sampler", "rung_plan"]
@@ -137,23 +138,23 @@ def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
 
 def rung_plan(spec: Spec, bracket: int = 0) -> list[tuple[int, int]]:
     """ASHA's rungs as (epoch, trials expected to reach it), from the first to max_t, of one
-    bracket (`scheduler.brackets`: trials take turns, so bracket s gets every s-th trial).
+    bracket (`scheduler.brackets`: n brackets take the trials in turn, so bracket s gets every
+    n-th trial starting at trial s, counting from 0).
 
-    With reduction factor η, a 1/η fraction of the trials at a rung goes on to the next;
-    bracket s has its first rung at grace_period × η^s (a bracket whose first rung would be
-    at or past max_t stops nothing: only max_t is listed).
+    The rungs are Ray's milestones (:func:`~raytune_ft.spec_searcher.asha_milestones`: bracket
+    s starts at grace_period × η^s, η the reduction factor); a trial is judged at the first
+    epoch that reaches a milestone, ceil(milestone), and a 1/η fraction of the trials at a rung
+    goes on to the next. A rung judged only at max_t stops nothing (a trial there has ended),
+    so it is not listed; a bracket with no other rung lists only max_t.
     """
     sch = spec.scheduler
     n = spec.run.num_samples
     if sch.type == "none":
         return [(spec.max_t, n)]
     n = len(range(bracket, n, sch.brackets))  # this bracket's turns
-    t = sch.grace_period
-    for _ in range(bracket):
-        t = int(t * sch.reduction_factor)
-    plan, k = [], 0
-    while t < spec.max_t:
-        plan.append((t, max(1, math.floor(n / sch.reduction_factor ** k))))
-        t, k = int(t * sch.reduction_factor), k + 1
-    plan.append((spec.max_t, max(1, math.floor(n / sch.reduction_factor ** k))))
+    rf = sch.reduction_factor
+    epochs = [math.ceil(m) for m in asha_milestones(sch.grace_period, spec.max_t, rf, bracket)]
+    epochs = [e for e in epochs if e < spec.max_t]
+    plan = [(e, max(1, math.floor(n / rf ** k))) for k, e in enumerate(epochs)]
+    plan.append((spec.max_t, max(1, math.floor(n / rf ** len(epochs)))))
     return plan

@@ -72,9 +72,11 @@ def asha_milestones(grace: float, max_t: float, rf: float, bracket: int) -> list
 
 
 def max_brackets(grace: float, max_t: float, rf: float) -> int:
-    """The most brackets worth having: one more than bracket 0's rungs below max_t. The last
-    one then stops nothing before max_t; any further one would be the same again."""
-    return sum(m < max_t for m in asha_milestones(grace, max_t, rf, 0)) + 1
+    """The most brackets worth having: one more than bracket 0's rungs judged before max_t
+    (a trial is judged at the first epoch that reaches a milestone, ceil(milestone); at max_t
+    it has ended). The last one then stops nothing before max_t; any further one would be the
+    same again."""
+    return sum(math.ceil(m) < max_t for m in asha_milestones(grace, max_t, rf, 0)) + 1
 
 
 def check_scheduler(sch: SchedulerSpec, max_t: int) -> None:

@@ -4,6 +4,7 @@ restart, the baseline is exempt, and Ray is asked for a snapshot only when trial
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import random
 from pathlib import Path
@@ -320,11 +321,14 @@ def test_a_log_without_brackets_is_all_bracket_0(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("grace, max_t, rf", [(1, 4, 2), (2, 4, 2), (1, 9, 3), (1, 8, 2),
-                                               (2, 12, 2), (1, 10, 3), (3, 3, 2)])
+                                               (2, 12, 2), (1, 10, 3), (3, 3, 2), (1, 10, 2.5),
+                                               (1, 7, 2.5), (2, 20, 2.2)])
 def test_the_rungs_validate_prints_are_rays(tmp_path: Path, grace: int, max_t: int,
-                                            rf: int) -> None:
+                                            rf: float) -> None:
     """spec_searcher computes ASHA's rungs without Ray (the spec check, `rtft validate`'s
-    plan): the same as Ray's brackets, bracket by bracket, up to the most worth having."""
+    plan): the same as Ray's brackets, bracket by bracket, up to the most worth having. The
+    plan's epochs are those at which Ray judges a trial: the first reaching each milestone
+    (2.5 → epoch 3), never max_t (a trial there has ended)."""
     from raytune_ft.space import rung_plan
     from raytune_ft.spec_io import parse_spec
     from raytune_ft.spec_searcher import asha_milestones, max_brackets
@@ -332,12 +336,36 @@ def test_the_rungs_validate_prints_are_rays(tmp_path: Path, grace: int, max_t: i
     top = max_brackets(grace, max_t, rf)
     asha = PersistentASHA(tmp_path, time_attr="training_iteration", max_t=max_t,
                           metric="val_acc", mode="max", grace_period=grace,
-                          reduction_factor=rf, brackets=top)
+                          reduction_factor=rf, brackets=top + 1)
     spec = parse_spec(f"name: t\ntrain: {{max_epochs: {max_t}}}\nscheduler: {{grace_period: "
                       f"{grace}, reduction_factor: {rf}, brackets: {top}}}\n", file="t.yaml")
-    for s in range(top):
+    for s in range(top + 1):  # one past the most: it stops nothing, as the last one
         ray_rungs = list(asha.rungs(s))
         assert ray_rungs == [float(m) for m in asha_milestones(grace, max_t, rf, s)]
-        below = [m for m in ray_rungs if m < max_t]
-        assert [e for e, _ in rung_plan(spec, s)] == [*below, max_t]
-        assert (not below) == (s == top - 1)  # only the last one stops nothing
+        # Where Ray judges: a trial reports every epoch; a rung records it when it judges it.
+        judged = []
+        for epoch in range(1, max_t + 1):
+            tid = f"b{s}"
+            if epoch == 1:
+                asha.on_trial_add(None, _T(tid))
+                assert asha.bracket_of(tid) == s
+            before = sum(tid in rec for rec in asha.rungs(s).values())
+            if asha.on_trial_result(None, _T(tid), _result(epoch, 0.5)) == "CONTINUE" and \
+                    sum(tid in rec for rec in asha.rungs(s).values()) > before:
+                judged.append(epoch)
+        assert judged == [e for e in map(math.ceil, ray_rungs) if e < max_t]
+        if s < top:
+            assert [e for e, _ in rung_plan(spec, s)] == [*judged, max_t]
+        assert (not judged) == (s >= top - 1)  # only the last one stops nothing
+
+
+def test_a_rung_between_epochs_is_judged_at_the_next_one() -> None:
+    """η 2.5 from epoch 1 to 10: Ray's milestones 1, 2.5, 6.25 are judged at epochs 1, 3, 7
+    (not 2 and 5, as truncating at every step would say)."""
+    from raytune_ft.space import rung_plan
+    from raytune_ft.spec_io import parse_spec
+
+    spec = parse_spec("name: t\ntrain: {max_epochs: 10}\nscheduler: {reduction_factor: 2.5, "
+                      "brackets: 2}\nrun: {num_samples: 26}\n", file="t.yaml")
+    assert rung_plan(spec) == [(1, 13), (3, 5), (7, 2), (10, 1)]
+    assert rung_plan(spec, 1) == [(3, 13), (7, 5), (10, 2)]
