@@ -9,9 +9,10 @@ local one:
 - `working_dir`: a small staging folder built for the job, never the whole current folder
   (which may hold runs, models and datasets). It holds the spec file at the same path relative
   to the current folder as here, and every *relative* file the spec names (`model.weights`,
-  `data.root`) at its relative path. The job's driver starts in that folder, so relative paths
-  mean on the cluster what they mean here. Absolute paths are not shipped: they must exist on
-  every node (shared storage), as they would for `rtft search` on the cluster.
+  `data.root`, a `searcher.portfolio` file) at its relative path. The job's driver starts in
+  that folder, so relative paths mean on the cluster what they mean here. Absolute paths are
+  not shipped: they must exist on every node (shared storage), as they would for `rtft search`
+  on the cluster.
 - `py_modules`: the `raytune_ft` package this command runs from, so the driver and every trial
   worker run exactly the code you submit from, whatever rtft version the cluster image has.
   With `ship_code=False` the cluster's installed rtft runs. The entrypoint is
@@ -149,8 +150,9 @@ def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
         if not Path(value).expanduser().is_absolute():
             raise UserError(
                 f"{value!r} is relative: a Ray job reads earlier runs on the cluster, where only "
-                f"the spec and its data and weights files are shipped; allowed: an absolute "
-                f"path on storage every node mounts (where the earlier search wrote its run)",
+                f"the spec and its data, weights and portfolio files are shipped; allowed: an "
+                f"absolute path on storage every node mounts (where the earlier search wrote its "
+                f"run)",
                 field="searcher.warm_start")
     staging = Path(tempfile.mkdtemp(prefix="rtft-job-"))
     try:
@@ -164,14 +166,26 @@ def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
                  else [("model.weights", w)])
         if spec.data.root:
             named.append(("data.root", spec.data.root))
+        portfolio = spec.searcher.portfolio  # builtin and none are not files
+        if portfolio not in ("builtin", "none"):
+            named.append(("searcher.portfolio", portfolio))
         for field_name, value in named:
             p = _local_path(value)
+            if p is None and field_name == "searcher.portfolio":  # no name: always a path
+                p = Path(value).expanduser()
+                if not p.is_absolute():
+                    raise UserError(
+                        f"{value!r} does not exist here, so it cannot be shipped with the job; "
+                        f"allowed: builtin, none, or the path of a portfolio file under the "
+                        f"current folder (or an absolute path that exists on every cluster "
+                        f"node)", field=field_name)
             if p is None:
                 continue
             if p.is_absolute():
                 assumed.append(str(p))
                 continue
-            what = "weights" if field_name.startswith("model.weights") else "root"
+            what = ("weights" if field_name.startswith("model.weights") else
+                    "portfolio" if field_name == "searcher.portfolio" else "root")
             rel = _relative_to_cwd(p, cwd, what, field_name)
             _stage(p, rel, staging)
             shipped.append(str(rel))

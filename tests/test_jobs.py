@@ -82,6 +82,36 @@ def test_prepare_refuses_relative_file_outside_the_folder(tmp_path: Path,
     assert e.value.field == "model.weights"
 
 
+def test_prepare_ships_a_relative_portfolio_file_and_refuses_one_it_cannot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pf").mkdir()
+    (tmp_path / "pf" / "mine.yaml").write_text("configs: [{lr: 0.01}]\n")
+    spec = _spec(tmp_path).name
+    sub = jobs.prepare(spec, ["searcher.portfolio=pf/mine.yaml"], ship_code=False)
+    try:  # shipped at its relative path, where the job's driver starts
+        assert sub.shipped == ["tiny.yaml", "pf/mine.yaml"] and not sub.assumed
+        assert (sub.staging / "pf" / "mine.yaml").read_text() == "configs: [{lr: 0.01}]\n"
+    finally:
+        jobs.shutil.rmtree(sub.staging)
+    absolute = tmp_path / "pf" / "mine.yaml"
+    for name in ("builtin", "none", str(absolute)):  # not files, or the cluster's own
+        sub = jobs.prepare(spec, [f"searcher.portfolio={name}"], ship_code=False)
+        try:
+            assert sub.shipped == ["tiny.yaml"]
+            assert sub.assumed == ([str(absolute)] if name == str(absolute) else [])
+        finally:
+            jobs.shutil.rmtree(sub.staging)
+    with pytest.raises(SpecError) as e:  # the job would fail on the cluster: refused here
+        jobs.prepare(spec, ["searcher.portfolio=pf/missing.yaml"])
+    assert e.value.field == "searcher.portfolio" and "\n" not in str(e.value)
+    assert "'pf/missing.yaml' does not exist here" in str(e.value)
+    monkeypatch.chdir(tmp_path / "pf")
+    with pytest.raises(SpecError) as e:  # outside the current folder: refused like weights
+        jobs.prepare(tmp_path / spec, ["searcher.portfolio=../tiny.yaml"])
+    assert e.value.field == "searcher.portfolio" and "outside the current folder" in str(e.value)
+
+
 def test_submit_cli_bad_input_exits_2_before_contacting_anything(tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     r = CliRunner().invoke(main, ["submit", str(spec), "--address", "http://127.0.0.1:9",
