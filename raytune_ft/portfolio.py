@@ -15,7 +15,8 @@ baseline trains the first). A configuration that comes out the same as the basel
 before it is tried once.
 
 The file: ``{"configs": [{knob: value, …}, …], "about": "how it was built"}`` (JSON, or the
-same in YAML), or a bare list of configurations. Unknown knobs, values no knob range allows
+same in YAML, read as a spec is: duplicate keys refused, `1e-3` a number), or a bare list of
+configurations. Unknown knobs, values no knob range allows
 and values of the wrong type are refused with one line naming the file and the entry
 (`configs[2].lr`), by :func:`load`, before anything is written.
 """
@@ -23,8 +24,10 @@ and values of the wrong type are refused with one line naming the file and the e
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
+import re
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
+from raytune_ft.checkpoint import write_atomic
 from raytune_ft.errors import UserError, first_line
 from raytune_ft.knobs import Hyperparams
 from raytune_ft.spec import Spec
@@ -158,10 +162,57 @@ def _parse(data: Any, where: str) -> Portfolio:
     return Portfolio(check_configs(data["configs"], where), about, where)
 
 
+@functools.cache
+def _yaml_loader() -> type:
+    """The spec's strict YAML loader (duplicate keys and non-scalar keys refused), reading a
+    plain `1e-3` as the number YAML 1.2 says it is, as the spec accepts it (PyYAML's YAML 1.1
+    wants `1.0e-3`). Only unquoted scalars: a quoted "1e-3" stays text, refused for a number
+    like any text. Built on first use: a JSON portfolio imports no YAML."""
+    from raytune_ft.spec_io import StrictLoader
+
+    class Loader(StrictLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return Loader
+
+
+def _read_yaml(text: str, where: str) -> Any:
+    """`text` as YAML, read as the spec is read (strict keys, aliases expanded to a bounded
+    size); :class:`UserError` naming `where` for anything that is not."""
+    import yaml
+
+    from raytune_ft.spec_io import check_yaml_size
+
+    loader_cls = _yaml_loader()
+    try:
+        node = yaml.compose(text, Loader=loader_cls)
+        check_yaml_size(node)  # an alias bomb is refused before anything is built
+        loader = loader_cls("")
+        try:
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise UserError(f"{where}: not YAML (nested too deep); {_FORM}", field=FIELD) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f"line {mark.line + 1}: " if mark else ""
+        problem = " ".join((e.problem or e.context or "invalid YAML").split())
+        raise UserError(f"{where}: not YAML ({at}{problem}); {_FORM}", field=FIELD) from e
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not YAML ({' '.join(first_line(e).split())}); {_FORM}",
+                        field=FIELD) from e
+
+
 def load(path: str | Path) -> Portfolio:
     """Read and check a portfolio file (`.json`; anything else is read as YAML, of which JSON
-    is a part). Raises :class:`UserError` (field `searcher.portfolio`) when it is missing,
-    unreadable, or not a portfolio of valid knob values."""
+    is a part, with the spec's strict loader). Raises :class:`UserError` (field
+    `searcher.portfolio`) when it is missing, unreadable, or not a portfolio of valid knob
+    values."""
     p = Path(path).expanduser()
     where = str(path)
     if not p.is_file():
@@ -169,19 +220,11 @@ def load(path: str | Path) -> Portfolio:
         raise UserError(f"{where!r} {what}; {_NAMES}", field=FIELD)
     try:
         text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = json.loads(text) if p.suffix.lower() == ".json" else None
     except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"{where}: unreadable ({first_line(e)}); {_FORM}", field=FIELD) from e
-    except Exception as e:  # yaml.YAMLError, without importing yaml for JSON files
-        if type(e).__module__.split(".")[0] != "yaml":
-            raise
-        raise UserError(f"{where}: not YAML ({' '.join(first_line(e).split())}); {_FORM}",
-                        field=FIELD) from e
+    if p.suffix.lower() != ".json":
+        data = _read_yaml(text, where)
     return _parse(data, where)
 
 
@@ -197,8 +240,8 @@ def write(path: str | Path, configs: Sequence[dict[str, Any]], about: str) -> Pa
     built. For the benchmark script that rebuilds the built-in one from recorded pools."""
     p = Path(path)
     checked = check_configs(list(configs), str(p))
-    p.write_text(json.dumps({"about": about, "configs": checked}, indent=1) + "\n")
-    return p
+    # Atomic: a reader (a search starting) never sees half a file.
+    return write_atomic(p, json.dumps({"about": about, "configs": checked}, indent=1) + "\n")
 
 
 def read_for(spec: Spec) -> Portfolio | None:

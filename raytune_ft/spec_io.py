@@ -30,7 +30,8 @@ from raytune_ft.spec import (
     TrainSpec,
 )
 
-__all__ = ["apply_overrides", "field_line", "load_spec", "parse_spec", "spec_to_yaml"]
+__all__ = ["StrictLoader", "apply_overrides", "check_yaml_size", "field_line", "load_spec",
+           "parse_spec", "spec_to_yaml"]
 
 # --------------------------------------------------------------------------------------------
 # YAML → data and a map of field paths to lines. Guards against what YAML allows and a spec
@@ -87,6 +88,12 @@ def _check_size(node: yaml.Node | None) -> None:
 
     if node is not None:
         size(node, 0)
+
+
+# The same guards for the other YAML files rtft reads (portfolio files): compose the text,
+# check_yaml_size(node), then build it with a StrictLoader (or a subclass).
+StrictLoader = _StrictLoader
+check_yaml_size = _check_size
 
 
 def _line_map(node: yaml.Node | None, path: tuple = (), out: dict | None = None,

@@ -62,6 +62,53 @@ def test_a_bare_list_and_yaml_are_read(tmp_path: Path) -> None:
     assert pf.configs == [{"lr": 0.02, "init": "orthogonal"}] and pf.about == "mine"
 
 
+def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = portfolio.write(tmp_path / "pf.json", [{"lr": 0.01}], "old")
+
+    def crash(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        with open(self, "w") as f:  # half of it written, then the disk is full
+            f.write(data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(OSError):
+        portfolio.write(path, [{"lr": 0.02}], "new")
+    monkeypatch.undo()
+    assert portfolio.load(path).about == "old"  # the old file whole, no temporary left
+    assert [p.name for p in tmp_path.iterdir()] == ["pf.json"]
+
+
+def test_yaml_numbers_read_as_the_spec_reads_them(tmp_path: Path) -> None:
+    """`lr: 1e-3` is a number (YAML 1.2; PyYAML's 1.1 reads text), as in the spec; quoted,
+    it is text, refused for a number like any text."""
+    pf = portfolio.load(_file(tmp_path, "configs:\n  - {lr: 1e-3, weight_decay: 5E-5, "
+                                        "grad_clip: 1e0, momentum: .5, backbone_lr_mult: "
+                                        "2.5e+0}\n", "pf.yaml"))
+    assert pf.configs == [{"lr": 0.001, "weight_decay": 5e-5, "grad_clip": 1.0,
+                           "momentum": 0.5, "backbone_lr_mult": 2.5}]
+    for quoted, text in (('"1e-3"', "1e-3"), ("'0.1'", "0.1")):
+        path = _file(tmp_path, f"configs: [{{lr: {quoted}}}]\n", "q.yaml")
+        assert _refused(path) == f"{path}: configs[0].lr: got {text!r}; allowed: a number " \
+                                 f"in (0, 10]"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("configs:\n  - lr: 0.1\n    lr: 0.2\n",
+     "not YAML (line 3: duplicate key 'lr' (first at line 2)); allowed: {configs: "),
+    ("about: a\nabout: b\nconfigs: []\n", "not YAML (line 2: duplicate key 'about'"),
+    ("configs: [{? [lr]: 0.1}]\n", "not YAML (line 1: a key must be a plain word"),
+    ("a: &a [" + ", ".join(["0"] * 100) + "]\nb: &b [" + ", ".join(["*a"] * 100) + "]\n"
+     "c: [" + ", ".join(["*b"] * 100) + "]\n",
+     "not YAML (line 3: more than 100,000 values once aliases are expanded)"),
+    ("configs: [{lr: !!python/name:os.system }]\n",
+     "not YAML (line 1: could not determine a constructor for the tag"),
+], ids=["duplicate_knob", "duplicate_key", "list_as_key", "alias_bomb", "python_tag"])
+def test_yaml_is_read_with_the_specs_strict_loader(tmp_path: Path, text: str,
+                                                    message: str) -> None:
+    path = _file(tmp_path, text, "pf.yaml")
+    assert _refused(path).startswith(f"{path}: {message}")
+
+
 @pytest.mark.parametrize("data, message", [
     ({"configs": [{"lr": 0.01}, {"weight_decy": 0.01}]},
      f"configs[1].weight_decy: unknown knob; allowed: {KNOBS}. Did you mean 'weight_decay'?"),
