@@ -82,6 +82,11 @@ def max_brackets(grace: float, max_t: float, rf: float) -> int:
 def check_scheduler(sch: SchedulerSpec, max_t: int) -> None:
     """The checks of `scheduler:` that need the spec's `max_t`; raises :class:`FieldError`."""
     if sch.type != "asha":
+        if sch.brackets > 1:  # a knob that would do nothing, refused like the others
+            raise FieldError(("scheduler", "brackets"),
+                             f"{sch.brackets} brackets, but brackets only counts with type: "
+                             f"asha, and this spec says type: {sch.type}: it would do nothing; "
+                             f"allowed: 1 (or drop it), or scheduler.type: asha")
         return
     if sch.grace_period > max_t:
         raise FieldError(("scheduler", "grace_period"),

@@ -258,6 +258,9 @@ def test_check_fit_refuses_what_would_stay_pending(resources: str, cluster: dict
      "3 brackets, but with grace_period 2, reduction_factor 2 and max_t 4 bracket 1 already "
      "stops nothing before max_t; allowed: 1..2"),
     ("scheduler:\n  brackets: 2\n  grace_period: 4\n", "scheduler.brackets", 3, "allowed: 1..1"),
+    ("scheduler:\n  type: none\n  brackets: 2\n", "scheduler.brackets", 4,
+     "2 brackets, but brackets only counts with type: asha, and this spec says type: none: it "
+     "would do nothing; allowed: 1 (or drop it), or scheduler.type: asha"),
     ("searcher:\n  portfolio: ''\n", "searcher.portfolio", 3, "empty; allowed: builtin, none"),
     ("searcher:\n  portfolio: 3\n", "searcher.portfolio", 3, "valid string"),
 ])
@@ -273,7 +276,7 @@ def test_bad_brackets_and_portfolio_names_are_refused(body: str, field: str, lin
     ("{grace_period: 2}", 2),
     ("{grace_period: 4}", 1),
     ("{grace_period: 1, reduction_factor: 3}", 3),  # rungs 1, 3
-    ("{type: none, brackets: 9}", None),  # without ASHA brackets are not checked
+    ("{type: none, brackets: 1}", None),  # without ASHA one bracket (the default) is allowed
 ])
 def test_brackets_up_to_one_that_stops_nothing(sched: str, top: int | None) -> None:
     from raytune_ft.spec_searcher import max_brackets
@@ -281,7 +284,7 @@ def test_brackets_up_to_one_that_stops_nothing(sched: str, top: int | None) -> N
     spec = parse_spec(BASE + f"train: {{max_epochs: 4}}\nscheduler: {sched}\n", file="t.yaml")
     assert spec.searcher.portfolio == "none"  # the schema's default: specs search as before
     if top is None:
-        assert spec.scheduler.brackets == 9
+        assert spec.scheduler.brackets == 1
         return
     sch = spec.scheduler
     assert sch.brackets == 1 and max_brackets(sch.grace_period, 4, sch.reduction_factor) == top
