@@ -43,12 +43,15 @@ class SearcherSpec(Strict):
     # before portfolios searches as it did; the shipped specs say `builtin`.
     portfolio: str = "none"
 
-    @field_validator("portfolio")
+    @field_validator("portfolio", mode="before")
     @classmethod
-    def _portfolio_named(cls, v: str) -> str:
+    def _portfolio_named(cls, v: object) -> object:
+        allowed = "allowed: builtin, none, or the path of a portfolio file (YAML or JSON)"
+        if not isinstance(v, str):  # 3, true, a list: pydantic would only say "valid string"
+            got = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+            raise ValueError(f"got {got}; {allowed}")
         if not v.strip():
-            raise ValueError("empty; allowed: builtin, none, or the path of a portfolio file "
-                             "(YAML or JSON)")
+            raise ValueError(f"empty; {allowed}")
         return v
 
 
@@ -94,8 +97,12 @@ def check_scheduler(sch: SchedulerSpec, max_t: int) -> None:
                          f"allowed: 1..{max_t}")
     top = max_brackets(sch.grace_period, max_t, sch.reduction_factor)
     if sch.brackets > top:
+        with_ = (f"with grace_period {sch.grace_period}, reduction_factor "
+                 f"{sch.reduction_factor:g} and max_t {max_t}")
+        if top == 1:  # grace_period = max_t: ASHA's one rung is where every trial ends
+            raise FieldError(("scheduler", "brackets"),
+                             f"{sch.brackets} brackets, but one already stops nothing before "
+                             f"max_t; allowed: 1 ({with_} there is one rung, at max_t)")
         raise FieldError(("scheduler", "brackets"),
-                         f"{sch.brackets} brackets, but with grace_period {sch.grace_period}, "
-                         f"reduction_factor {sch.reduction_factor:g} and max_t {max_t} "
-                         f"bracket {top - 1} already stops nothing before max_t; allowed: "
-                         f"1..{top}")
+                         f"{sch.brackets} brackets, but {with_} bracket {top - 1} already "
+                         f"stops nothing before max_t; allowed: 1..{top}")

@@ -257,12 +257,18 @@ def test_check_fit_refuses_what_would_stay_pending(resources: str, cluster: dict
     ("scheduler:\n  grace_period: 2\n  brackets: 3\n", "scheduler.brackets", 4,
      "3 brackets, but with grace_period 2, reduction_factor 2 and max_t 4 bracket 1 already "
      "stops nothing before max_t; allowed: 1..2"),
-    ("scheduler:\n  brackets: 2\n  grace_period: 4\n", "scheduler.brackets", 3, "allowed: 1..1"),
+    ("scheduler:\n  brackets: 2\n  grace_period: 4\n", "scheduler.brackets", 3,
+     "2 brackets, but one already stops nothing before max_t; allowed: 1 (with grace_period 4, "
+     "reduction_factor 2 and max_t 4 there is one rung, at max_t)"),
     ("scheduler:\n  type: none\n  brackets: 2\n", "scheduler.brackets", 4,
      "2 brackets, but brackets only counts with type: asha, and this spec says type: none: it "
      "would do nothing; allowed: 1 (or drop it), or scheduler.type: asha"),
     ("searcher:\n  portfolio: ''\n", "searcher.portfolio", 3, "empty; allowed: builtin, none"),
-    ("searcher:\n  portfolio: 3\n", "searcher.portfolio", 3, "valid string"),
+    ("searcher:\n  portfolio: 3\n", "searcher.portfolio", 3,
+     "got 3; allowed: builtin, none, or the path of a portfolio file (YAML or JSON)"),
+    ("searcher:\n  portfolio: [a.yaml]\n", "searcher.portfolio", 3,
+     "got ['a.yaml']; allowed: builtin, none, or the path of a portfolio file"),
+    ("searcher:\n  portfolio: null\n", "searcher.portfolio", 3, "got None; allowed: builtin"),
 ])
 def test_bad_brackets_and_portfolio_names_are_refused(body: str, field: str, line: int,
                                                       words: str) -> None:
