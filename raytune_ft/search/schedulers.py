@@ -89,6 +89,8 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
         self._protect_first = int(protect_first)
         self._protected: list[str] = []
         self._judged: set[tuple[str, Any, bool]] = set()  # (trial, epoch, COMPLETE?) logged
+        # Ray's own count (its `brackets` argument), copied for on_trial_add's turns; set again
+        # from Ray's pickled brackets on unpickling, so the two never disagree.
         self._n_brackets = asha_bracket_count(self)
         self._bracket_of: dict[str, int] = {}  # every trial added, with several brackets
 
@@ -99,8 +101,8 @@ class PersistentASHA(SnapshotOnTrialEnd, ASHAScheduler):
             self._protected = [state["_protected"]] if state.get("_protected") else []
             self._protect_first = int(state.get("_protect_first", 0))
         self.__dict__.setdefault("_judged", set())
-        if "_bracket_of" not in state:  # pickled before brackets: it had one
-            self._n_brackets, self._bracket_of = asha_bracket_count(self), {}
+        self.__dict__.setdefault("_bracket_of", {})  # pickled before brackets: it had one
+        self._n_brackets = asha_bracket_count(self)  # whatever the pickle held: Ray's count
         if "_t_attr" not in state:
             self._t_attr, self._m_name, mode, self._last_t = asha_settings(self)
             self._sign = -1.0 if mode == "min" else 1.0

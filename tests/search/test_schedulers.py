@@ -250,6 +250,24 @@ def test_trials_take_turns_in_the_brackets_whatever_numpy_draws(tmp_path: Path) 
         [(t, "ADD", i % 3) for i, t in enumerate(tids)]
 
 
+@pytest.mark.parametrize("stale", [{}, {"_n_brackets": 1}, {"_bracket_of": None}],
+                         ids=["as_pickled", "stale_count", "before_brackets"])
+def test_the_bracket_count_is_rays_after_unpickling(tmp_path: Path, stale: dict) -> None:
+    """The count the turns use is Ray's, whatever the pickle held: one pickled without it
+    (before brackets) or with a stale one still takes turns in Ray's brackets."""
+    asha = _brackets(tmp_path, n=3, max_t=8, grace=1)
+    for key, value in stale.items():
+        if value is None:
+            del asha.__dict__[key], asha.__dict__["_n_brackets"]
+        else:
+            asha.__dict__[key] = value
+    restored = pickle.loads(pickle.dumps(asha))
+    assert restored.brackets == 3
+    for tid in ("a", "b", "c", "d"):
+        restored.on_trial_add(None, _T(tid))
+    assert [restored.bracket_of(t) for t in "abcd"] == [0, 1, 2, 0]
+
+
 def test_one_bracket_logs_no_bracket(tmp_path: Path) -> None:
     asha = _brackets(tmp_path, n=1)
     asha.on_trial_add(None, _T("a"))
