@@ -56,12 +56,15 @@ TASKS = ("default", "sibling", *eff.TASKS)  # the pools of the default space
 BUDGET_TRIALS = 16
 # name → (sampler, scheduler, telling, warm), knobs, portfolio?; "K"/"B" are filled in.
 RAY_ASHA = {"grace_period": 1, "reduction_factor": 4, "brackets": 1}  # ASHAScheduler()'s
-PREVIOUS = {"grace_period": 2, "reduction_factor": 2, "brackets": 1}
+PREVIOUS = {"grace_period": 2, "reduction_factor": 2, "brackets": 1, "n_startup_trials": 6}
 
 
-def methods(k: int, brackets: int) -> dict[str, tuple[tuple, dict[str, Any], int]]:
-    """The compared methods: (method tuple, knobs, portfolio size)."""
-    new = {**PREVIOUS, "brackets": brackets}
+def methods(chosen: dict[str, int]) -> dict[str, tuple[tuple, dict[str, Any], int]]:
+    """The compared methods: (method tuple, knobs, portfolio size). `chosen`: the new
+    default's K (portfolio size), brackets and n_startup_trials."""
+    k = chosen["K"]
+    new = {**PREVIOUS, "brackets": chosen["brackets"],
+           "n_startup_trials": chosen["n_startup_trials"]}
     return {
         "random full": (("random", "none", "last", False), {}, 0),
         "random+asha": (("random", "asha", "last", False), RAY_ASHA, 0),
@@ -69,7 +72,8 @@ def methods(k: int, brackets: int) -> dict[str, tuple[tuple, dict[str, Any], int
         "previous default": (("tpe", "asha", "fidelity", False), PREVIOUS, 0),
         "rtft default": (("tpe", "asha", "fidelity", False), new, k),
         "rtft default, no portfolio": (("tpe", "asha", "fidelity", False), new, 0),
-        "rtft default, no hedging": (("tpe", "asha", "fidelity", False), PREVIOUS, k),
+        "rtft default, no hedging": (("tpe", "asha", "fidelity", False),
+                                     {**new, "brackets": 1}, k),
     }
 
 
@@ -211,23 +215,33 @@ def average(per_task: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def choose(specs: dict[str, Spec], pools: dict[str, list[dict]], ks: list[int],
-           brackets: list[int], seeds: int, workers: int) -> tuple[int, int, list[dict]]:
-    """K and brackets of the new default, by the leave-one-task-out replays: the lowest sum
-    of the mean regrets at 25, 50 and 100 % of the budget."""
-    plan = {f"K={k} B={b}": (("tpe", "asha", "fidelity", False), {**PREVIOUS, "brackets": b}, k)
-            for k in ks for b in brackets}
+def choose(specs: dict[str, Spec], pools: dict[str, list[dict]], grid: list[dict[str, int]],
+           seeds: int, workers: int) -> tuple[dict[str, int], list[dict]]:
+    """K, brackets and n_startup_trials of the new default, by the leave-one-task-out
+    replays. First the targets: fewest tasks whose median regret at the full budget is above
+    random-full's; then the lowest sum of the mean regrets at 25, 50 and 100 %."""
+    plan = {json.dumps(g): (("tpe", "asha", "fidelity", False),
+                            {**PREVIOUS, "brackets": g["brackets"],
+                             "n_startup_trials": g["n_startup_trials"]}, g["K"])
+            for g in grid}
+    plan["random full"] = methods(grid[0])["random full"]
     per_task = run_replays(specs, pools, plan, seeds, workers)
     avg = average(per_task)
     rows = []
     for name, a in avg.items():
-        k, b = (int(x.split("=")[1]) for x in name.split())
-        rows.append({"K": k, "brackets": b, **{key: a[key] for key in (
+        if name == "random full":
+            continue
+        worse = [t for t in per_task if per_task[t][name]["regret_full_median"]
+                 > per_task[t]["random full"]["regret_full_median"] + 1e-9]
+        rows.append({**json.loads(name), **{key: a[key] for key in (
             "regret_25_median", "regret_50_median", "regret_full_median",
             "epochs_to_1pp_median", "epochs_to_05pp_median")},
+            "tasks_worse_than_random_full": worse,
             "score": a["regret_25_median"] + a["regret_50_median"] + a["regret_full_median"]})
-    rows.sort(key=lambda r: (r["score"], r["K"], r["brackets"]))
-    return rows[0]["K"], rows[0]["brackets"], rows
+    rows.sort(key=lambda r: (len(r["tasks_worse_than_random_full"]), r["score"], r["K"],
+                             r["brackets"], r["n_startup_trials"]))
+    best = {k: rows[0][k] for k in ("K", "brackets", "n_startup_trials")}
+    return best, rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,6 +312,8 @@ def main() -> None:
     ap.add_argument("--choose-seeds", type=int, default=10, help="seeds for choosing K, B")
     ap.add_argument("--ks", default="2,3,4,6,8", help="portfolio sizes to try")
     ap.add_argument("--brackets", default="1,2,3", help="ASHA bracket counts to try")
+    ap.add_argument("--startups", default="6,10",
+                    help="TPE n_startup_trials to try (the portfolio's trials count in them)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--write-builtin", action="store_true",
                     help="rebuild raytune_ft/portfolio_builtin.json from all the pools")
@@ -306,23 +322,29 @@ def main() -> None:
     out_dir = Path(args.out) if args.out else RESULTS
     if args.smoke:
         args.seeds, args.choose_seeds, args.ks, args.brackets = 2, 1, "1,2", "1,2"
+        args.startups = "2"
         args.workers = 1
     res = Results("efficiency", smoke=args.smoke, out_dir=out_dir)
     t0 = time.perf_counter()
     specs, pools, pool_file = load_pools(args.smoke, out_dir)
     print("pools: " + ", ".join(f"{t} {len(p)} (best {max(finals(p)):.4f})"
                                 for t, p in pools.items()), flush=True)
-    ks = [int(x) for x in args.ks.split(",")]
-    bs = [int(x) for x in args.brackets.split(",")]
-    k, b, sweep = choose(specs, pools, ks, bs, args.choose_seeds, args.workers)
-    print(f"\nchoosing K and brackets ({args.choose_seeds} seeds, leave-one-task-out):")
-    print(table(["K", "brackets", "regret 25%", "50%", "100%", "ep to 1pp", "ep to 0.5pp"],
-                [[r["K"], r["brackets"], r["regret_25_median"], r["regret_50_median"],
-                  r["regret_full_median"], r["epochs_to_1pp_median"],
-                  r["epochs_to_05pp_median"]] for r in sweep]))
-    print(f"chosen: K={k}, brackets={b}", flush=True)
+    grid = [{"K": k, "brackets": int(b), "n_startup_trials": int(n)}
+            for k in (int(x) for x in args.ks.split(","))
+            for b in args.brackets.split(",") for n in args.startups.split(",")]
+    chosen, sweep = choose(specs, pools, grid, args.choose_seeds, args.workers)
+    k = chosen["K"]
+    print(f"\nchoosing K, brackets and n_startup_trials ({args.choose_seeds} seeds, "
+          f"leave-one-task-out; regrets in pp):")
+    print(table(["K", "brackets", "n_startup", "25 %", "50 %", "100 %", "ep to 1pp",
+                 "ep to 0.5pp", "tasks worse than random full at 100 %"],
+                [[r["K"], r["brackets"], r["n_startup_trials"], 100 * r["regret_25_median"],
+                  100 * r["regret_50_median"], 100 * r["regret_full_median"],
+                  r["epochs_to_1pp_median"], r["epochs_to_05pp_median"],
+                  ", ".join(r["tasks_worse_than_random_full"]) or "none"] for r in sweep]))
+    print(f"chosen: {chosen}", flush=True)
 
-    per_task = run_replays(specs, pools, methods(k, b), args.seeds, args.workers)
+    per_task = run_replays(specs, pools, methods(chosen), args.seeds, args.workers)
     avg = average(per_task)
     for task, rows in [*per_task.items(), ("average over tasks", avg)]:
         print(f"\n{task}: regret (pp) after 25/50/100 % of {BUDGET_TRIALS} full trials, "
@@ -364,7 +386,7 @@ def main() -> None:
     path = res.write(
         **{k: v for k, v in old.items() if k not in transfer_keys},
         transfer_load={"start": res.data["load_start"], "end": load_average()},
-        tasks=tasks, average=avg, chosen={"K": k, "brackets": b}, choice_sweep=sweep,
+        tasks=tasks, average=avg, chosen=chosen, choice_sweep=sweep,
         builtin_portfolio={"indices": full_idx, "configs": full_cfgs},
         levels=levels, transfer_settings={"seeds": args.seeds, "choose_seeds": args.choose_seeds,
                                  "budget_trials": BUDGET_TRIALS, "concurrency": 2,
