@@ -97,7 +97,8 @@ METHODS = {  # name → (sampler, scheduler, telling, warm-started from the sibl
 }
 # What bench/transfer.py writes into the same efficiency.json (kept when this script runs).
 TRANSFER_KEYS = ("tasks", "average", "chosen", "choice_sweep", "builtin_portfolio", "levels",
-                 "transfer_settings", "transfer_load", "transfer_wall_s")
+                 "transfer_settings", "transfer_load", "transfer_wall_s",
+                 "transfer_pool_recording_load")
 WARM_TOP = 3  # configurations a warm start enqueues from the earlier run (searcher.warm_start_top)
 # The comparison replays run without rtft's baseline-first trial: the baseline is the same
 # first trial for every method (and in this pool it is nearly the best configuration), so it

@@ -12,17 +12,21 @@ How it works:
    in every pool, each trained 8 epochs on each task (default digits task, sibling digits,
    mobilenet_v3_small, 100 training images, no pretraining). Only recorded curves are read.
 2. A **portfolio** of K configurations is picked greedily from the pools of the training
-   tasks to minimise the mean *normalised regret* across them: on task t a configuration's
-   regret is the pool's best val_acc minus its own best, divided by the pool's best minus
-   its median (so an easy task and a hard one weigh the same); a portfolio's regret is that
-   of its best member. Only the configurations every training pool holds are candidates.
+   tasks to minimise the mean regret across them: on task t a configuration's regret is the
+   pool's best val_acc minus its own best, either *normalised* (divided by the pool's best
+   minus its median, so an easy task and a hard one weigh the same) or in pp; a portfolio's
+   regret is that of its best member. Only the configurations every training pool holds are
+   candidates. Which objective is chosen with K, by the replays below.
 3. **Leave one task out**: for each task, the portfolio is rebuilt without that task's pool
    and replayed on it (`efficiency.replay`: the real searcher, scheduler and
    `raytune_ft.portfolio.plan`), 20 seeds, a budget of 16 full trials (128 epochs), 2 trials
    at a time, no baseline-first trial (it would measure the baseline, not the searcher).
-4. K and the number of ASHA brackets are chosen by the same leave-one-task-out replays
-   (`--ks`, `--brackets`; fewer seeds), by the mean regret at 25 %, 50 % and 100 % of the
-   budget, then the methods are compared: random at full budget; random+ASHA; TPE+ASHA as a
+4. K, the objective, the number of ASHA brackets and TPE's n_startup_trials are chosen by
+   the same leave-one-task-out replays (`--ks`, `--objectives`, `--brackets`, `--startups`;
+   fewer seeds, 0..7, a subset of the reported 20: the choice is made on the data it is
+   reported on, among 48 settings), first by the targets (no task above random-full at the
+   full budget), then by the mean regret at 25 %, 50 % and 100 % of the budget; then the
+   methods are compared: random at full budget; random+ASHA; TPE+ASHA as a
    plain Ray Tune user runs it (Ray's telling `last`, one bracket, Ray's ASHA defaults grace 1
    and reduction factor 4); the previous default (fidelity-aware TPE+ASHA, grace 2, η 2, one
    bracket); the new default (the same with the portfolio and the chosen brackets); and the
@@ -59,19 +63,20 @@ RAY_ASHA = {"grace_period": 1, "reduction_factor": 4, "brackets": 1}  # ASHASche
 PREVIOUS = {"grace_period": 2, "reduction_factor": 2, "brackets": 1, "n_startup_trials": 6}
 
 
-def methods(chosen: dict[str, int]) -> dict[str, tuple[tuple, dict[str, Any], int]]:
-    """The compared methods: (method tuple, knobs, portfolio size). `chosen`: the new
-    default's K (portfolio size), brackets and n_startup_trials."""
-    k = chosen["K"]
+def methods(chosen: dict[str, Any]) -> dict[str, tuple[tuple, dict[str, Any],
+                                                      tuple[int, str] | None]]:
+    """The compared methods: (method tuple, knobs, portfolio: (size, objective) or None).
+    `chosen`: the new default's K, objective, brackets and n_startup_trials."""
+    k = (chosen["K"], chosen["objective"])
     new = {**PREVIOUS, "brackets": chosen["brackets"],
            "n_startup_trials": chosen["n_startup_trials"]}
     return {
-        "random full": (("random", "none", "last", False), {}, 0),
-        "random+asha": (("random", "asha", "last", False), RAY_ASHA, 0),
-        "tpe+asha (ray: last)": (("tpe", "asha", "last", False), RAY_ASHA, 0),
-        "previous default": (("tpe", "asha", "fidelity", False), PREVIOUS, 0),
+        "random full": (("random", "none", "last", False), {}, None),
+        "random+asha": (("random", "asha", "last", False), RAY_ASHA, None),
+        "tpe+asha (ray: last)": (("tpe", "asha", "last", False), RAY_ASHA, None),
+        "previous default": (("tpe", "asha", "fidelity", False), PREVIOUS, None),
         "rtft default": (("tpe", "asha", "fidelity", False), new, k),
-        "rtft default, no portfolio": (("tpe", "asha", "fidelity", False), new, 0),
+        "rtft default, no portfolio": (("tpe", "asha", "fidelity", False), new, None),
         "rtft default, no hedging": (("tpe", "asha", "fidelity", False),
                                      {**new, "brackets": 1}, k),
     }
@@ -85,23 +90,29 @@ def finals(pool: list[dict[str, Any]]) -> list[float]:
     return [max((c["val_acc"] for c in e["curve"]), default=0.0) for e in pool]
 
 
-def normalised_regrets(pools: dict[str, list[dict]], n: int) -> dict[str, list[float]]:
-    """{task: [normalised regret of configuration i for i < n]}: (best - own) / (best -
-    median), so that every task weighs the same whatever its spread."""
+OBJECTIVES = ("normalised", "pp")
+
+
+def regrets(pools: dict[str, list[dict]], n: int, objective: str) -> dict[str, list[float]]:
+    """{task: [regret of configuration i for i < n]}: the pool's best val_acc minus the
+    configuration's, in pp (`pp`), or divided by the pool's best minus its median
+    (`normalised`: every task weighs the same whatever its spread)."""
     out = {}
     for task, pool in pools.items():
         f = finals(pool)
         best, mid = max(f), median(f)
-        scale = max(best - mid, 1e-9)
+        scale = max(best - mid, 1e-9) if objective == "normalised" else 0.01
         out[task] = [(best - x) / scale for x in f[:n]]
     return out
 
 
-def greedy_portfolio(pools: dict[str, list[dict]], k: int) -> list[int]:
+def greedy_portfolio(pools: dict[str, list[dict]], k: int,
+                     objective: str = "normalised") -> list[int]:
     """Indices of `k` configurations chosen greedily (each step the one that lowers the mean
-    over tasks of the portfolio's normalised regret most; ties: the lower index)."""
+    over tasks of the portfolio's regret most, `objective` as :func:`regrets`; ties: the
+    lower index)."""
     n = min(len(p) for p in pools.values())
-    nr = normalised_regrets(pools, n)
+    nr = regrets(pools, n, objective)
     chosen: list[int] = []
     current = {t: math.inf for t in nr}
     def score(i: int, current: dict[str, float]) -> float:
@@ -122,10 +133,11 @@ def searched_params(spec: Spec, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def portfolio_for(specs: dict[str, Spec], pools: dict[str, list[dict]], k: int,
-                  leave_out: str | None) -> tuple[list[int], list[dict[str, Any]]]:
+                  leave_out: str | None, objective: str = "normalised"
+                  ) -> tuple[list[int], list[dict[str, Any]]]:
     """The portfolio built from every pool but `leave_out`'s: indices and configurations."""
     train = {t: p for t, p in pools.items() if t != leave_out}
-    idx = greedy_portfolio(train, k)
+    idx = greedy_portfolio(train, k, objective)
     some = next(iter(train))
     return idx, [searched_params(specs[some], train[some][i]["params"]) for i in idx]
 
@@ -163,20 +175,22 @@ def measures(rs: list[dict[str, Any]], pool_best: float, budget: int) -> dict[st
 
 
 def run_replays(specs: dict[str, Spec], pools: dict[str, list[dict]],
-                plan: dict[str, tuple[tuple, dict[str, Any], int]], seeds: int,
+                plan: dict[str, tuple[tuple, dict[str, Any], tuple[int, str] | None]],
+                seeds: int,
                 workers: int) -> dict[str, dict[str, Any]]:
     """{task: {method: measures}} for every method of `plan`, leave-one-task-out."""
     jobs, keys = [], []
-    portfolios: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    portfolios: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for task in pools:
         spec, pool = specs[task], pools[task]
         budget = BUDGET_TRIALS * spec.max_t
-        for name, (method, knobs, k) in plan.items():
+        for name, (method, knobs, built) in plan.items():
             pf = None
-            if k:
-                if (task, k) not in portfolios:
-                    portfolios[(task, k)] = portfolio_for(specs, pools, k, task)[1]
-                pf = portfolios[(task, k)]
+            if built:
+                if (task, *built) not in portfolios:
+                    portfolios[(task, *built)] = portfolio_for(specs, pools, built[0], task,
+                                                               built[1])[1]
+                pf = portfolios[(task, *built)]
             for seed in range(seeds):
                 jobs.append((spec.model_dump(mode="json"), pool, method, knobs, pf, seed,
                              budget))
@@ -215,14 +229,17 @@ def average(per_task: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def choose(specs: dict[str, Spec], pools: dict[str, list[dict]], grid: list[dict[str, int]],
-           seeds: int, workers: int) -> tuple[dict[str, int], list[dict]]:
-    """K, brackets and n_startup_trials of the new default, by the leave-one-task-out
-    replays. First the targets: fewest tasks whose median regret at the full budget is above
-    random-full's; then the lowest sum of the mean regrets at 25, 50 and 100 %."""
+def choose(specs: dict[str, Spec], pools: dict[str, list[dict]], grid: list[dict[str, Any]],
+           seeds: int, workers: int) -> tuple[dict[str, Any], list[dict]]:
+    """K, the portfolio's objective, brackets and n_startup_trials of the new default, by
+    the leave-one-task-out replays. First the targets: fewest tasks whose median regret at
+    the full budget is above random-full's; then the lowest sum of the mean regrets at 25,
+    50 and 100 %; on a tie the smaller portfolio, then the hedge (more brackets: it costs
+    nothing measured, and guards fine-tunes that start slowly on tasks not in the pools)."""
     plan = {json.dumps(g): (("tpe", "asha", "fidelity", False),
                             {**PREVIOUS, "brackets": g["brackets"],
-                             "n_startup_trials": g["n_startup_trials"]}, g["K"])
+                             "n_startup_trials": g["n_startup_trials"]},
+                            (g["K"], g["objective"]))
             for g in grid}
     plan["random full"] = methods(grid[0])["random full"]
     per_task = run_replays(specs, pools, plan, seeds, workers)
@@ -238,9 +255,9 @@ def choose(specs: dict[str, Spec], pools: dict[str, list[dict]], grid: list[dict
             "epochs_to_1pp_median", "epochs_to_05pp_median")},
             "tasks_worse_than_random_full": worse,
             "score": a["regret_25_median"] + a["regret_50_median"] + a["regret_full_median"]})
-    rows.sort(key=lambda r: (len(r["tasks_worse_than_random_full"]), r["score"], r["K"],
-                             r["brackets"], r["n_startup_trials"]))
-    best = {k: rows[0][k] for k in ("K", "brackets", "n_startup_trials")}
+    rows.sort(key=lambda r: (len(r["tasks_worse_than_random_full"]), round(r["score"], 6),
+                             r["K"], -r["brackets"], r["n_startup_trials"], r["objective"]))
+    best = {k: rows[0][k] for k in ("K", "objective", "brackets", "n_startup_trials")}
     return best, rows
 
 
@@ -288,6 +305,38 @@ def level_table(spec: Spec, pools: dict[str, list[dict]], knob: str) -> dict[str
 
 
 # --------------------------------------------------------------------------------------------
+def plot(data: dict[str, Any], path: Path) -> Path:
+    """Regret after 25, 50 and 100 % of the budget, per method: one panel per held-out task
+    and one for the average (the figure bench/README.md shows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [*data["tasks"].items(), ("average over tasks", {"methods": data["average"]})]
+    names = list(data["average"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.8), sharey=True)
+    shares = (("regret_25_median", "25 %"), ("regret_50_median", "50 %"),
+              ("regret_full_median", "100 %"))
+    width = 0.8 / len(names)
+    for ax, (title, t) in zip(axes, panels, strict=True):
+        for j, m in enumerate(names):
+            ys = [100 * (t["methods"][m][key] or 0) for key, _ in shares]
+            ax.bar([i + j * width for i in range(len(shares))], ys, width, label=m,
+                   color=plt.cm.tab10(j), edgecolor="black" if m == "rtft default" else None)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shares))],
+                      [lbl for _, lbl in shares])
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("regret (pp), median of seeds")
+    axes[-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Leave-one-task-out replays, budget 16 full trials (bench/transfer.py)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def load_pools(smoke: bool, out_dir: Path) -> tuple[dict[str, Spec], dict[str, list[dict]],
                                                    Path]:
     """The specs and the recorded pools of TASKS (only what is recorded; in smoke mode the
@@ -312,33 +361,43 @@ def main() -> None:
     ap.add_argument("--choose-seeds", type=int, default=10, help="seeds for choosing K, B")
     ap.add_argument("--ks", default="2,3,4,6,8", help="portfolio sizes to try")
     ap.add_argument("--brackets", default="1,2,3", help="ASHA bracket counts to try")
+    ap.add_argument("--objectives", default=",".join(OBJECTIVES),
+                    help="what the greedy portfolio minimises: the mean normalised regret "
+                         "across tasks, or the mean regret in pp")
     ap.add_argument("--startups", default="6,10",
                     help="TPE n_startup_trials to try (the portfolio's trials count in them)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--write-builtin", action="store_true",
                     help="rebuild raytune_ft/portfolio_builtin.json from all the pools")
     ap.add_argument("--out", help="results folder (default bench/results)")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw the plot from the results' efficiency.json")
     args = ap.parse_args()
     out_dir = Path(args.out) if args.out else RESULTS
+    if args.plot_only:
+        data = json.loads((out_dir / "efficiency.json").read_text())
+        print(f"plot: {plot(data, out_dir / _plot_name(args.smoke))}")
+        return
     if args.smoke:
         args.seeds, args.choose_seeds, args.ks, args.brackets = 2, 1, "1,2", "1,2"
-        args.startups = "2"
+        args.startups, args.objectives = "2", "normalised"
         args.workers = 1
     res = Results("efficiency", smoke=args.smoke, out_dir=out_dir)
     t0 = time.perf_counter()
     specs, pools, pool_file = load_pools(args.smoke, out_dir)
     print("pools: " + ", ".join(f"{t} {len(p)} (best {max(finals(p)):.4f})"
                                 for t, p in pools.items()), flush=True)
-    grid = [{"K": k, "brackets": int(b), "n_startup_trials": int(n)}
-            for k in (int(x) for x in args.ks.split(","))
+    grid = [{"K": k, "objective": o, "brackets": int(b), "n_startup_trials": int(n)}
+            for k in (int(x) for x in args.ks.split(",")) for o in args.objectives.split(",")
             for b in args.brackets.split(",") for n in args.startups.split(",")]
     chosen, sweep = choose(specs, pools, grid, args.choose_seeds, args.workers)
     k = chosen["K"]
     print(f"\nchoosing K, brackets and n_startup_trials ({args.choose_seeds} seeds, "
           f"leave-one-task-out; regrets in pp):")
-    print(table(["K", "brackets", "n_startup", "25 %", "50 %", "100 %", "ep to 1pp",
-                 "ep to 0.5pp", "tasks worse than random full at 100 %"],
-                [[r["K"], r["brackets"], r["n_startup_trials"], 100 * r["regret_25_median"],
+    print(table(["K", "objective", "brackets", "n_startup", "25 %", "50 %", "100 %",
+                 "ep to 1pp", "ep to 0.5pp", "tasks worse than random full at 100 %"],
+                [[r["K"], r["objective"], r["brackets"], r["n_startup_trials"],
+                  100 * r["regret_25_median"],
                   100 * r["regret_50_median"], 100 * r["regret_full_median"],
                   r["epochs_to_1pp_median"], r["epochs_to_05pp_median"],
                   ", ".join(r["tasks_worse_than_random_full"]) or "none"] for r in sweep]))
@@ -354,8 +413,9 @@ def main() -> None:
                       100 * r["regret_full_median"], r["epochs_to_1pp_median"],
                       r["epochs_to_05pp_median"]] for m, r in rows.items()]))
 
-    loto = {t: portfolio_for(specs, pools, k, t)[0] for t in pools}
-    full_idx, full_cfgs = portfolio_for(specs, pools, k, None)
+    obj = chosen["objective"]
+    loto = {t: portfolio_for(specs, pools, k, t, obj)[0] for t in pools}
+    full_idx, full_cfgs = portfolio_for(specs, pools, k, None, obj)
     imp = {t: importances(specs[t], pools[t]) for t in pools}
     levels = {knob: level_table(specs["default"], pools, knob)
               for knob in ("init", "activation", "optimizer", "freeze_depth", "head_hidden")}
@@ -367,7 +427,8 @@ def main() -> None:
 
         about = (f"Built by bench/transfer.py on {time.strftime('%Y-%m-%d')}: the {k} "
                  f"configurations of search_spaces/resnet.yaml's space that minimise the mean "
-                 f"normalised regret over the recorded 8-epoch pools of "
+                 f"{'normalised regret' if obj == 'normalised' else 'regret (pp)'} over the "
+                 f"recorded 8-epoch pools of "
                  f"{', '.join(pools)} (pool indices {full_idx}, {pool_file.name}); K chosen "
                  f"by leave-one-task-out replays (bench/README.md).")
         path = portfolio.write(portfolio.BUILTIN_FILE, full_cfgs, about)
@@ -394,6 +455,11 @@ def main() -> None:
                                  "previous": PREVIOUS, "pool_file": str(pool_file.name)},
         transfer_wall_s=round(time.perf_counter() - t0, 1))
     print(f"\nwrote {path}")
+    print(f"plot: {plot(json.loads(path.read_text()), out_dir / _plot_name(args.smoke))}")
+
+
+def _plot_name(smoke: bool) -> str:
+    return "transfer_smoke.png" if smoke else "transfer.png"
 
 
 if __name__ == "__main__":

@@ -121,7 +121,8 @@ def test_transfer_smoke(tmp_path: Path) -> None:
     k = data["chosen"]["K"]
     for task, t in data["tasks"].items():
         others = {n: p for n, p in pools.items() if n != task}
-        assert t["portfolio_indices_loto"] == transfer.greedy_portfolio(others, k), task
+        assert t["portfolio_indices_loto"] == transfer.greedy_portfolio(
+            others, k, data["chosen"]["objective"]), task
     assert set(data["average"]) == names
     assert data["chosen"]["K"] in (1, 2) and data["chosen"]["brackets"] in (1, 2)
     assert "average over tasks" in proc.stdout
