@@ -33,7 +33,7 @@ TASKS = {
 }
 ARMS = {
     "rtft default": [],
-    "random full": ["searcher.sampler=random", "scheduler.type=none",
+    "random full": ["searcher.sampler=random", "scheduler.type=none", "scheduler.brackets=1",
                     "searcher.portfolio=none", "searcher.baseline_first=false"],
 }
 
