@@ -24,7 +24,7 @@ DEFAULT_SPEC = ROOT / "search_spaces" / "resnet.yaml"
 # (nothing to build first), so a trial takes about a second.
 SMOKE_OVERRIDES = ["data.image_size=16", "data.train_limit=160", "data.val_fraction=0.1",
                    "data.test_fraction=0.1", "model.weights=none", "train.max_epochs=1",
-                   "scheduler.grace_period=1"]
+                   "scheduler.grace_period=1", "scheduler.brackets=1"]
 
 
 def _version(module: str) -> str | None:

@@ -125,8 +125,10 @@ def spaces(smoke: bool, max_epochs: int = 8) -> dict[str, Spec]:
       on: an easy task whose curves say little.)
 
     In smoke mode: the tiny task, 2 epochs."""
+    # One bracket, as these pools' single-task benchmark was run (bench/transfer.py sets the
+    # brackets of each method it compares).
     overrides = (SMOKE_OVERRIDES + ["train.max_epochs=2"] if smoke
-                 else [f"train.max_epochs={max_epochs}"])
+                 else [f"train.max_epochs={max_epochs}", "scheduler.brackets=1"])
     default = load_spec(DEFAULT_SPEC, overrides)
     raw = yaml.safe_load(DEFAULT_SPEC.read_text())
     raw["search"] = LARGE_SEARCH

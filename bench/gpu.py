@@ -85,7 +85,8 @@ def packed_run(k: int, image_size: int, epochs: int, batch: int, root: Path) -> 
     spec = load_spec(DEFAULT_SPEC, [
         f"name=gpu-pack-{k}", f"data.image_size={image_size}", "data.train_limit=null",
         "model.weights=none", f"train.max_epochs={epochs}", "train.device=cuda",
-        "scheduler.type=none", f"run.num_samples={k}", f"run.max_concurrent_trials={k}",
+        "scheduler.type=none", "scheduler.brackets=1", f"run.num_samples={k}",
+        f"run.max_concurrent_trials={k}",
         f"run.resources.gpu={1 / k}", "run.resources.cpu=1",
         f"run.storage_path={root}/runs", f"promote.dir={root}/models"])
     values = {n: p.value for n, p in spec.search.items() if p.space == "fixed"}

@@ -71,9 +71,9 @@ def fixed_spec(trials: int, epochs: int, smoke: bool, root: Path,
     from raytune_ft.space import baseline_params
 
     overrides = (SMOKE_OVERRIDES if smoke else []) + (short or []) + [
-        f"train.max_epochs={epochs}", "scheduler.type=none", f"run.num_samples={trials}",
-        "run.max_concurrent_trials=2", "run.resources.cpu=1", f"run.storage_path={root}/runs",
-        f"promote.dir={root}/models", "name=overhead"]
+        f"train.max_epochs={epochs}", "scheduler.type=none", "scheduler.brackets=1",
+        f"run.num_samples={trials}", "run.max_concurrent_trials=2", "run.resources.cpu=1",
+        f"run.storage_path={root}/runs", f"promote.dir={root}/models", "name=overhead"]
     spec = load_spec(DEFAULT_SPEC, overrides)
     values = {n: p.value for n, p in spec.search.items() if p.space == "fixed"}
     values.update(baseline_params(spec))

@@ -19,7 +19,11 @@ def test_validate_prints_space_rungs_and_stages(tmp_path: Path,
     res = CliRunner().invoke(main, ["validate", str(ROOT / "search_spaces" / "resnet.yaml")])
     assert res.exit_code == 0, res.output
     assert "momentum           uniform    [0.8, 0.99]  when optimizer=sgd" in res.output
-    assert "epoch    2:   16 trial(s)" in res.output and "epoch    4:    8 trial(s)" in res.output
+    # Two brackets taking turns (resnet.yaml): the first stops half its trials at epoch 2,
+    # the second nothing before the last epoch.
+    plan = res.output.split("ASHA rung plan", 1)[1].split("portfolio", 1)[0]
+    assert "bracket 0:\n    epoch    2:    8 trial(s)\n    epoch    4:    4 trial(s)" in plan
+    assert "bracket 1 (stops nothing before max_t):\n    epoch    4:    8 trial(s)" in plan
     assert "5. layer4" in res.output
     # The built-in portfolio as it will run, after the rung plan: one line per configuration.
     out = res.output.split("ASHA rung plan", 1)[1].split("\ndata:", 1)[0]
