@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from raytune_ft.data import prepare
-from raytune_ft.pretrain import ensure_backbone
-from raytune_ft.spec import Hyperparams
-from raytune_ft.spec_io import load_spec
+from raytune_ft.knobs import Hyperparams
+from raytune_ft.model.pretrain import ensure_backbone
+from raytune_ft.spec.yaml_io import load_spec
 from raytune_ft.train import evaluate, train
 
 

@@ -60,8 +60,8 @@ from _common import (  # noqa: E402
     table,
 )
 
-from raytune_ft.spec import Spec  # noqa: E402
-from raytune_ft.spec_io import load_spec, parse_spec  # noqa: E402
+from raytune_ft.spec.schema import Spec  # noqa: E402
+from raytune_ft.spec.yaml_io import load_spec, parse_spec  # noqa: E402
 
 # Every fine-tuning knob the trainer implements, searched at once ("the harder setting").
 LARGE_SEARCH = {
@@ -195,7 +195,7 @@ def _record_one(spec_json: dict, params: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from raytune_ft.data import prepare
-    from raytune_ft.pretrain import ensure_backbone
+    from raytune_ft.model.pretrain import ensure_backbone
     from raytune_ft.space import hparams_for
     from raytune_ft.train import train
 
@@ -228,7 +228,7 @@ def _record_one(spec_json: dict, params: dict[str, Any]) -> dict[str, Any]:
 def record_pool(path: Path, specs: dict[str, Spec], sizes: dict[str, int],
                 workers: int) -> dict[str, list[dict[str, Any]]]:
     """Record (or complete) the pool in `path`, a JSON-lines file; returns {space: entries}."""
-    from raytune_ft.pretrain import ensure_backbone
+    from raytune_ft.model.pretrain import ensure_backbone
 
     want = {name: pool_params(spec, sizes[name], seed=1234, baseline=True)
             for name, spec in specs.items()}
@@ -632,7 +632,7 @@ def plot_curves(eff: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 def live_check(spec: Spec, pool: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
     """A real TPE + ASHA search of 8 trials, compared with the replay of the same setting."""
-    from raytune_ft.search import run_search
+    from raytune_ft.search.run import run_search
 
     n = 8
     with tempfile.TemporaryDirectory(prefix="rtft-live-") as tmp:

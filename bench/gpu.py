@@ -77,10 +77,10 @@ class UtilSampler:
 
 def packed_run(k: int, image_size: int, epochs: int, batch: int, root: Path) -> dict[str, Any]:
     """k trials sharing one GPU through run_search; per-trial and total images/s."""
-    from raytune_ft.search import run_search
+    from raytune_ft.search.run import run_search
     from raytune_ft.space import baseline_params
-    from raytune_ft.spec import Spec
-    from raytune_ft.spec_io import load_spec
+    from raytune_ft.spec.schema import Spec
+    from raytune_ft.spec.yaml_io import load_spec
 
     spec = load_spec(DEFAULT_SPEC, [
         f"name=gpu-pack-{k}", f"data.image_size={image_size}", "data.train_limit=null",

@@ -162,8 +162,8 @@ class _Watch:
 def run(trials: int, concurrency: int, cpu: float, root: Path, echo: Any = print,
         import_check: bool = True) -> dict[str, Any]:
     """Run the load search under `root`; return the measured figures."""
-    from raytune_ft.search import run_search
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.search.run import run_search
+    from raytune_ft.spec.yaml_io import parse_spec
 
     spec = parse_spec(SPEC.format(n=trials, c=concurrency, cpu=cpu, root=root),
                       file="bench/load.py")
@@ -195,7 +195,7 @@ def run(trials: int, concurrency: int, cpu: float, root: Path, echo: Any = print
     # The same command in this process (imports warm): the part that grows with the trials.
     from click.testing import CliRunner
 
-    from raytune_ft.cli import main as cli_main
+    from raytune_ft.cli.main import main as cli_main
 
     t2 = time.perf_counter()
     res = CliRunner().invoke(cli_main, ["results", str(outcome.run_dir)],
@@ -261,8 +261,8 @@ def bookkeeping(trials: int, concurrency: int, epochs: int, sleep: float, root: 
     os.environ["RTFT_BENCH_INSTANT"] = str(sleep)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(PLUGIN), str(ROOT), os.environ.get("PYTHONPATH")]))
-    from raytune_ft.search import run_search
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.search.run import run_search
+    from raytune_ft.spec.yaml_io import parse_spec
 
     spec = parse_spec(BOOKKEEPING_SPEC.format(n=trials, c=concurrency, epochs=epochs,
                                               cpu=round(2 / concurrency, 4), root=root),

@@ -57,8 +57,8 @@ from _common import (  # noqa: E402
     table,
 )
 
-from raytune_ft.spec import Spec  # noqa: E402
-from raytune_ft.spec_io import load_spec  # noqa: E402
+from raytune_ft.spec.schema import Spec  # noqa: E402
+from raytune_ft.spec.yaml_io import load_spec  # noqa: E402
 
 WAYS = {"a": "(a) bare train()", "b": "(b) plain Ray Tune", "c": "(c) rtft run_search"}
 TARGETS = {"c/a": 1.10, "c/b": 1.03}
@@ -101,7 +101,7 @@ def way_a(spec: Spec, info: dict[str, Any]) -> None:
     from multiprocessing import get_context
 
     from raytune_ft.data import prepare
-    from raytune_ft.pretrain import ensure_backbone
+    from raytune_ft.model.pretrain import ensure_backbone
 
     ensure_backbone(spec, echo=lambda s: None)
     data = prepare(spec.data).without_test()
@@ -131,7 +131,7 @@ def way_b(spec: Spec, info: dict[str, Any]) -> None:
     from ray import tune
 
     from raytune_ft.data import prepare
-    from raytune_ft.pretrain import ensure_backbone
+    from raytune_ft.model.pretrain import ensure_backbone
 
     ensure_backbone(spec, echo=lambda s: None)
     data = prepare(spec.data).without_test()

@@ -43,10 +43,11 @@ from _common import (  # noqa: E402
 
 from raytune_ft.checkpoint import save_checkpoint  # noqa: E402
 from raytune_ft.data import normalize, prepare  # noqa: E402
-from raytune_ft.models import build_model, resolve_weights  # noqa: E402
-from raytune_ft.pretrain import ensure_backbone  # noqa: E402
-from raytune_ft.spec import Hyperparams, Spec  # noqa: E402
-from raytune_ft.spec_io import load_spec  # noqa: E402
+from raytune_ft.knobs import Hyperparams  # noqa: E402
+from raytune_ft.model.build import build_model, resolve_weights  # noqa: E402
+from raytune_ft.model.pretrain import ensure_backbone  # noqa: E402
+from raytune_ft.spec.schema import Spec  # noqa: E402
+from raytune_ft.spec.yaml_io import load_spec  # noqa: E402
 from raytune_ft.train import evaluate, pick_device, train  # noqa: E402
 
 TARGET = 0.95

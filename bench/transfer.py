@@ -54,7 +54,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import efficiency as eff  # noqa: E402
 from _common import RESULTS, Results, load_average, median, table  # noqa: E402
 
-from raytune_ft.spec import Spec  # noqa: E402
+from raytune_ft.spec.schema import Spec  # noqa: E402
 
 TASKS = ("default", "sibling", *eff.TASKS)  # the pools of the default space
 BUDGET_TRIALS = 16

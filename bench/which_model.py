@@ -35,14 +35,14 @@ SPEC = ROOT / "search_spaces" / "which_model.yaml"
 
 
 def _spec(path: Path, overrides: list[str]) -> Any:
-    from raytune_ft.spec_io import load_spec
+    from raytune_ft.spec.yaml_io import load_spec
 
     return load_spec(path, overrides)
 
 
 def _write(spec: Any, folder: Path, name: str, samples: int, seed: int) -> Path:
     """`spec` renamed, with `samples` trials, the searcher seed, run and model folders here."""
-    from raytune_ft.spec_io import spec_to_yaml
+    from raytune_ft.spec.yaml_io import spec_to_yaml
 
     spec = spec.model_copy(update={
         "name": name,
@@ -84,7 +84,7 @@ def _search(spec_file: Path, folder: Path) -> dict[str, Any]:
 
 def _ensure_backbones(spec: Any) -> None:
     """Build every architecture's rtft: backbone before the first arm (not in its time)."""
-    from raytune_ft.pretrain import ensure_backbone
+    from raytune_ft.model.pretrain import ensure_backbone
 
     ensure_backbone(spec, echo=lambda s: print(s, flush=True))
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from raytune_ft.sources import Dataset, Images, Pixels, load_dataset
-from raytune_ft.spec import DataSpec, Spec
+from raytune_ft.spec.schema import DataSpec, Spec
 
 # Dataset, Images, Pixels and load_dataset live in sources; importing them from here still works.
 __all__ = ["Dataset", "Images", "Pixels", "Splits", "augment_batch", "data_record",

@@ -17,7 +17,7 @@ import torch
 from raytune_ft.data import Splits, iter_batches, normalize
 from raytune_ft.errors import UserError
 from raytune_ft.promote import PromotedModelError, load_promoted
-from raytune_ft.spec import Spec
+from raytune_ft.spec.schema import Spec
 from raytune_ft.train import pick_device
 
 __all__ = ["check_teacher_classes", "with_teacher_logits"]

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from raytune_ft.checkpoint import write_atomic
 
 if TYPE_CHECKING:
-    from raytune_ft.spec import Spec
+    from raytune_ft.spec.schema import Spec
 
 __all__ = ["DECIDING", "DESCRIPTIVE", "ISA_FLAGS", "RUN_FILE", "amp_name", "current",
            "differences", "for_spec", "read_run", "summary", "trial_device", "write_run"]

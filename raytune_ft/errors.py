@@ -33,14 +33,10 @@ class UserError(ValueError):
         super().__init__(str(self))
 
     def located(self, file: str | Path) -> UserError:
-        """This error attributed to spec `file`, with the YAML line of its field if known."""
+        """This error attributed to spec `file` (when it names no file yet). The YAML line of
+        its field is added by :func:`raytune_ft.spec.yaml_io.locate`, which reads the file."""
         if self.file is None:
             self.file = str(file)
-            if self.field and self.line is None:
-                # Imported here: spec_io imports the schema, which imports this module.
-                from raytune_ft.spec_io import field_line
-
-                self.line = field_line(file, self.field)
         return self
 
     def __str__(self) -> str:

@@ -34,7 +34,7 @@ from raytune_ft.checkpoint import honour_umask
 from raytune_ft.data import iter_batches, normalize, prepare
 from raytune_ft.errors import UserError, first_line
 from raytune_ft.promote import PromotedModelError, load_promoted
-from raytune_ft.spec import DataSpec
+from raytune_ft.spec.schema import DataSpec
 
 __all__ = ["FORMATS", "ExportResult", "export_model", "read_metadata", "write_export"]
 

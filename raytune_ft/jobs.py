@@ -16,7 +16,7 @@ local one:
 - `py_modules`: the `raytune_ft` package this command runs from, so the driver and every trial
   worker run exactly the code you submit from, whatever rtft version the cluster image has.
   With `ship_code=False` the cluster's installed rtft runs. The entrypoint is
-  `python -m raytune_ft.job_entry search <spec> --set …`: `rtft search` run from a private
+  `python -m raytune_ft.cli.job_entry search <spec> --set …`: `rtft search` run from a private
   copy of the working dir (see `job_entry` for why); it needs no `rtft` script on the cluster.
   Either way rtft's dependencies (torch, torchvision, optuna, …) must be on the cluster (its image,
   or `pip=[…]`: Ray then builds a virtualenv per node from PyPI).
@@ -62,8 +62,8 @@ from raytune_ft.job_env import (
     redact,
 )
 from raytune_ft.paths import is_uri
-from raytune_ft.spec import Spec
-from raytune_ft.spec_io import load_spec
+from raytune_ft.spec.schema import Spec
+from raytune_ft.spec.yaml_io import load_spec
 
 __all__ = ["HEADERS_ENV", "TERMINAL", "JobsError", "Submission", "client", "cluster_resources",
            "describe_headers", "follow", "job_info", "list_jobs", "logs", "parse_env",
@@ -195,9 +195,9 @@ def prepare(spec_file: str | Path, overrides: Sequence[str] = (), *,
 
             runtime_env["py_modules"] = [str(Path(raytune_ft.__file__).parent)]
             runtime_env["excludes"] = ["__pycache__", "*.pyc"]
-        # `python -m raytune_ft.job_entry search …` is `rtft search …` run from a private copy
+        # `python -m raytune_ft.cli.job_entry search …` is `rtft search …` run from a private copy
         # of the working dir (see job_entry); it needs no `rtft` script on the cluster.
-        command = ["python", "-m", "raytune_ft.job_entry", "search"]
+        command = ["python", "-m", "raytune_ft.cli.job_entry", "search"]
         if pip:
             runtime_env["pip"] = list(pip)
         if env_vars:

@@ -2,8 +2,8 @@
 the trainer implements, with the defaults of a plain fine-tune) and the `search:` parameters
 (`space: loguniform | uniform | int | choice | fixed`, optionally gated by `when:`).
 
-The spec schema (:mod:`raytune_ft.spec`) builds on this module; the trainer, the model builder
-and the Optuna space (:mod:`raytune_ft.space`) read it. It imports pydantic and the standard
+The spec schema (:mod:`raytune_ft.spec.schema`) builds on this module; the trainer, the model
+builder and the Optuna space (:mod:`raytune_ft.space`) read it. It imports pydantic and the standard
 library only: nothing of ours, never torch.
 """
 
@@ -32,7 +32,7 @@ class Strict(BaseModel):
 
 class FieldError(ValueError):
     """Raised inside validators to point at a field other than the one being validated
-    (:mod:`raytune_ft.spec_io` turns it into a :class:`~raytune_ft.errors.UserError` there)."""
+    (:mod:`raytune_ft.spec.yaml_io` turns it into a :class:`~raytune_ft.errors.UserError` there)."""
 
     def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
         self.loc = loc

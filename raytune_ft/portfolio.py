@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from raytune_ft.checkpoint import write_atomic
 from raytune_ft.errors import UserError, first_line
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.spec import Spec
+from raytune_ft.spec.schema import Spec
 from raytune_ft.warm_start import fit_to_space
 
 __all__ = ["BUILTIN_FILE", "FIELD", "Plan", "Portfolio", "builtin", "check_configs",
@@ -168,7 +168,7 @@ def _yaml_loader() -> type:
     plain `1e-3` as the number YAML 1.2 says it is, as the spec accepts it (PyYAML's YAML 1.1
     wants `1.0e-3`). Only unquoted scalars: a quoted "1e-3" stays text, refused for a number
     like any text. Built on first use: a JSON portfolio imports no YAML."""
-    from raytune_ft.spec_io import StrictLoader
+    from raytune_ft.spec.yaml_io import StrictLoader
 
     class Loader(StrictLoader):
         pass
@@ -185,7 +185,7 @@ def _read_yaml(text: str, where: str) -> Any:
     size); :class:`UserError` naming `where` for anything that is not."""
     import yaml
 
-    from raytune_ft.spec_io import check_yaml_size
+    from raytune_ft.spec.yaml_io import check_yaml_size
 
     loader_cls = _yaml_loader()
     try:

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 from raytune_ft import warm_start
 from raytune_ft.errors import UserError
+from raytune_ft.knobs import Hyperparams
+from raytune_ft.model.weights import classify, torchvision_name
 from raytune_ft.paths import is_uri
 from raytune_ft.runs import TUNE_DIR, run_location
-from raytune_ft.spec import Hyperparams, Spec, check_fit
-from raytune_ft.weights import classify, torchvision_name
+from raytune_ft.spec.schema import Spec, check_fit
 
 if TYPE_CHECKING:  # portfolio sits beside this module (layer 5): imported where it is used
     from raytune_ft import portfolio as _portfolio
@@ -102,7 +103,7 @@ def machines(spec: Spec, *, gpus: float | None = None, cpus: float | None = None
         return Machines({"CPU": cpus if cpus is not None else enough, "GPU": gpus or 0.0},
                         "a cluster of " + ", ".join(parts))
     if address:
-        from raytune_ft.jobs import parse_headers
+        from raytune_ft.job_env import parse_headers
 
         if address.startswith(("http://", "https://")):
             from raytune_ft.jobs import cluster_resources
@@ -194,7 +195,7 @@ class ModelShape:
 def _check_weights_name(spec: Spec) -> str:
     """Check what a weights value names without loading it, and say what it is (one line).
     A file is only named here; :func:`_check_model` loads it."""
-    from raytune_ft.models import recipe_path
+    from raytune_ft.model.build import recipe_path
 
     m, ref = spec.model, classify(spec.model.weights)
     if ref.kind == "none":
@@ -257,7 +258,7 @@ def _check_model(spec: Spec, num_classes: int, *, choice: bool = False) -> Model
     """Build the model once (no weights, or the spec's weights file, loaded as plain tensors
     and fitted to the architecture) and check the knobs that count its stages and blocks
     (`choice`: the architecture is one of a choice)."""
-    from raytune_ft.models import build_model, count_params
+    from raytune_ft.model.build import build_model, count_params
 
     ref = classify(spec.model.weights)
     # A file (or a URI, which no loader reads and so is refused as missing) is loaded here;
@@ -277,7 +278,7 @@ def check_pretrained(spec: Spec, num_classes: int) -> None:
     (the `rtft:` backbone, built by then; torchvision weights, from the hub cache or
     downloaded) into the model once, so a download that fails or a backbone that does not fit
     is refused before Ray starts. Files were loaded by :func:`dry_run` already."""
-    from raytune_ft.models import build_model, resolve_weights
+    from raytune_ft.model.build import build_model, resolve_weights
 
     def check(one: Spec) -> None:
         if classify(one.model.weights).kind not in ("recipe", "torchvision"):

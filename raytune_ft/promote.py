@@ -32,26 +32,17 @@ import yaml
 from torch import nn
 
 from raytune_ft.checkpoint import honour_umask, load_checkpoint
-from raytune_ft.cost import measure
 from raytune_ft.data import Splits, prepare
 from raytune_ft.environment import summary as environment_summary
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.models import build_model, input_stats
-from raytune_ft.runs import (  # re-exported: promotion's rule lives with the records
-    TrialRecord,
-    choose,
-    choose_for,
-    fmt,
-    ranked,
-    text_table,
-    trial_state,
-    trial_table,
-)
-from raytune_ft.spec import ModelSpec, Spec
+from raytune_ft.model.build import build_model, input_stats
+from raytune_ft.model.cost import measure
+from raytune_ft.runs import TrialRecord
+from raytune_ft.selection import choose_for
+from raytune_ft.spec.schema import ModelSpec, Spec
 from raytune_ft.train import evaluate
 
-__all__ = ["PromotedModel", "TrialRecord", "choose", "fmt", "load_promoted", "promote",
-           "ranked", "text_table", "trial_state", "trial_table"]
+__all__ = ["PromotedModel", "PromotedModelError", "load_promoted", "promote"]
 
 
 def _rebuild(config: dict[str, Any]) -> nn.Module:
@@ -99,7 +90,7 @@ def _n_params(weights: Path) -> int:
 
 def _cpu_latency_ms(model: nn.Module, image_size: int) -> float:
     """Latency at batch 1 on this machine's CPU, measured as every trial measures its own
-    (:func:`raytune_ft.cost.measure`), here and now, for the student and its teacher alike."""
+    (:func:`raytune_ft.model.cost.measure`), here and now, for the student and its teacher alike."""
     return measure(model.cpu(), image_size, cache=False).latency_b1_ms
 
 

@@ -20,10 +20,11 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from raytune_ft.errors import UserError  # noqa: E402
-from raytune_ft.promote import TrialRecord, ranked, trial_state, trial_table  # noqa: E402
 from raytune_ft.run_folder import open_run  # noqa: E402
-from raytune_ft.runs import choose, choose_for, model_costs, read_records  # noqa: E402
-from raytune_ft.spec import METRICS, Spec  # noqa: E402
+from raytune_ft.runs import TrialRecord, read_records, trial_state
+from raytune_ft.selection import choose, choose_for, model_costs, ranked
+from raytune_ft.spec.schema import METRICS, Spec
+from raytune_ft.tables import trial_table
 
 __all__ = ["write_report"]
 

@@ -33,11 +33,12 @@ from typing import Any
 from raytune_ft import environment
 from raytune_ft.checkpoint import CONFIG
 from raytune_ft.errors import UserError
+from raytune_ft.model.weights import absolute, classify
 from raytune_ft.paths import is_uri
 from raytune_ft.run_folder import open_run
-from raytune_ft.runs import HISTORY_KEYS, TUNE_DIR, Echo, TrialRecord, read_records, text_table
-from raytune_ft.spec import Spec
-from raytune_ft.weights import absolute, classify
+from raytune_ft.runs import HISTORY_KEYS, TUNE_DIR, Echo, TrialRecord, read_records
+from raytune_ft.spec.schema import Spec
+from raytune_ft.tables import text_table
 
 __all__ = ["COMPARED", "ENV_RTOL", "GPU_RTOL", "Outcome", "Row", "compare",
            "fingerprint_changes", "first_difference", "recorded_environment", "recorded_history",
@@ -218,7 +219,7 @@ def _weights(spec: Spec) -> str:
     """The weights value as a trial got it (search/trainable.py: a file made absolute),
     checked to exist here before the data is read; an `rtft:` backbone must be cached (the
     trainer resolves it: the one the search built, never a new one)."""
-    from raytune_ft.models import resolve_weights
+    from raytune_ft.model.build import resolve_weights
 
     value = absolute(spec.model.weights)
     ref = classify(value)

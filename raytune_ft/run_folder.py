@@ -25,8 +25,8 @@ from pathlib import Path, PurePath
 from raytune_ft.errors import UserError
 from raytune_ft.paths import is_uri
 from raytune_ft.runs import TUNE_DIR
-from raytune_ft.spec import Spec
-from raytune_ft.spec_io import load_spec
+from raytune_ft.spec.schema import Spec
+from raytune_ft.spec.yaml_io import load_spec
 
 JOURNAL = "optuna.journal"
 _CREATE_TRIAL = 4  # optuna.storages.journal's JournalOperation.CREATE_TRIAL

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from raytune_ft.errors import UserError, first_line
-from raytune_ft.spec import DataSpec
+from raytune_ft.spec.schema import DataSpec
 
 __all__ = ["Dataset", "Images", "Pixels", "check_source", "load_dataset"]
 

@@ -15,8 +15,8 @@ from typing import Any
 import optuna
 
 from raytune_ft.knobs import Hyperparams, param_order
-from raytune_ft.spec import Spec
-from raytune_ft.spec_searcher import asha_milestones
+from raytune_ft.spec.schema import Spec
+from raytune_ft.spec.searcher import asha_milestones
 
 __all__ = ["SUGGEST", "baseline_params", "define_by_run", "distribution", "hparams_for",
            "make_sampler", "rung_plan"]
@@ -141,7 +141,7 @@ def rung_plan(spec: Spec, bracket: int = 0) -> list[tuple[int, int]]:
     bracket (`scheduler.brackets`: n brackets take the trials in turn, so bracket s gets every
     n-th trial starting at trial s, counting from 0).
 
-    The rungs are Ray's milestones (:func:`~raytune_ft.spec_searcher.asha_milestones`: bracket
+    The rungs are Ray's milestones (:func:`~raytune_ft.spec.searcher.asha_milestones`: bracket
     s starts at grace_period × η^s, η the reduction factor); a trial is judged at the first
     epoch that reaches a milestone, ceil(milestone), and a 1/η fraction of the trials at a rung
     goes on to the next. A rung judged only at max_t stops nothing (a trial there has ended),

@@ -24,12 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytune_ft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from raytune_ft.cost import measure as measure_cost
 from raytune_ft.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Images,
-    Pixels,
     Splits,
     augment_batch,
     iter_batches,
@@ -38,8 +35,16 @@ from raytune_ft.data import (
 from raytune_ft.environment import amp_name
 from raytune_ft.environment import current as current_environment
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.models import build_model, freeze_stages, input_stats, param_groups, resolve_weights
-from raytune_ft.spec import METRICS, Spec
+from raytune_ft.model.build import (
+    build_model,
+    freeze_stages,
+    input_stats,
+    param_groups,
+    resolve_weights,
+)
+from raytune_ft.model.cost import measure as measure_cost
+from raytune_ft.sources import Images, Pixels
+from raytune_ft.spec.schema import METRICS, Spec
 
 __all__ = ["DIVERGED", "TrainResult", "distill_loss", "evaluate", "focal_loss", "loss_function",
            "pick_device", "train", "trial_config"]

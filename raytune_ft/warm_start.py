@@ -27,8 +27,9 @@ from typing import Any
 
 from raytune_ft.errors import UserError
 from raytune_ft.fidelity import tell
-from raytune_ft.runs import TrialRecord, ranked, read_records
-from raytune_ft.spec import Spec
+from raytune_ft.runs import TrialRecord, read_records
+from raytune_ft.selection import ranked
+from raytune_ft.spec.schema import Spec
 
 FIELD = "searcher.warm_start"
 ALLOWED = ("allowed: an rtft run folder (spec.yaml and trials.json, as `rtft search` leaves "
@@ -59,7 +60,7 @@ class Plan:
 def read_source(path: str | Path) -> Source:
     """Read an earlier run or promoted model folder; UserError (searcher.warm_start) if it is
     missing or is neither."""
-    from raytune_ft.spec_io import load_spec
+    from raytune_ft.spec.yaml_io import load_spec
 
     p = Path(path).expanduser()
     if not p.exists():

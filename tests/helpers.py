@@ -11,8 +11,8 @@ import os
 import socket
 from pathlib import Path
 
-from raytune_ft.spec import Spec
-from raytune_ft.spec_io import parse_spec
+from raytune_ft.spec.schema import Spec
+from raytune_ft.spec.yaml_io import parse_spec
 
 # The checkout's root (where raytune_ft/, search_spaces/, bench/ and cluster/ are).
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raytune_ft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from raytune_ft.spec import SpecError
+from raytune_ft.errors import SpecError
 
 
 # --------------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
     assert marker.exists()
     marker.unlink()
 
-    from raytune_ft.models import load_state_file
+    from raytune_ft.model.build import load_state_file
 
     with pytest.raises(SpecError, match="cannot be loaded as plain tensors") as info:
         load_state_file(evil)  # model.weights

@@ -7,15 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytune_ft.data import (
-    augment_batch,
-    iter_batches,
-    load_dataset,
-    make_splits,
-    normalize,
-    prepare,
-)
-from raytune_ft.spec import DataSpec, SpecError
+from raytune_ft.data import augment_batch, iter_batches, make_splits, normalize, prepare
+from raytune_ft.errors import SpecError
+from raytune_ft.sources import load_dataset
+from raytune_ft.spec.schema import DataSpec
 
 
 def test_splits_are_stratified_disjoint_and_seeded() -> None:
@@ -156,7 +151,7 @@ def test_relative_root_still_reads_from_another_working_folder(
 
 def test_prepare_each_reads_every_input_size_of_an_arch_choice_once() -> None:
     from raytune_ft.data import data_record, prepare_each, recorded_fingerprint
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.spec.yaml_io import parse_spec
 
     # resnet18 without weights takes the digits' natural 32 px; mobilenet_v3_small with
     # torchvision weights takes their crop size, 224 px (read from the registry: nothing loaded)

@@ -15,13 +15,14 @@ import torch
 from click.testing import CliRunner
 from helpers import tiny_spec, write_tiny_spec
 
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 from raytune_ft.data import prepare
 from raytune_ft.distill import check_teacher_classes, with_teacher_logits
 from raytune_ft.errors import UserError
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.promote import TrialRecord, promote
-from raytune_ft.spec_io import parse_spec
+from raytune_ft.promote import promote
+from raytune_ft.runs import TrialRecord
+from raytune_ft.spec.yaml_io import parse_spec
 from raytune_ft.train import distill_loss, train
 
 STUDENT = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])

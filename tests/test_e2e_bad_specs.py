@@ -31,7 +31,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 
 CORPUS = Path(__file__).resolve().parent / "bad_specs"
 
@@ -209,7 +209,7 @@ def test_each_case_has_one_flaw(case: Case, workdir: Path,
     """A case the schema accepts is refused by the dry run for its one flaw only: with its
     `fix:` the same spec validates, writing nothing. Every other case the schema refuses."""
     from raytune_ft.errors import UserError
-    from raytune_ft.spec_io import load_spec
+    from raytune_ft.spec.yaml_io import load_spec
 
     if case.setup:
         SETUPS[case.setup](workdir, monkeypatch)

@@ -235,7 +235,7 @@ def test_submit_wait_runs_the_search_as_a_job(cluster: LocalCluster, tmp_path: P
     assert json.loads((promoted / "metrics.json").read_text())["test"]["acc"] > 0
     info = cluster.api(f"/api/jobs/{job_id}")  # what the dashboard shows
     assert info["status"] == "SUCCEEDED"
-    assert info["entrypoint"].startswith("python -m raytune_ft.job_entry search tiny.yaml")
+    assert info["entrypoint"].startswith("python -m raytune_ft.cli.job_entry search tiny.yaml")
     assert info["metadata"]["rtft_spec"] == "tiny"
 
 

@@ -357,7 +357,7 @@ def test_trials_run_as_a_named_class_that_restores_under_its_old_name(tmp_path: 
 
     from raytune_ft.data import prepare
     from raytune_ft.search.trainable import trainable_for
-    from raytune_ft.spec_io import load_spec
+    from raytune_ft.spec.yaml_io import load_spec
 
     spec = load_spec(write_tiny_spec(tmp_path))
     cls = trainable_for(spec, prepare(spec.data))

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import write_tiny_spec
 
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import ENV, ROOT, write_tiny_spec
 
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 from raytune_ft.search.schedulers import PersistentASHA
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from helpers import write_tiny_spec
 
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 from raytune_ft.data import prepare
 from raytune_ft.promote import load_promoted
-from raytune_ft.spec_io import load_spec
+from raytune_ft.spec.yaml_io import load_spec
 from raytune_ft.train import evaluate
 
 pytestmark = pytest.mark.slow

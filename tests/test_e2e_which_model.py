@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 from raytune_ft.promote import load_promoted
-from raytune_ft.runs import COST_KEYS, model_costs, pareto_front, read_records
-from raytune_ft.spec_io import load_spec
+from raytune_ft.runs import COST_KEYS, read_records
+from raytune_ft.selection import model_costs, pareto_front
+from raytune_ft.spec.yaml_io import load_spec
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,12 @@ from click.testing import CliRunner
 from helpers import tiny_spec
 
 from raytune_ft import export as E
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 from raytune_ft.data import normalize, prepare
 from raytune_ft.errors import UserError
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.promote import TrialRecord, load_promoted, promote
+from raytune_ft.promote import load_promoted, promote
+from raytune_ft.runs import TrialRecord
 from raytune_ft.train import train
 
 # One small network per family: 16 px digits for resnet18, 32 px for mobilenet_v3_small (its
@@ -60,7 +61,7 @@ def _run(*args: str) -> tuple[int, str]:
 def _reference(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised test images, PyTorch's logits on them) for the promoted model."""
     m = load_promoted(model_dir)
-    from raytune_ft.spec import DataSpec
+    from raytune_ft.spec.schema import DataSpec
 
     x = prepare(DataSpec.model_validate(m.config["spec"]["data"])).test_x
     xn = normalize(x, tuple(m.config["mean"]), tuple(m.config["std"]))

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import SECRET, write_tiny_spec
 
 from raytune_ft import jobs
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 from raytune_ft.errors import SpecError
 
 
@@ -37,7 +37,7 @@ def test_prepare_ships_the_spec_and_relative_files_only(tmp_path: Path,
         assert sub.runtime_env["working_dir"] == str(sub.staging)
         assert Path(sub.runtime_env["py_modules"][0]).name == "raytune_ft"
         argv = shlex.split(sub.entrypoint)
-        assert argv[:5] == ["python", "-m", "raytune_ft.job_entry", "search", "tiny.yaml"]
+        assert argv[:5] == ["python", "-m", "raytune_ft.cli.job_entry", "search", "tiny.yaml"]
         assert argv[5:] == ["--set", "model.weights=sub/w.pth", "--set", "run.num_samples=3"]
         assert sub.runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == SECRET  # sent…
         assert SECRET not in json.dumps(sub.printable_env())                  # …never shown

@@ -7,7 +7,7 @@ from helpers import BASE
 
 from raytune_ft.errors import SpecError
 from raytune_ft.knobs import Hyperparams, param_order, params_for_arch
-from raytune_ft.spec_io import parse_spec
+from raytune_ft.spec.yaml_io import parse_spec
 
 
 def test_condition_parents_come_first() -> None:

@@ -12,8 +12,8 @@ from helpers import tiny_spec
 
 from raytune_ft.data import prepare
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.models import build_model
-from raytune_ft.spec_io import parse_spec
+from raytune_ft.model.build import build_model
+from raytune_ft.spec.yaml_io import parse_spec
 from raytune_ft.train import focal_loss, loss_function, train
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])

@@ -12,7 +12,7 @@ from helpers import tiny_spec
 from raytune_ft import portfolio
 from raytune_ft.errors import UserError
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.spec_io import load_spec, parse_spec
+from raytune_ft.spec.yaml_io import load_spec, parse_spec
 
 KNOBS = ", ".join(Hyperparams.model_fields)
 

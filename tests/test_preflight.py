@@ -15,7 +15,7 @@ from helpers import tiny_spec
 
 from raytune_ft import preflight
 from raytune_ft.errors import SpecError, UserError
-from raytune_ft.models import recipe_path
+from raytune_ft.model.build import recipe_path
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TWO_CPUS = preflight.Machines({"CPU": 2.0, "GPU": 0.0}, "two CPUs")
@@ -79,7 +79,7 @@ def _with_search(tmp_path: Path, line: str):  # noqa: ANN202 - a Spec
     """The tiny spec with one more search parameter (its search section ends the text)."""
     from helpers import TINY_SPEC
 
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.spec.yaml_io import parse_spec
 
     text = TINY_SPEC.format(root=tmp_path, n=4, weights="none")
     head, _, tail = text.partition("searcher:")
@@ -90,7 +90,7 @@ def _with_search(tmp_path: Path, line: str):  # noqa: ANN202 - a Spec
 def test_a_factory_model_counts_its_own_stages(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(FIXTURES))
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.spec.yaml_io import parse_spec
 
     base = ("name: f\nmodel: {factory: 'rtft_fixture_models:tiny_net', weights: %s}\n"
             f"run: {{storage_path: {tmp_path}/runs}}\npromote: {{dir: {tmp_path}/m}}\n")
@@ -217,7 +217,7 @@ def test_an_existing_run_is_refused_without_resume(tmp_path: Path) -> None:
 # -- a choice of architectures: every one is checked, as the spec of that one alone ----------
 def _choice_spec(tmp_path: Path, weights: str = "none", search: str = "",  # noqa: ANN202
                  archs: str = "mobilenet_v3_small, resnet18"):
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.spec.yaml_io import parse_spec
 
     return parse_spec(
         f"name: c\nmodel:\n  arch: {{space: choice, values: [{archs}]}}\n"

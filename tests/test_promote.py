@@ -16,8 +16,9 @@ from helpers import ENV, ROOT, tiny_spec, train_tiny
 
 from raytune_ft.data import prepare
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.promote import PromotedModelError, TrialRecord, load_promoted, promote
-from raytune_ft.spec_io import spec_to_yaml
+from raytune_ft.promote import PromotedModelError, load_promoted, promote
+from raytune_ft.runs import TrialRecord
+from raytune_ft.spec.yaml_io import spec_to_yaml
 from raytune_ft.train import evaluate, train
 
 
@@ -47,14 +48,14 @@ def test_promote_writes_a_versioned_folder_that_reloads(tmp_path: Path) -> None:
     assert acc == pytest.approx(metrics["test"]["acc"])
     assert metrics["val"]["best_val_acc"] == max(h["val_acc"] for h in history)
     # The promoted spec fixes every parameter: the trial can be re-run alone.
-    from raytune_ft.spec_io import load_spec
+    from raytune_ft.spec.yaml_io import load_spec
 
     again = load_spec(first / "spec.yaml")
     assert again.search["head_hidden"].value == 8 and again.run.num_samples == 1
     # A promoted model is a backbone to fine-tune again (its head is replaced).
     import torch
 
-    from raytune_ft.models import build_model
+    from raytune_ft.model.build import build_model
 
     again_built = build_model("resnet18", 3, Hyperparams(), str(first))
     theirs = loaded.model.state_dict()
@@ -128,7 +129,7 @@ def test_pareto_promotes_every_point_of_the_front_cheapest_first(trained) -> Non
 
 def test_a_trial_of_an_architecture_search_is_promoted_with_its_own_spec(
         tmp_path: Path) -> None:
-    from raytune_ft.spec_io import load_spec, parse_spec
+    from raytune_ft.spec.yaml_io import load_spec, parse_spec
 
     spec = parse_spec(f"""\
 name: pick
@@ -154,7 +155,7 @@ promote: {{dir: {tmp_path}/models}}
     card = (v1 / "MODEL_CARD.md").read_text()
     assert card.startswith("# pick — mobilenet_v3_small, promoted from trial m1")
     assert "| architecture | mobilenet_v3_small |" in card
-    # The cost the trainer measured in the trial (raytune_ft.cost), as it measured it.
+    # The cost the trainer measured in the trial (raytune_ft.model.cost), as it measured it.
     assert f"| parameters | {record.cost['params']:,} |" in card
     assert f"| latency, batch 1 | {record.cost['latency_b1_ms']:.3g} ms |" in card
     loaded = load_promoted(v1)
@@ -172,7 +173,7 @@ CHILD = r"""
 import json, os, signal, sys
 from raytune_ft import promote as P
 from raytune_ft.data import prepare
-from raytune_ft.spec_io import load_spec
+from raytune_ft.spec.yaml_io import load_spec
 
 spec_file, record_file, point = sys.argv[1:4]
 spec = load_spec(spec_file)
@@ -207,8 +208,8 @@ FILES = {"model.safetensors", "spec.yaml", "config.json", "metrics.json", "MODEL
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
     """A tiny trained trial: (root, spec, TrialRecord)."""
 
-    from raytune_ft.promote import TrialRecord
-    from raytune_ft.spec import Hyperparams
+    from raytune_ft.knobs import Hyperparams
+    from raytune_ft.runs import TrialRecord
 
     root = tmp_path_factory.mktemp("promote")
     spec = tiny_spec(root)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from raytune_ft.report import write_report
 from raytune_ft.runs import TrialRecord, write_records
-from raytune_ft.spec_io import parse_spec, spec_to_yaml
+from raytune_ft.spec.yaml_io import parse_spec, spec_to_yaml
 
 SPEC = """\
 name: pick

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from helpers import ROOT
 
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 from raytune_ft.reproduce import compare, fingerprint_changes, first_difference, trial_device
-from raytune_ft.spec_io import parse_spec
+from raytune_ft.spec.yaml_io import parse_spec
 
 SPEC = """\
 name: repro
@@ -109,7 +109,8 @@ def test_unknown_trial_is_refused_listing_known_ids(tmp_path: Path) -> None:
 def test_the_recorded_environment_is_the_trials_own_else_the_runs(tmp_path: Path) -> None:
     """The trial's checkpoint first (its trainer wrote it); else the run's environment.json,
     unless Ray says the trial ran on another host than the search's (a cluster); else none."""
-    from raytune_ft.reproduce import TrialRecord, recorded_environment
+    from raytune_ft.reproduce import recorded_environment
+    from raytune_ft.runs import TrialRecord
 
     run = tmp_path / "run"
     trial = run / "tune" / "trial_t1"

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from helpers import tiny_spec
 
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 from raytune_ft.run_folder import _beside, check_resumable, open_run, where_it_is
 from raytune_ft.runs import read_records
-from raytune_ft.spec_io import spec_to_yaml
+from raytune_ft.spec.yaml_io import spec_to_yaml
 
 CREATE_STUDY = {"op_code": 0, "worker_id": "w", "study_name": "tiny", "directions": [2]}
 

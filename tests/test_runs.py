@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from raytune_ft.runs import TrialRecord, choose, trial_state
+from raytune_ft.runs import TrialRecord, trial_state
+from raytune_ft.selection import choose
 
 
 def rec(tid: str, accs: list[float], *, ckpt: bool = True, diverged: bool = False,
@@ -50,8 +51,7 @@ def test_trial_state(r: TrialRecord, state: str) -> None:
 
 
 def test_results_read_a_current_trials_json_and_ignore_a_stale_one(tmp_path: Path) -> None:
-    from raytune_ft.promote import TrialRecord
-    from raytune_ft.runs import records_from_json
+    from raytune_ft.runs import TrialRecord, records_from_json
 
     run = tmp_path / "run"
     (run / "tune").mkdir(parents=True)
@@ -111,7 +111,7 @@ def test_trials_json_carries_the_cost_and_reads_back(tmp_path: Path) -> None:
     ([], []),
 ])
 def test_pareto_front(records: list[TrialRecord], expect: list[str]) -> None:
-    from raytune_ft.runs import pareto_front
+    from raytune_ft.selection import pareto_front
 
     assert [r.trial_id for r in pareto_front(records, "val_acc", "max")] == expect
     # Deterministic whatever the input order.
@@ -119,7 +119,7 @@ def test_pareto_front(records: list[TrialRecord], expect: list[str]) -> None:
 
 
 def test_pareto_front_minimises_a_loss_and_takes_another_cost() -> None:
-    from raytune_ft.runs import pareto_front
+    from raytune_ft.selection import pareto_front
 
     # val_loss = 1 - acc: the same front as val_acc; by params the order changes.
     records = [costly("a", [0.8], 1.0, params=300), costly("b", [0.9], 3.0, params=100),
@@ -178,8 +178,8 @@ promote: {max_latency_ms: 2.5}
 
 
 def test_results_show_the_arch_and_the_cost_columns() -> None:
-    from raytune_ft.runs import summary_rows, summary_table
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.spec.yaml_io import parse_spec
+    from raytune_ft.tables import summary_rows, summary_table
 
     spec = parse_spec(CHOICE, file="pick.yaml")
     a = costly("a", [0.5, 0.9], 3.0, params=11_200_000)
@@ -208,8 +208,8 @@ def test_results_show_the_arch_and_the_cost_columns() -> None:
 
 
 def test_choose_for_takes_the_spec_bounds_and_the_pareto_front() -> None:
-    from raytune_ft.runs import choose_for
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.selection import choose_for
+    from raytune_ft.spec.yaml_io import parse_spec
 
     spec = parse_spec(CHOICE, file="pick.yaml")
     records = [costly("big", [0.9, 0.99], 8.0), costly("small", [0.8, 0.90], 2.0),
@@ -227,7 +227,7 @@ def test_choose_for_takes_the_spec_bounds_and_the_pareto_front() -> None:
 
 
 def test_latency_is_per_model_the_median_of_its_trials() -> None:
-    from raytune_ft.runs import model_costs, pareto_front
+    from raytune_ft.selection import model_costs, pareto_front
 
     same = [costly(t, [acc], 5.0, params=11) for t, acc in (("r1", 0.97), ("r2", 0.98),
                                                            ("r3", 0.90))]
@@ -249,8 +249,8 @@ def test_latency_is_per_model_the_median_of_its_trials() -> None:
 def test_the_front_takes_each_models_latency_over_the_whole_run() -> None:
     """A model's trial stopped early still counts in that model's latency: the front, among
     the trials that reached the top epoch, compares models, not single readings."""
-    from raytune_ft.runs import choose_for
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.selection import choose_for
+    from raytune_ft.spec.yaml_io import parse_spec
 
     free = parse_spec(CHOICE, file="pick.yaml")
     free = free.model_copy(update={"promote": free.promote.model_copy(

@@ -9,7 +9,7 @@ import pytest
 
 from raytune_ft.errors import UserError
 from raytune_ft.sources import check_source
-from raytune_ft.spec import DataSpec
+from raytune_ft.spec.schema import DataSpec
 
 
 def _tree(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:

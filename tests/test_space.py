@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
+from raytune_ft.knobs import SPACES
 from raytune_ft.space import (
     SUGGEST,
     baseline_params,
@@ -14,8 +15,7 @@ from raytune_ft.space import (
     rung_plan,
     sample_params,
 )
-from raytune_ft.spec import SPACES
-from raytune_ft.spec_io import parse_spec
+from raytune_ft.spec.yaml_io import parse_spec
 
 SPEC = """\
 name: s

@@ -11,7 +11,7 @@ from helpers import tiny_spec
 from raytune_ft.checkpoint import CheckpointError, load_checkpoint
 from raytune_ft.data import prepare
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.models import count_params
+from raytune_ft.model.build import count_params
 from raytune_ft.runs import COST_KEYS as COST  # the trainer's keys are the records' keys
 from raytune_ft.train import DIVERGED, evaluate, train
 
@@ -124,7 +124,7 @@ def test_measuring_the_cost_leaves_training_bit_for_bit_the_same(setup,  # noqa:
                                                                   hp: Hyperparams) -> None:
     """The first run measures the model's cost (forward passes before epoch 1); the second
     finds it in the process's cache and runs none: the weights they end with are equal."""
-    from raytune_ft import cost
+    from raytune_ft.model import cost
 
     spec, data = setup
     hp = hp.model_copy(update={"head_dropout": 0.3, "augment": "light"})  # RNG in training
@@ -154,7 +154,7 @@ def test_divergence_stops_at_once_with_worst_metric(setup) -> None:  # noqa: ANN
 def test_frozen_backbone_trains_only_the_head_until_unfrozen(setup) -> None:  # noqa: ANN001
     spec, data = setup
     hp = Hyperparams(freeze_depth=5, unfreeze_at_epoch=2, batch_size=32, augment="none")
-    from raytune_ft.models import build_model
+    from raytune_ft.model.build import build_model
 
     torch.manual_seed(spec.train.seed)  # the trainer's first act: same init as `start`
     start = build_model("resnet18", 10, hp).model.state_dict()
@@ -203,7 +203,7 @@ def test_mixup_cutmix_and_layer_decay_train_and_resume_exactly(setup, tmp_path: 
 def test_trains_from_disk_through_a_dataloader(tmp_path: Path) -> None:
     from PIL import Image
 
-    from raytune_ft.data import Images
+    from raytune_ft.sources import Images
 
     for cls, colour in (("red", (230, 20, 20)), ("blue", (20, 20, 230))):
         (tmp_path / "img" / cls).mkdir(parents=True)

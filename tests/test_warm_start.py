@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from helpers import TINY_SPEC, tiny_spec, write_tiny_spec
 
 from raytune_ft import warm_start
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 from raytune_ft.errors import UserError
 from raytune_ft.runs import TrialRecord, write_records
-from raytune_ft.spec_io import parse_spec, spec_to_yaml
+from raytune_ft.spec.yaml_io import parse_spec, spec_to_yaml
 
 
 def _curve(accs: list[float]) -> list[dict]:

@@ -13,8 +13,9 @@
 | `records`     | Ray's results as plain `TrialRecord` s                                  |
 | `ray_private` | every use of Ray's private state, with the Ray version it was checked on |
 
-Names are imported lazily: `import raytune_ft.search.ray_private` (jobs.py) or reading a
-module's docstring does not import Ray and torch.
+Import the modules (`from raytune_ft.search.run import run_search`): this package exports
+nothing of its own, so `import raytune_ft.search.ray_private` (jobs.py) imports Ray's
+private modules only, and reading this docstring imports neither Ray nor torch.
 """
 
 from __future__ import annotations
@@ -22,12 +23,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {
-    "SearchOutcome": "run", "run_search": "run", "promote_again": "run",
-    "load_records": "records", "localize_checkpoints": "storage",
-    "cluster_resources": "cluster",
-}
-__all__ = sorted(_EXPORTS)
 # Run folders written by rtft 0.1.0 (when this was one module, search.py) hold a pickled Tuner
 # that names these classes: `Tuner.restore` finds them here.
 _PICKLED_BEFORE_0_2 = {
@@ -39,8 +34,6 @@ _PICKLED_BEFORE_0_2 = {
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     if name in _PICKLED_BEFORE_0_2:
         module, new = _PICKLED_BEFORE_0_2[name]
         return getattr(importlib.import_module(f"{__name__}.{module}"), new)

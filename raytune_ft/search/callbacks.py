@@ -10,10 +10,11 @@ from typing import Any
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
-from raytune_ft.runs import COST_KEYS, Echo, RunLocation, fmt, text_table
+from raytune_ft.runs import COST_KEYS, Echo, RunLocation
 from raytune_ft.search.ray_private import tbx_file_writer
 from raytune_ft.search.storage import upload_run_files
-from raytune_ft.spec import Spec
+from raytune_ft.spec.schema import Spec
+from raytune_ft.tables import fmt, text_table
 
 
 class Progress(tune.Callback):

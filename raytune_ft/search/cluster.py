@@ -17,7 +17,7 @@ from ray.job_config import JobConfig
 from raytune_ft.errors import UserError, first_line
 from raytune_ft.runs import Echo, RunLocation
 from raytune_ft.search.ray_private import loopback_node
-from raytune_ft.spec import Spec, check_fit
+from raytune_ft.spec.schema import Spec, check_fit
 
 # Our own progress lines replace Ray's tables; Ray's warning about checkpoint-driven state
 # snapshots fires on every epoch of small trials and says nothing actionable.

@@ -36,7 +36,7 @@ from typing import Any
 
 from ray import tune
 
-from raytune_ft.spec import Spec
+from raytune_ft.spec.schema import Spec
 
 # Trial states, as rtft's own tables name them (runs.trial_state): a trial is running from its
 # start until it ends; a trial that failed and will be retried is retrying until it restarts.

@@ -26,6 +26,11 @@ lacks an attribute used here.
   created; a Tune actor reused for trial after trial (`reuse_actors`) would keep its first
   trial's. (The dashboard's Actors "Repr" is also set once, and Ray 2.60 has no way to renew
   it: it stays the actor's first trial.)
+- `ray.tune.trainable.wrap_function` and `ImplicitFunc.reset_config`: Tune's class for a
+  function trainable, subclassed to give trials a name in logs and the dashboard and to
+  rename a reused actor for each trial (`named_function_trainable`).
+- `OptunaSearch`'s pickled state, adopted by our subclass (`adopt_optuna_search`): a run
+  written by rtft 0.1.0 pickled Ray's own class.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ USED: tuple[tuple[str, str, str], ...] = (
     ("ray.job_submission.JobSubmissionClient", "_do_request", "class"),
     ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER", "class"),
     ("ray._private.ray_constants", "LOG_PREFIX_ACTOR_NAME", "class"),
+    ("ray.tune.trainable", "wrap_function", "class"),
+    ("ray.tune.trainable.function_trainable.FunctionTrainable", "reset_config", "class"),
 )
 
 
@@ -296,3 +303,34 @@ def name_this_actor(name: str) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.write(line)
         stream.flush()
+
+
+# Trials and searchers -----------------------------------------------------------------------
+def named_function_trainable(fn: Any, name: str, rename: Any, module: str) -> type:
+    """Tune's class for function trainable `fn` (`wrap_function`: `ImplicitFunc`), subclassed
+    as `name` (its module `module`), shown as `rename(self)` (its `__repr__`, which Ray puts in
+    the log prefix and the Actors tab), and renamed with :func:`name_this_actor` each time Tune
+    reuses the actor for another trial (`reset_config`). Its trainable name stays `fn`'s."""
+    from ray.tune.trainable import wrap_function
+
+    base = wrap_function(fn)
+
+    def reset_config(self: Any, new_config: dict) -> bool:
+        ok = base.reset_config(self, new_config)
+        if ok:
+            name_this_actor(rename(self))
+        return ok
+
+    return type(name, (base,), {"__repr__": rename, "reset_config": reset_config,
+                                "__module__": module, "__qualname__": name})
+
+
+def adopt_optuna_search(searcher: Any, cls: type) -> bool:
+    """Make a restored plain `OptunaSearch` an instance of its subclass `cls` (which adds no
+    state of its own that the caller does not then set). True when it was adopted."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    if type(searcher) is not OptunaSearch:
+        return False
+    searcher.__class__ = cls
+    return True

@@ -16,7 +16,7 @@ from raytune_ft.runs import (
     records_from_json,
     run_location,
 )
-from raytune_ft.spec import Spec
+from raytune_ft.spec.schema import Spec
 
 
 def records_from_results(results: Any, metric: str, mode: str) -> list[TrialRecord]:

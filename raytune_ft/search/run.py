@@ -28,19 +28,10 @@ from raytune_ft import environment, portfolio, preflight, warm_start
 from raytune_ft.data import Splits, data_record, prepare_each
 from raytune_ft.distill import with_teacher_logits
 from raytune_ft.errors import UserError
-from raytune_ft.pretrain import ensure_backbone
+from raytune_ft.model.pretrain import ensure_backbone
 from raytune_ft.promote import promote
 from raytune_ft.run_folder import JOURNAL, check_resumable, open_run
-from raytune_ft.runs import (
-    TUNE_DIR,
-    Echo,
-    RunLocation,
-    TrialRecord,
-    run_location,
-    rung_summary,
-    summary_table,
-    write_records,
-)
+from raytune_ft.runs import TUNE_DIR, Echo, RunLocation, TrialRecord, run_location, write_records
 from raytune_ft.search.callbacks import FailureBudget, Progress, TensorBoard, UploadRunFiles
 from raytune_ft.search.cluster import (
     check_cluster_fit,
@@ -67,8 +58,9 @@ from raytune_ft.search.storage import (
 )
 from raytune_ft.search.trainable import trainable_for
 from raytune_ft.space import baseline_params, define_by_run, make_sampler
-from raytune_ft.spec import Spec
-from raytune_ft.spec_io import load_spec, spec_to_yaml
+from raytune_ft.spec.schema import Spec
+from raytune_ft.spec.yaml_io import load_spec, spec_to_yaml
+from raytune_ft.tables import rung_summary, summary_table
 
 
 @dataclass

@@ -19,6 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raytune_ft.fidelity import finite, tell
 from raytune_ft.search.ray_private import (
+    adopt_optuna_search,
     generator_experiment,
     move_experiment,
     optuna_completed,
@@ -49,8 +50,7 @@ class FidelityOptunaSearch(OptunaSearch):
         guards, keeping Ray's telling (`last`) that the run started with. Ray's own class
         fails the whole search when Optuna refuses an intermediate value on resume (a trial
         told before the driver died)."""
-        if type(searcher) is OptunaSearch:
-            searcher.__class__ = cls
+        if adopt_optuna_search(searcher, cls):
             searcher._max_t, searcher._telling = max_t, "last"
 
     def relocate(self, journal: Path) -> None:

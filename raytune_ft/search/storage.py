@@ -16,15 +16,9 @@ from typing import Any
 
 from raytune_ft.errors import UserError
 from raytune_ft.paths import is_uri
-from raytune_ft.runs import (
-    RUN_FILES,
-    TUNE_DIR,
-    RunLocation,
-    TrialRecord,
-    choose_for,
-    run_location,
-)
-from raytune_ft.spec import Spec
+from raytune_ft.runs import RUN_FILES, TUNE_DIR, RunLocation, TrialRecord, run_location
+from raytune_ft.selection import choose_for
+from raytune_ft.spec.schema import Spec
 
 
 def _fs(uri: str) -> tuple[Any, str]:

@@ -15,14 +15,13 @@ from typing import Any
 import ray
 import torch
 from ray import tune
-from ray.tune.trainable import wrap_function
 
 from raytune_ft.data import Splits
 from raytune_ft.errors import TrialOOMError
-from raytune_ft.models import absolute_weights
-from raytune_ft.search.ray_private import name_this_actor
+from raytune_ft.model.build import absolute_weights
+from raytune_ft.search.ray_private import named_function_trainable
 from raytune_ft.space import hparams_for
-from raytune_ft.spec import Spec
+from raytune_ft.spec.schema import Spec
 from raytune_ft.train import train
 
 
@@ -111,16 +110,8 @@ def _named(fn: Any, run: str) -> type:
     `RtftTrial`, shown as `rtft <run> trial <id>` in the log prefix (renewed for each trial a
     reused actor runs) and the Actors tab's Repr (Ray sets it once: the actor's first trial).
     Its trainable name stays `fn`'s, "_trainable", which Tuner.restore checks."""
-    base = wrap_function(fn)
 
     def __repr__(self: Any) -> str:  # noqa: N807
         return f"rtft {run} trial {self.trial_id}"
 
-    def reset_config(self: Any, new_config: dict) -> bool:
-        ok = base.reset_config(self, new_config)
-        if ok:
-            name_this_actor(repr(self))
-        return ok
-
-    return type("RtftTrial", (base,), {"__repr__": __repr__, "reset_config": reset_config,
-                                       "__module__": __name__, "__qualname__": "RtftTrial"})
+    return named_function_trainable(fn, "RtftTrial", __repr__, __name__)

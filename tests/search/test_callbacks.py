@@ -10,7 +10,7 @@ from helpers import ROOT, TINY_SPEC
 
 from raytune_ft.runs import COST_KEYS
 from raytune_ft.search.callbacks import Progress, TensorBoard
-from raytune_ft.spec_io import load_spec, parse_spec
+from raytune_ft.spec.yaml_io import load_spec, parse_spec
 
 SPEC = load_spec(ROOT / "search_spaces" / "resnet.yaml")
 

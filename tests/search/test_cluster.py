@@ -58,8 +58,8 @@ class _FakeRay:
 
 def test_shared_storage_check_names_the_node_that_cannot_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from raytune_ft.errors import SpecError
     from raytune_ft.search import cluster
-    from raytune_ft.spec import SpecError
 
     monkeypatch.setattr(cluster, "ray", _FakeRay({"a": True, "b": False}))
     created = tmp_path / "runs"

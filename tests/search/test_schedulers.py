@@ -348,8 +348,8 @@ def test_the_rungs_validate_prints_are_rays(tmp_path: Path, grace: int, max_t: i
     plan's epochs are those at which Ray judges a trial: the first reaching each milestone
     (2.5 → epoch 3), never max_t (a trial there has ended)."""
     from raytune_ft.space import rung_plan
-    from raytune_ft.spec_io import parse_spec
-    from raytune_ft.spec_searcher import asha_milestones, max_brackets
+    from raytune_ft.spec.searcher import asha_milestones, max_brackets
+    from raytune_ft.spec.yaml_io import parse_spec
 
     top = max_brackets(grace, max_t, rf)
     asha = PersistentASHA(tmp_path, time_attr="training_iteration", max_t=max_t,
@@ -381,7 +381,7 @@ def test_a_rung_between_epochs_is_judged_at_the_next_one() -> None:
     """η 2.5 from epoch 1 to 10: Ray's milestones 1, 2.5, 6.25 are judged at epochs 1, 3, 7
     (not 2 and 5, as truncating at every step would say)."""
     from raytune_ft.space import rung_plan
-    from raytune_ft.spec_io import parse_spec
+    from raytune_ft.spec.yaml_io import parse_spec
 
     spec = parse_spec("name: t\ntrain: {max_epochs: 10}\nscheduler: {reduction_factor: 2.5, "
                       "brackets: 2}\nrun: {num_samples: 26}\n", file="t.yaml")

@@ -61,7 +61,7 @@ def test_search_on_s3_lands_in_the_bucket(tmp_path: Path, s3_env: dict[str, str]
     import boto3
     from click.testing import CliRunner
 
-    from raytune_ft.cli import main
+    from raytune_ft.cli.main import main
 
     spec = write_tiny_spec(tmp_path, n=2)
     env = {**os.environ, **s3_env, "PYTHONPATH": str(ROOT), "RTFT_CACHE": str(tmp_path / "cache"),

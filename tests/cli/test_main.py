@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import ROOT, write_tiny_spec
 
-from raytune_ft.cli import main
+from raytune_ft.cli.main import main
 
 
 def test_validate_prints_space_rungs_and_stages(tmp_path: Path,
@@ -189,7 +189,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from raytune_ft.knobs import Hyperparams
     from raytune_ft.runs import TrialRecord, write_records
-    from raytune_ft.spec_io import spec_to_yaml
+    from raytune_ft.spec.yaml_io import spec_to_yaml
 
     root = tmp_path_factory.mktemp("finished")
     spec = tiny_spec(root, extra="")

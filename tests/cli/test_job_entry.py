@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raytune_ft import job_entry
+from raytune_ft.cli import job_entry
 
 
 def test_job_entry_runs_rtft_in_a_private_copy(tmp_path: Path,
@@ -24,7 +24,7 @@ def test_job_entry_runs_rtft_in_a_private_copy(tmp_path: Path,
         seen["args"] = " ".join(args)
         raise SystemExit(3)
 
-    monkeypatch.setattr("raytune_ft.cli.main", fake_main)
+    monkeypatch.setattr("raytune_ft.cli.main.main", fake_main)
     assert job_entry.main(["search", "tiny.yaml"]) == 3
     assert seen["cwd"] != str(tmp_path) and seen["x"] == "here"
     assert seen["args"] == "search tiny.yaml"

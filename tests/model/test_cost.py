@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from raytune_ft import cost
+from raytune_ft.model import cost
 from raytune_ft.runs import COST_KEYS
 
 

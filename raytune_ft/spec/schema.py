@@ -4,10 +4,11 @@ trial) and may trust it.
 
 The knobs a trial is trained with and the `search:` parameters that vary them are
 :mod:`raytune_ft.knobs`; reading spec files (YAML, `--set`, error lines) is
-:mod:`raytune_ft.spec_io`; what a `model.weights` value names is :mod:`raytune_ft.weights`;
-the `searcher:` and `scheduler:` sections are :mod:`raytune_ft.spec_searcher`.
+:mod:`raytune_ft.spec.yaml_io`; what a `model.weights` value names is
+:mod:`raytune_ft.model.weights`; the `searcher:` and `scheduler:` sections are
+:mod:`raytune_ft.spec.searcher`.
 Neither importing this module nor validating a spec imports torch or torchvision: names and
-crop sizes come from :mod:`raytune_ft.tv_registry`.
+crop sizes come from :mod:`raytune_ft.model.registry`.
 """
 
 from __future__ import annotations
@@ -20,43 +21,23 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-# SpecError is re-exported: `from raytune_ft.spec import SpecError` keeps working.
-from raytune_ft import tv_registry
-from raytune_ft.errors import SpecError, UserError
-
-# The knobs and search parameters were defined here before knobs.py; re-exported so
-# `from raytune_ft.spec import Hyperparams, IntRange, param_order, …` keeps working where it
-# is still written (preflight, pretrain, spec_io, tests, bench). New code imports from knobs.
-from raytune_ft.job_env import redact  # likewise: redact lives with the Jobs code
+from raytune_ft.errors import UserError
 from raytune_ft.knobs import (
-    ACTIVATIONS,
-    INITS,
-    SPACES,
     Choice,
     FieldError,
-    Fixed,
-    Hyperparams,
-    IntRange,
-    LogUniform,
-    Scalar,
     SearchParam,
     Strict,
-    Uniform,
     arch_param,
     check_params,
-    param_order,
     params_for_arch,
 )
-from raytune_ft.spec_searcher import SchedulerSpec, SearcherSpec, check_scheduler
-from raytune_ft.weights import weights_meta
+from raytune_ft.model import registry as tv_registry
+from raytune_ft.model.weights import weights_meta
+from raytune_ft.spec.searcher import SchedulerSpec, SearcherSpec, check_scheduler
 
 __all__ = [
-    "ACTIVATIONS", "BUILTIN_SOURCES", "INITS", "METRICS", "SOURCES", "SPACES",
-    "DataSpec", "ModelSpec", "PromoteSpec", "Resources", "RunSpec", "SchedulerSpec",
-    "SearcherSpec", "Spec", "SpecError", "TrainSpec", "UserError", "check_fit",
-    # re-exported from knobs / job_env (see above)
-    "Choice", "Fixed", "Hyperparams", "IntRange", "LogUniform", "Scalar", "SearchParam",
-    "Uniform", "param_order", "redact",
+    "BUILTIN_SOURCES", "METRICS", "SOURCES", "DataSpec", "ModelSpec", "PromoteSpec",
+    "Resources", "RunSpec", "Spec", "TrainSpec", "check_fit",
 ]
 
 BUILTIN_SOURCES = ("digits", "mnist")
@@ -285,13 +266,13 @@ class PromoteSpec(Strict):
 
 
 class Spec(Strict):
-    """A whole search spec. Read one with :func:`raytune_ft.spec_io.load_spec` (a file) or
-    :func:`raytune_ft.spec_io.parse_spec` (text)."""
+    """A whole search spec. Read one with :func:`raytune_ft.spec.yaml_io.load_spec` (a file) or
+    :func:`raytune_ft.spec.yaml_io.parse_spec` (text)."""
 
     name: str
     metric: Literal["val_acc", "val_loss"] = "val_acc"
     # A factory, not `ModelSpec()`: building the default validates `arch`, which imports
-    # torchvision; done at class definition it would make `import raytune_ft.spec` take seconds.
+    # torchvision; done at class definition it would make importing this module take seconds.
     model: ModelSpec = Field(default_factory=ModelSpec)
     # validate_default: a spec without `data:` gets its image size resolved too.
     data: DataSpec = Field(DataSpec(), validate_default=True)

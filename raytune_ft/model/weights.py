@@ -6,7 +6,7 @@ torchvision weights name of the architecture (`DEFAULT`, `IMAGENET1K_V1`); a sta
 reads (it is refused as a missing file). :func:`classify` says which; the spec, the model
 builder, pretraining and job submission all ask it instead of testing the string themselves.
 
-Names and metadata come from :mod:`raytune_ft.tv_registry` (the spec schema imports this
+Names and metadata come from :mod:`raytune_ft.model.registry` (the spec schema imports this
 module, and checking a spec must not import torchvision); torchvision itself is imported only
 to hand its weights enum to the loader. Nothing is ever downloaded here.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from raytune_ft import tv_registry
 from raytune_ft.errors import UserError
+from raytune_ft.model import registry as tv_registry
 from raytune_ft.paths import is_uri
 
 __all__ = [

@@ -20,7 +20,7 @@ from raytune_ft.errors import UserError
 
 if TYPE_CHECKING:  # pydantic and the schema load only for commands that read a spec:
     # `rtft --help` answers at once (tests/test_layout.py guards what importing cli loads)
-    from raytune_ft.spec import Spec
+    from raytune_ft.spec.schema import Spec
 
 EXIT_BAD_INPUT = 2
 
@@ -34,7 +34,9 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except UserError as e:
             if kwargs.get("spec_file") is not None:
-                e.located(kwargs["spec_file"])
+                from raytune_ft.spec.yaml_io import locate  # reads the YAML, only on error
+
+                locate(e, kwargs["spec_file"])
             if debug:
                 traceback.print_exc()
             click.echo(f"error: {e}", err=True)
@@ -53,6 +55,6 @@ def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def load_spec(path: Path, overrides: tuple[str, ...] = ()) -> Spec:
     """The spec in `path` with `overrides` applied (imports the schema on first use)."""
-    from raytune_ft.spec_io import load_spec as load
+    from raytune_ft.spec.yaml_io import load_spec as load
 
     return load(path, overrides)

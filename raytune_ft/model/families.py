@@ -2,7 +2,7 @@
 `reinit_blocks`, `activation_scope`, `layer_decay`) mean the same thing for every architecture:
 one small table per torchvision family, and the factory protocol for networks from elsewhere.
 
-:mod:`raytune_ft.models` builds and prepares the network; this module only says where things
+:mod:`raytune_ft.model.build` builds and prepares the network; this module only says where things
 are in it.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from raytune_ft.errors import UserError
-from raytune_ft.spec import ModelSpec
+from raytune_ft.spec.schema import ModelSpec
 
 __all__ = ["Family", "Stage", "factory_model", "family"]
 

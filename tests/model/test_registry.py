@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 from importlib import metadata
 
-from raytune_ft import tv_registry
+from raytune_ft.model import registry as tv_registry
 
 
 def test_snapshot_is_the_installed_torchvision_registry() -> None:
     snap = json.loads(tv_registry.SNAPSHOT.read_text())
     live = tv_registry.read_live()
     assert snap["torchvision"] == metadata.version("torchvision").split("+")[0], (
-        "refresh: python -m raytune_ft.tv_registry > raytune_ft/tv_registry.json")
+        "refresh: python -m raytune_ft.model.registry > raytune_ft/model/registry.json")
     assert snap == json.loads(json.dumps(live)), (
-        "refresh: python -m raytune_ft.tv_registry > raytune_ft/tv_registry.json")
+        "refresh: python -m raytune_ft.model.registry > raytune_ft/model/registry.json")
 
 
 def test_lookups_match_torchvision() -> None:

@@ -13,9 +13,12 @@ from helpers import BASE, ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raytune_ft import spec as spec_mod
-from raytune_ft.spec import Spec, SpecError
-from raytune_ft.spec_io import load_spec, parse_spec, spec_to_yaml
+from raytune_ft import knobs
+from raytune_ft.errors import SpecError
+from raytune_ft.spec import schema as spec_mod
+from raytune_ft.spec.schema import Spec
+from raytune_ft.spec.searcher import SchedulerSpec, SearcherSpec
+from raytune_ft.spec.yaml_io import load_spec, parse_spec, spec_to_yaml
 
 
 @pytest.mark.parametrize("text, line, words", [
@@ -141,10 +144,9 @@ def test_any_mapping_gives_a_spec_or_a_spec_error(mapping: dict) -> None:
 # Mappings spelt with the real field names and plausible values reach the deep validators
 # (conditions, ranges against knobs, cross-section checks) that random keys never do.
 FIELD_NAMES = sorted({n for m in [spec_mod.Spec, spec_mod.ModelSpec, spec_mod.DataSpec,
-                                  spec_mod.TrainSpec, spec_mod.SearcherSpec,
-                                  spec_mod.SchedulerSpec, spec_mod.RunSpec, spec_mod.Resources,
-                                  spec_mod.PromoteSpec, spec_mod.Hyperparams,
-                                  spec_mod.IntRange, spec_mod.Choice, spec_mod.Fixed]
+                                  spec_mod.TrainSpec, SearcherSpec, SchedulerSpec,
+                                  spec_mod.RunSpec, spec_mod.Resources, spec_mod.PromoteSpec,
+                                  knobs.Hyperparams, knobs.IntRange, knobs.Choice, knobs.Fixed]
                       for n in m.model_fields} | {"resources"})
 WORDS = st.sampled_from(["sgd", "adam", "adamw", "relu", "none", "light", "asha", "tpe",
                          "choice", "uniform", "loguniform", "int", "fixed", "digits", "val_acc",

@@ -1,6 +1,6 @@
 """The spec's `searcher:` and `scheduler:` sections: how the search picks configurations and
-when it stops trials early. Re-exported by :mod:`raytune_ft.spec`, which checks them against
-the rest of the spec (:func:`check_scheduler` needs `max_t`).
+when it stops trials early. :mod:`raytune_ft.spec.schema` checks them against the rest of the
+spec (:func:`check_scheduler` needs `max_t`).
 
 ASHA's rungs are computed here as Ray computes them (:func:`asha_milestones`), without
 importing Ray: the spec check and `rtft validate` need them, and neither may import Ray.

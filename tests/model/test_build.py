@@ -12,7 +12,7 @@ from torch import nn
 
 from raytune_ft.errors import SpecError
 from raytune_ft.knobs import Hyperparams
-from raytune_ft.models import (
+from raytune_ft.model.build import (
     build_model,
     freeze_stages,
     frozen_stages,
@@ -142,7 +142,7 @@ def test_frozen_batchnorm_statistics_stay_fixed_after_a_step_every_family(arch: 
 
 
 def tiny_net(model: dict) -> nn.Module:
-    """A factory as a user writes one (model.factory: "test_models:tiny_net")."""
+    """A factory as a user writes one (model.factory: "model.test_build:tiny_net")."""
     width = int(model["options"].get("width", 8))
     net = nn.Sequential()
     net.add_module("stem", nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU()))
@@ -153,9 +153,9 @@ def tiny_net(model: dict) -> nn.Module:
 
 
 def test_factory_model_head_stages_and_weights(tmp_path: Path) -> None:
-    from raytune_ft.spec import ModelSpec
+    from raytune_ft.spec.schema import ModelSpec
 
-    spec = ModelSpec(arch="tiny", factory="test_models:tiny_net", options={"width": 6})
+    spec = ModelSpec(arch="tiny", factory="model.test_build:tiny_net", options={"width": 6})
     built = build_model(spec, 4, Hyperparams(init="orthogonal"))
     assert built.head_path == "out" and [s.name for s in built.stages] == ["stem", "body",
                                                                             "pool"]
@@ -287,7 +287,7 @@ def test_param_groups_lr_mult_and_no_decay_on_norms_and_biases() -> None:
 
 def test_relative_weights_file_made_absolute_for_trials(tmp_path: Path, backbone_file: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from raytune_ft.models import absolute_weights
+    from raytune_ft.model.build import absolute_weights
 
     monkeypatch.chdir(backbone_file.parent)
     assert absolute_weights(backbone_file.name) == str(backbone_file.resolve())

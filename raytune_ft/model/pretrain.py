@@ -17,10 +17,11 @@ import torch
 
 from raytune_ft.checkpoint import honour_umask
 from raytune_ft.data import prepare
-from raytune_ft.models import RECIPES, recipe_path
-from raytune_ft.spec import DataSpec, Hyperparams, Spec, TrainSpec
+from raytune_ft.knobs import Hyperparams
+from raytune_ft.model.build import RECIPES, recipe_path
+from raytune_ft.model.weights import classify
+from raytune_ft.spec.schema import DataSpec, Spec, TrainSpec
 from raytune_ft.train import evaluate, train
-from raytune_ft.weights import classify
 
 __all__ = ["ensure_backbone", "pretrain"]
 

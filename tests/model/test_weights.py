@@ -9,7 +9,7 @@ import pytest
 
 def test_weights_values_classified_in_one_place(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from raytune_ft.weights import classify, weights_meta
+    from raytune_ft.model.weights import classify, weights_meta
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "promoted").mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from raytune_ft.cli_common import guard
+from raytune_ft.cli.common import guard
 
 
 @click.command()

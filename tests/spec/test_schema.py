@@ -8,8 +8,8 @@ import pytest
 from helpers import BASE
 
 from raytune_ft.errors import SpecError
-from raytune_ft.spec import check_fit
-from raytune_ft.spec_io import parse_spec, spec_to_yaml
+from raytune_ft.spec.schema import check_fit
+from raytune_ft.spec.yaml_io import parse_spec, spec_to_yaml
 
 # (spec text after `name: t`, field named in the error, YAML line, words the message must hold)
 BAD = [
@@ -101,20 +101,34 @@ def test_schema_import_pulls_in_neither_torch_nor_the_loader() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, raytune_ft.spec; "
-            "print(sorted(m for m in ('torch', 'torchvision', 'yaml', 'raytune_ft.spec_io') "
+    code = ("import sys, raytune_ft.spec.schema; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'yaml', 'raytune_ft.spec.yaml_io') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-def test_knobs_are_the_same_objects_through_spec() -> None:
-    from raytune_ft import knobs, spec
+def test_the_knobs_the_schema_checks_are_the_trainers() -> None:
+    from raytune_ft import knobs
 
-    assert spec.Hyperparams is knobs.Hyperparams and spec.param_order is knobs.param_order
-    assert spec.ACTIVATIONS == ("relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh",
-                                "sigmoid")
-    assert spec.INITS[0] == "default" and "trunc_normal" in spec.INITS
+    assert knobs.ACTIVATIONS == ("relu", "gelu", "silu", "leaky_relu", "elu", "mish", "tanh",
+                                 "sigmoid")
+    assert knobs.INITS[0] == "default" and "trunc_normal" in knobs.INITS
+
+
+def test_search_parameter_types_pickled_by_0_1_0_still_load() -> None:
+    """rtft 0.1.0 pickled `raytune_ft.spec.LogUniform` (and siblings) into a run's searcher
+    state: the name must resolve, to the very class the schema checks today."""
+    import pickle
+
+    from raytune_ft import knobs
+
+    # Protocol 0 names a class as text ("c<module>\n<name>\n"): the module can be swapped.
+    new = pickle.dumps(knobs.LogUniform(space="loguniform", low=1e-4, high=1e-1), protocol=0)
+    old = new.replace(b"craytune_ft.knobs\nLogUniform\n", b"craytune_ft.spec\nLogUniform\n")
+    assert old != new
+    back = pickle.loads(old)
+    assert type(back) is knobs.LogUniform and back.high == 0.1
 
 
 
@@ -285,7 +299,7 @@ def test_bad_brackets_and_portfolio_names_are_refused(body: str, field: str, lin
     ("{type: none, brackets: 1}", None),  # without ASHA one bracket (the default) is allowed
 ])
 def test_brackets_up_to_one_that_stops_nothing(sched: str, top: int | None) -> None:
-    from raytune_ft.spec_searcher import max_brackets
+    from raytune_ft.spec.searcher import max_brackets
 
     spec = parse_spec(BASE + f"train: {{max_epochs: 4}}\nscheduler: {sched}\n", file="t.yaml")
     assert spec.searcher.portfolio == "none"  # the schema's default: specs search as before

@@ -1,7 +1,7 @@
 """`rtft`: the command line. The group and the commands of a search (search, resume,
 validate, promote, pretrain, report, results); `rtft submit` and `rtft jobs` are in
-:mod:`raytune_ft.cli_jobs`, what they share in :mod:`raytune_ft.cli_common`. These three are
-the only modules that import Click.
+:mod:`raytune_ft.cli.jobs`, what they share in :mod:`raytune_ft.cli.common`. Only the
+modules of this package import Click.
 
 Bad input (a spec, a path, weights) ends with one paragraph on stderr and exit code 2; add
 `--debug` to see the traceback.
@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from raytune_ft.cli_common import guard, load_spec, spec_options
-from raytune_ft.cli_export import export
-from raytune_ft.cli_jobs import jobs, submit, submit_and_exit
-from raytune_ft.cli_reproduce import reproduce
+from raytune_ft.cli.common import guard, load_spec, spec_options
+from raytune_ft.cli.export import export
+from raytune_ft.cli.jobs import jobs, submit, submit_and_exit
+from raytune_ft.cli.reproduce import reproduce
 
 if TYPE_CHECKING:
-    from raytune_ft.spec import Spec
+    from raytune_ft.spec.schema import Spec
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +33,7 @@ def main() -> None:
     """rtft — hyperparameter search for fine-tuning pretrained image models on Ray Tune.
 
     \b
-    Quick start (offline, ~5 minutes on 2 CPU cores):
+    Quick start (offline, a few minutes on 2 CPU cores; see README.md):
       rtft validate search_spaces/resnet.yaml
       rtft search   search_spaces/resnet.yaml
     """
@@ -76,7 +76,7 @@ def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: st
         extra = [*(["--quiet"] if quiet else []), *(["--resume"] if resume else [])]
         submit_and_exit(spec_file, address, overrides, wait=True, headers=(), env=(),
                          pip=(), ship_code=True, extra_args=extra)
-    from raytune_ft.search import run_search
+    from raytune_ft.search.run import run_search
 
     spec = load_spec(spec_file, overrides)
     _finish(run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=resume))
@@ -96,7 +96,7 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
       rtft resume rtft_runs/resnet18-digits
     """
     from raytune_ft.run_folder import open_run
-    from raytune_ft.search import run_search
+    from raytune_ft.search.run import run_search
 
     spec = open_run(run_dir, resume=True)
     _finish(run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=True))
@@ -132,7 +132,7 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
     """
     from raytune_ft import preflight
     from raytune_ft.space import rung_plan
-    from raytune_ft.spec_io import spec_to_yaml
+    from raytune_ft.spec.yaml_io import spec_to_yaml
 
     spec = load_spec(spec_file, overrides)
     on = preflight.machines(spec, gpus=cluster_gpus, cpus=cluster_cpus, address=address,
@@ -199,12 +199,13 @@ def promote(run_dir: Path, pareto: bool, debug: bool) -> None:
       rtft promote rtft_runs/which-model --pareto   # one version per point of the front
     """
     from raytune_ft.errors import UserError
-    from raytune_ft.search import promote_again
+    from raytune_ft.search.run import promote_again
+    from raytune_ft.spec.yaml_io import locate
 
     try:
         promoted = promote_again(run_dir, echo=click.echo, pareto=pareto)
     except UserError as e:  # a bound no trial fits: the line of the run's spec that sets it
-        e.located(run_dir / "spec.yaml")
+        locate(e, run_dir / "spec.yaml")
         raise
     if not promoted:
         sys.exit(1)
@@ -220,7 +221,7 @@ def pretrain(spec_file: Path, overrides: tuple[str, ...], debug: bool) -> None:
     The backbone is cached under $RTFT_CACHE (default ~/.cache/rtft), keyed by its recipe;
     `rtft search` does this automatically on first use.
     """
-    from raytune_ft.pretrain import ensure_backbone
+    from raytune_ft.model.pretrain import ensure_backbone
 
     spec = load_spec(spec_file, overrides)
     paths = ensure_backbone(spec, echo=click.echo)
@@ -265,8 +266,8 @@ def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
       rtft results rtft_runs/resnet18-digits --csv > trials.csv
     """
     from raytune_ft.run_folder import open_run
-    from raytune_ft.runs import rung_summary, summary_rows, summary_table
-    from raytune_ft.search import load_records
+    from raytune_ft.search.records import load_records
+    from raytune_ft.tables import rung_summary, summary_rows, summary_table
 
     spec = open_run(run_dir)
     records = load_records(run_dir, spec)
@@ -288,6 +289,3 @@ main.add_command(submit)
 main.add_command(jobs)
 main.add_command(export)
 main.add_command(reproduce)
-
-if __name__ == "__main__":
-    main()

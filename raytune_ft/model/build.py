@@ -1,7 +1,7 @@
 """torchvision classifiers prepared for fine-tuning: weights, new head, stages, freezing.
 
 Where each family's head is and what its stages are (and the factory protocol for networks
-from outside torchvision) is :mod:`raytune_ft.families`; this module loads the weights, puts
+from outside torchvision) is :mod:`raytune_ft.model.families`; this module loads the weights, puts
 on the new head and applies the knobs there.
 """
 
@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from raytune_ft.errors import UserError, first_line
-from raytune_ft.families import Stage, factory_model, family
 from raytune_ft.knobs import Hyperparams
+from raytune_ft.model.families import Stage, factory_model, family
+from raytune_ft.model.weights import absolute, classify, torchvision_weights, weights_meta
 from raytune_ft.paths import cache_dir
-from raytune_ft.spec import ModelSpec
-from raytune_ft.weights import absolute, classify, torchvision_weights, weights_meta
+from raytune_ft.spec.schema import ModelSpec
 
 __all__ = [
     "RECIPES",

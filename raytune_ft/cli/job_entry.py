@@ -12,11 +12,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from raytune_ft import cli
+from raytune_ft.cli import main as cli
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m raytune_ft.job_entry ARGS…`: run `rtft ARGS…` in a private copy of the job's
+    """`python -m raytune_ft.cli.job_entry ARGS…`: run `rtft ARGS…` in a private copy of the job's
     working dir; returns rtft's exit code.
 
     Seen with Ray 2.60: when a trial's runtime env is set up on the head node, Ray unpacks the

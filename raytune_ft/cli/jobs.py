@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from raytune_ft.cli_common import guard, spec_options
+from raytune_ft.cli.common import guard, spec_options
 
 
 def jobs_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -91,7 +91,7 @@ def jobs() -> None:
 def jobs_list(address: str | None, headers: tuple[str, ...], as_json: bool, debug: bool) -> None:
     """The cluster's jobs, newest first."""
     from raytune_ft import jobs as j
-    from raytune_ft.runs import text_table
+    from raytune_ft.tables import text_table
 
     rows = j.list_jobs(j.client(address, j.parse_headers(headers)))
     if as_json:

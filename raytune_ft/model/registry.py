@@ -3,7 +3,7 @@ transform metadata) without importing torchvision.
 
 Importing torchvision takes about 3 s on a small machine (it pulls in `torch._dynamo` through
 `torchvision.ops`), yet checking a spec needs only names and crop sizes. A snapshot of the
-registry ships beside this module as `tv_registry.json`, with the torchvision version it was
+registry ships beside this module as `registry.json`, with the torchvision version it was
 read from. It is used only when that version is the installed one (read from the package's
 metadata, not by importing it); any other torchvision is read live. So the snapshot can make a
 check faster but never different: `tests/test_tv_registry.py` compares it with the live
@@ -11,7 +11,7 @@ registry of the installed torchvision.
 
 Refresh it after changing the torchvision pin:
 
-    python -m raytune_ft.tv_registry > raytune_ft/tv_registry.json
+    python -m raytune_ft.model.registry > raytune_ft/model/registry.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SNAPSHOT = Path(__file__).with_name("tv_registry.json")
+SNAPSHOT = Path(__file__).with_name("registry.json")
 
 
 def read_live() -> dict[str, Any]:

@@ -2,7 +2,7 @@
 validation errors turned into one-paragraph :class:`~raytune_ft.errors.UserError`s naming the
 file, the YAML line and the field.
 
-The schema itself is :mod:`raytune_ft.spec`; this module imports it (never the other way
+The schema itself is :mod:`raytune_ft.spec.schema`; this module imports it (never the other way
 round at module level).
 """
 
@@ -18,20 +18,19 @@ from pydantic import BaseModel, ValidationError
 
 from raytune_ft.errors import UserError
 from raytune_ft.knobs import SPACE_MODELS, SPACES, FieldError, allowed
-from raytune_ft.spec import (
+from raytune_ft.spec.schema import (
     DataSpec,
     ModelSpec,
     PromoteSpec,
     Resources,
     RunSpec,
-    SchedulerSpec,
-    SearcherSpec,
     Spec,
     TrainSpec,
 )
+from raytune_ft.spec.searcher import SchedulerSpec, SearcherSpec
 
 __all__ = ["StrictLoader", "apply_overrides", "check_yaml_size", "field_line", "load_spec",
-           "parse_spec", "spec_to_yaml"]
+           "locate", "parse_spec", "spec_to_yaml"]
 
 # --------------------------------------------------------------------------------------------
 # YAML → data and a map of field paths to lines. Guards against what YAML allows and a spec
@@ -127,6 +126,17 @@ def field_line(file: str | Path, field: str) -> int | None:
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return lines.get(tuple(field.split(".")))
+
+
+def locate(e: UserError, file: str | Path) -> UserError:
+    """`e` attributed to spec `file` (:meth:`UserError.located`) and, when it names a field the
+    file sets, that field's YAML line: for errors raised after loading (a missing weights file,
+    a cluster too small, a bound no trial fits)."""
+    had_file = e.file is not None
+    e.located(file)
+    if not had_file and e.file is not None and e.field and e.line is None:
+        e.line = field_line(file, e.field)
+    return e
 
 
 def _read_yaml(text: str, file: str) -> tuple[dict, dict]:
