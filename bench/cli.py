@@ -7,7 +7,7 @@ beside `python -c pass` (the interpreter alone) as the baseline.
     python bench/cli.py --smoke           # 1 repeat, for CI
 
 Targets (issue 17): --help and results under 0.5 s; validate under 1.5 s unless it must
-build the model to count its stages (it does: see bench/README.md, "How fast the CLI answers").
+build the model to count its stages (it does: see bench/README.md, "Fast at both ends").
 Also records which of torch, torchvision and ray each command imported.
 Writes bench/results/cli.json with the machine and the load.
 """

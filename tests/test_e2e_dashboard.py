@@ -35,8 +35,8 @@ from helpers import ENV, ROOT, free_port, write_tiny_spec
 from raytune_ft.search.cluster import auth_hint
 from raytune_ft.search.metrics import STATES
 
-# What a local search may still bind beyond loopback, with what protects it (README, "Operating
-# a search", "What listens" holds the same list). Keys: the process name as psutil reads it.
+# What a local search may still bind beyond loopback, with what protects it (docs/operating.md,
+# "What listens", holds the same list). Keys: the process name as psutil reads it.
 # Ray 2.60 binds everything to 127.0.0.1 once the node address is 127.0.0.1: nothing is left.
 NON_LOOPBACK_ALLOWED: dict[str, str] = {}
 
