@@ -5,7 +5,7 @@ the machines have."""
 from __future__ import annotations
 
 import pytest
-from helpers import BASE
+from helpers import BASE, ROOT
 
 from raytune_ft.errors import SpecError
 from raytune_ft.spec.schema import check_fit
@@ -116,19 +116,34 @@ def test_the_knobs_the_schema_checks_are_the_trainers() -> None:
     assert knobs.INITS[0] == "default" and "trunc_normal" in knobs.INITS
 
 
-def test_search_parameter_types_pickled_by_0_1_0_still_load() -> None:
-    """rtft 0.1.0 pickled `raytune_ft.spec.LogUniform` (and siblings) into a run's searcher
-    state: the name must resolve, to the very class the schema checks today."""
+def test_a_spec_pickled_by_0_1_0_still_loads(tmp_path) -> None:
+    """rtft 0.1.0 pickled its specs into a run's Tuner and searcher state naming
+    `raytune_ft.spec.Spec`, `raytune_ft.spec.LogUniform` (one module then) and
+    `raytune_ft.spec_searcher.SearcherSpec`: a fresh process loads them as today's classes."""
     import pickle
+    import subprocess
+    import sys
 
-    from raytune_ft import knobs
+    from raytune_ft.spec.yaml_io import load_spec
 
-    # Protocol 0 names a class as text ("c<module>\n<name>\n"): the module can be swapped.
-    new = pickle.dumps(knobs.LogUniform(space="loguniform", low=1e-4, high=1e-1), protocol=0)
-    old = new.replace(b"craytune_ft.knobs\nLogUniform\n", b"craytune_ft.spec\nLogUniform\n")
-    assert old != new
-    back = pickle.loads(old)
-    assert type(back) is knobs.LogUniform and back.high == 0.1
+    spec = load_spec(ROOT / "search_spaces" / "resnet.yaml")
+    # Protocol 0 names a class as text ("c<module>\n<name>\n"): swap in 0.1.0's modules.
+    new = pickle.dumps(spec, protocol=0)
+    old = (new.replace(b"craytune_ft.spec.schema\n", b"craytune_ft.spec\n")
+           .replace(b"craytune_ft.knobs\n", b"craytune_ft.spec\n")
+           .replace(b"craytune_ft.spec.searcher\n", b"craytune_ft.spec_searcher\n"))
+    assert b"craytune_ft.spec_searcher\n" in old and b"craytune_ft.spec\nLogUniform" in old
+    (tmp_path / "old.pkl").write_bytes(old)
+    code = ("import pickle, sys; s = pickle.load(open(sys.argv[1], 'rb')); "
+            "print(type(s).__module__, type(s.searcher).__module__, "
+            "type(s.search['lr']).__module__, s.model_dump() == pickle.load(open(sys.argv[2], "
+            "'rb')).model_dump())")
+    (tmp_path / "new.pkl").write_bytes(new)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "old.pkl"),
+                          str(tmp_path / "new.pkl")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["raytune_ft.spec.schema", "raytune_ft.spec.searcher",
+                                  "raytune_ft.knobs", "True"]
 
 
 
