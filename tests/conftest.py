@@ -12,6 +12,14 @@ import torch
 from raytune_ft.knobs import Hyperparams
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that starts a multi-node cluster is slow too: `pytest -m "not slow"` (the fast
+    # loop) leaves it out without having to name `cluster` as well.
+    for item in items:
+        if item.get_closest_marker("cluster") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     # Never touch the user's ~/.cache/rtft from tests, nor torch's hub cache (a test puts
