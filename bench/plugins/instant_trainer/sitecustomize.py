@@ -12,12 +12,11 @@ searcher, ASHA's log, the callbacks, the snapshots, the driver) is rtft's own.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 ENV = "RTFT_BENCH_INSTANT"
@@ -39,30 +38,13 @@ def instant_train(hp: Any, *, spec: Any, report: Any, **_: Any) -> None:
                 "lr": hp.lr, "images_per_s": 0.0, "diverged": False}, None)
 
 
-class _Patch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds TARGET with the normal machinery, then swaps its trainer once it has executed."""
-
-    spec: Any = None
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != TARGET:
-            return None
-        sys.meta_path.remove(self)  # find the real module without us
-        try:
-            self.spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        return (importlib.util.spec_from_loader(name, self, origin=self.spec.origin)
-                if self.spec else None)
-
-    def create_module(self, spec: Any) -> Any:
-        return None
-
-    def exec_module(self, module: Any) -> None:
-        module.__file__ = self.spec.origin
-        self.spec.loader.exec_module(module)
-        module.train = instant_train
+def _patch(module: Any) -> None:
+    module.train = instant_train
 
 
 if ENV in os.environ:
-    sys.meta_path.insert(0, _Patch())
+    # The shared import hook (../after_import.py): this folder is alone on PYTHONPATH.
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from after_import import patch_after_import
+
+    patch_after_import(TARGET, _patch)

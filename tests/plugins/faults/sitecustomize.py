@@ -10,8 +10,6 @@ failing disk leaves it. Used by tests/test_e2e_resume.py.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -50,33 +48,12 @@ def _wrap(make_report: Any, folder: Path) -> Any:
     return faulty_make_report
 
 
-class _Patch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds TARGET with the normal machinery, then wraps its seam once it has executed."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.spec: Any = None
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != TARGET:
-            return None
-        sys.meta_path.remove(self)  # find the real module without us
-        try:
-            self.spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        if self.spec is None:
-            return None
-        return importlib.util.spec_from_loader(name, self, origin=self.spec.origin)
-
-    def create_module(self, spec: Any) -> Any:
-        return None
-
-    def exec_module(self, module: Any) -> None:
-        module.__file__ = self.spec.origin
-        self.spec.loader.exec_module(module)
-        module.make_report = _wrap(module.make_report, self.folder)
-
-
 if os.environ.get(ENV):
-    sys.meta_path.insert(0, _Patch(Path(os.environ[ENV])))
+    # The shared import hook (bench/plugins/after_import.py): this folder is alone on PYTHONPATH.
+    sys.path.append(str(Path(__file__).resolve().parents[3] / "bench" / "plugins"))
+    from after_import import patch_after_import
+
+    def _patch(module: Any, folder: Path = Path(os.environ[ENV])) -> None:
+        module.make_report = _wrap(module.make_report, folder)
+
+    patch_after_import(TARGET, _patch)

@@ -17,8 +17,6 @@ file at start-up. It waits for `raytune_ft.search.trainable` to be imported and 
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import os
 import sys
 import time
@@ -60,34 +58,13 @@ def _wrap(make_report: Any, folder: Path, hold_epoch: int) -> Any:
     return holding_make_report
 
 
-class _Patch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds TARGET with the normal machinery, then wraps its seam once it has executed."""
-
-    def __init__(self, folder: Path, hold_epoch: int) -> None:
-        self.folder, self.hold_epoch = folder, hold_epoch
-        self.spec: Any = None
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != TARGET:
-            return None
-        sys.meta_path.remove(self)  # find the real module without us
-        try:
-            self.spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        if self.spec is None:
-            return None
-        return importlib.util.spec_from_loader(name, self, origin=self.spec.origin)
-
-    def create_module(self, spec: Any) -> Any:
-        return None
-
-    def exec_module(self, module: Any) -> None:
-        module.__file__ = self.spec.origin
-        self.spec.loader.exec_module(module)
-        module.make_report = _wrap(module.make_report, self.folder, self.hold_epoch)
-
-
 if os.environ.get(ENV):
-    sys.meta_path.insert(0, _Patch(Path(os.environ[ENV]),
-                                   int(os.environ.get("RTFT_TEST_HOLD_EPOCH", "2"))))
+    # The shared import hook (bench/plugins/after_import.py): this folder is alone on PYTHONPATH.
+    sys.path.append(str(Path(__file__).resolve().parents[3] / "bench" / "plugins"))
+    from after_import import patch_after_import
+
+    def _patch(module: Any, folder: Path = Path(os.environ[ENV]),
+               hold_epoch: int = int(os.environ.get("RTFT_TEST_HOLD_EPOCH", "2"))) -> None:
+        module.make_report = _wrap(module.make_report, folder, hold_epoch)
+
+    patch_after_import(TARGET, _patch)
