@@ -1,16 +1,28 @@
-"""search/run.py's new study: what it is given to try first, in order, and how many of those
-ASHA protects (the baseline, the warm start's, the portfolio's)."""
+"""search/run.py: `run_search` end to end on a real embedded Ray with a trainer that trains
+nothing (the fast loop's search); a new study: what it is given to try first, in order, and how
+many of those ASHA protects (the baseline, the warm start's, the portfolio's)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import optuna
-from helpers import tiny_spec
+import psutil
+from helpers import ENV, ROOT, tiny_spec, write_tiny_spec
 
 from raytune_ft import warm_start
 from raytune_ft.search.run import _searcher
+from raytune_ft.space import baseline_params
+from raytune_ft.spec.yaml_io import load_spec
 
 
 def test_a_new_study_tries_baseline_warm_start_then_portfolio(tmp_path: Path) -> None:
@@ -40,3 +52,110 @@ def test_a_new_study_tries_baseline_warm_start_then_portfolio(tmp_path: Path) ->
     # The study exists now: nothing is enqueued again, nothing protected.
     _, again = _searcher(spec, tmp_path / "run", said.append, warm)
     assert again == 0 and len(study.trials) == 3
+
+
+# A search as `rtft search` runs it, in a fresh process (Ray's workers inherit its environment,
+# and with it bench/plugins/instant_trainer, whose trainer reports each epoch at once and writes
+# no checkpoint): the driver's whole path through `run_search` on a real Ray, in seconds.
+DRIVER = """\
+import json, sys
+from raytune_ft.search.run import run_search
+from raytune_ft.spec.yaml_io import load_spec
+def echo(line):  # not `print` itself (run_search's default): the Tuner pickles it
+    print(line, flush=True)
+out = run_search(load_spec(sys.argv[1], sys.argv[2:]), echo=echo)
+print("OUTCOME " + json.dumps({"run_dir": str(out.run_dir), "records": len(out.records),
+                               "promoted": [str(p) for p in out.promoted]}))
+"""
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    """The live processes whose environment carries `marker` (every process of the search,
+    however it was started: the environment is inherited)."""
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RTFT_TEST_RUN_SEARCH") == marker:
+                out.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def test_run_search_on_a_real_ray_with_the_instant_trainer(tmp_path: Path) -> None:
+    epochs = 3
+    spec_file = write_tiny_spec(tmp_path, n=4)
+    marker = uuid.uuid4().hex
+    # Ray's sockets live under its temp folder: a short private one (a Unix socket path has at
+    # most 107 bytes), so that this Ray never meets another on the machine.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rtft-run-", dir="/tmp"))
+    env = {**{k: v for k, v in ENV.items() if not k.startswith("RAY_AUTH")},
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "plugins" / "instant_trainer"),
+                                          ENV["PYTHONPATH"]]),
+           "RTFT_BENCH_INSTANT": "0", "RTFT_TEST_RUN_SEARCH": marker,
+           "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_TOKEN": uuid.uuid4().hex,  # not ~/.ray's
+           "RTFT_CACHE": os.environ.get("RTFT_CACHE", str(tmp_path / "cache"))}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file),
+                             f"train.max_epochs={epochs}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+        # ray.shutdown() has returned in the driver: what Ray started goes with it.
+        deadline = time.monotonic() + 15
+        while (left := _marked(marker)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for p in _marked(marker):
+            p.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, out[-4000:]
+    outcome = json.loads(next(line for line in out.splitlines()
+                              if line.startswith("OUTCOME "))[len("OUTCOME "):])
+    run_dir = tmp_path / "runs" / "tiny"
+    assert Path(outcome["run_dir"]) == run_dir and outcome["records"] == 4
+
+    # trials.json: the four trials, each epoch reported once and in order, none failed.
+    trials = {t["trial_id"]: t for t in json.loads((run_dir / "trials.json").read_text())}
+    assert len(trials) == 4
+    for t in trials.values():
+        assert t["error"] is None and t["best_checkpoint"] is None, t
+        reached = [h["epoch"] for h in t["history"]]
+        assert reached == list(range(1, len(reached) + 1)) and 1 <= len(reached) <= epochs
+
+    # ASHA's decision log: every trial, up to the epoch it reached, and how it ended.
+    decisions: dict[str, list[dict]] = {}
+    for line in (run_dir / "asha_decisions.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        decisions.setdefault(d["trial"], []).append(d)
+    assert decisions.keys() == trials.keys()
+    for tid, ds in decisions.items():
+        assert max(d["epoch"] for d in ds) == len(trials[tid]["history"]), ds
+        assert ds[-1]["action"] == "COMPLETE", ds
+    # The baseline alone is protected, and so runs to the last epoch.
+    (baseline,) = [tid for tid, ds in decisions.items() if any(d.get("protected") for d in ds)]
+    assert baseline_params(load_spec(spec_file)).items() <= trials[baseline]["params"].items()
+    assert len(trials[baseline]["history"]) == epochs
+
+    # Optuna's journal: one trial per Ray trial, told by the fidelity rule.
+    study = optuna.load_study(study_name="tiny", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run_dir / "optuna.journal"))))
+    assert len(study.trials) == 4
+    for ft in study.trials:
+        (t,) = [t for t in trials.values()
+                if all(t["params"].get(k) == v for k, v in ft.params.items())]
+        best = max(h["val_acc"] for h in t["history"])
+        if len(t["history"]) == epochs:
+            assert ft.state == optuna.trial.TrialState.COMPLETE and ft.value == best
+        else:
+            assert ft.state == optuna.trial.TrialState.PRUNED
+            assert ft.intermediate_values == {h["epoch"]: h["val_acc"] for h in t["history"]}
+
+    # No trial wrote a checkpoint: promotion says so, and nothing is written.
+    assert outcome["promoted"] == []
+    assert "nothing to promote: no trial finished an epoch with a checkpoint" in out
+    assert not (tmp_path / "models").exists()
