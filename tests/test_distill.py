@@ -147,6 +147,7 @@ def _train_and_promote(spec, data, hp: Hyperparams, ckpt: Path) -> Path:  # noqa
     return dest
 
 
+@pytest.mark.slow  # trains and promotes a teacher, then a student: ~6 s
 def test_a_promoted_teacher_is_run_once_and_named_on_the_students_card(tmp_path: Path) -> None:
     spec = tiny_spec(tmp_path)
     data = prepare(spec.data)

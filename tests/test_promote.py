@@ -221,6 +221,7 @@ def _versions(models: Path) -> dict[str, set[str]]:
     return {p.name: {f.name for f in p.iterdir()} for p in models.glob("v*")}
 
 
+@pytest.mark.slow  # two fresh processes that import torch: ~10 s
 def test_sigkill_during_promotion_leaves_old_or_new_never_half(trained) -> None:  # noqa: ANN001
     from raytune_ft.data import prepare
     from raytune_ft.promote import PromotedModelError, load_promoted, promote
