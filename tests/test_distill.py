@@ -48,6 +48,7 @@ def test_distill_loss_matches_a_hand_computation() -> None:
     assert same.item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow  # two trainings, ~4 s (fast-loop headroom)
 def test_alpha_zero_is_the_plain_loss_and_the_plain_trainer_exactly(tmp_path: Path) -> None:
     task = torch.tensor(1.2345)
     assert torch.equal(distill_loss(task, STUDENT, TEACHER, alpha=0.0, temperature=4.0), task)

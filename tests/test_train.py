@@ -120,6 +120,7 @@ def test_resume_continues_exactly(setup, tmp_path: Path, hp: Hyperparams) -> Non
     assert resumed[0][0]["train_loss"] == pytest.approx(full[1][0]["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # two trainings, ~4 s (fast-loop headroom)
 def test_measuring_the_cost_leaves_training_bit_for_bit_the_same(setup,  # noqa: ANN001
                                                                   hp: Hyperparams) -> None:
     """The first run measures the model's cost (forward passes before epoch 1); the second
@@ -182,6 +183,7 @@ def test_truncated_checkpoint_is_a_clear_error(setup, tmp_path: Path, hp: Hyperp
         load_checkpoint(got[0][1])
 
 
+@pytest.mark.slow  # ~4 s (fast-loop headroom); test_resume_continues_exactly stays fast
 @pytest.mark.parametrize("knobs", [
     {"cutmix_alpha": 1.0, "mixup_alpha": 0.2, "layer_decay": 0.6, "head_dropout": 0.2},
 ])
