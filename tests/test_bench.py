@@ -179,3 +179,13 @@ def test_which_model_smoke(tmp_path: Path) -> None:
     assert run["separate"]["trials_by_arch"] == {a: 1 for a in data["archs"]}
     assert set(data["ratios"]) == {"epochs", "trial_s", "wall_s"}
     assert "(b) one per arch" in data["_stdout"]
+
+
+@pytest.mark.slow
+def test_quickstart_smoke(tmp_path: Path) -> None:
+    """Two real searches, the first in a fresh HOME: both finish and are timed."""
+    data = _run("quickstart.py", tmp_path)
+    figures = data["figures"]
+    assert set(figures) == {"cold", "warm"}
+    assert all(f["seconds"] > 0 and f["last_line"].startswith("promoted model:")
+               for f in figures.values()), figures
