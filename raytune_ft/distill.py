@@ -6,11 +6,23 @@ the unaugmented training images); its logits ride with the splits to every trial
 Ray's object store, so no trial ever loads or runs the teacher. With `augment` other than
 `none` a student sees augmented images and the teacher's logits of the originals: the usual
 approximation of offline distillation.
+
+What the search used is recorded in the run folder (`teacher.json`, :func:`record_teacher`): the
+teacher's path, version, weights sha256 and test accuracy, the thread count and device its
+logits were computed with, and the logits' own sha256. `rtft reproduce` of a distilled trial
+(:func:`reproduction_teacher`) finds that teacher again, refuses one whose weights changed or
+that is gone, and recomputes its logits here, exactly as the search did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +32,11 @@ from raytune_ft.promote import PromotedModelError, load_promoted
 from raytune_ft.spec.schema import Spec
 from raytune_ft.train import pick_device
 
-__all__ = ["check_teacher_classes", "with_teacher_logits"]
+__all__ = ["TEACHER_FILE", "check_teacher_classes", "logits_sha256", "read_teacher_record",
+           "record_teacher", "reproduction_teacher", "teacher_record", "with_teacher_logits"]
+
+# The run folder's record of the teacher a search distilled from (beside data.json).
+TEACHER_FILE = "teacher.json"
 
 
 def _brief(classes: list[str], n: int = 6) -> str:
@@ -36,14 +52,35 @@ def check_teacher_classes(spec: Spec, teacher_classes: list[str], classes: list[
                         f"teacher promoted on the same classes", field="model.teacher")
 
 
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to `n` for the block (unchanged when None)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
-def with_teacher_logits(spec: Spec, splits: Splits, *, batch_size: int = 256) -> Splits:
+def with_teacher_logits(spec: Spec, splits: Splits, *, batch_size: int = 256,
+                        threads: int | None = None) -> Splits:
     """`splits` with `teacher_logits` (float32, CPU, one row per training image) filled in;
-    `splits` itself when the spec names no teacher. Raises :class:`UserError` for a teacher
-    that is not a promoted model, predicts other classes or takes another image size."""
+    `splits` itself when the spec names no teacher. `threads`: torch's CPU threads for the
+    teacher's forward (default: the process's own, as the search runs it). Raises
+    :class:`UserError` for a teacher that is not a promoted model, predicts other classes or
+    takes another image size."""
     path = spec.model.teacher
     if path is None:
         return splits
+    with _threads(threads):
+        return _with_logits(spec, splits, batch_size)
+
+
+def _with_logits(spec: Spec, splits: Splits, batch_size: int) -> Splits:
+    path = str(spec.model.teacher)
     try:
         teacher = load_promoted(path)
     except PromotedModelError as e:
@@ -65,3 +102,136 @@ def with_teacher_logits(spec: Spec, splits: Splits, *, batch_size: int = 256) ->
                                      device=device)]
     logits = torch.cat(out) if out else torch.zeros(0, splits.num_classes)
     return dataclasses.replace(splits, teacher_logits=logits)
+
+
+# --------------------------------------------------------------------------------------------
+# What the search distilled from, recorded; found again by `rtft reproduce`
+# --------------------------------------------------------------------------------------------
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def logits_sha256(logits: torch.Tensor) -> str:
+    """sha256 of a float32 logits tensor's bytes (row-major): equal only when every bit is."""
+    return hashlib.sha256(logits.detach().float().contiguous().cpu().numpy().tobytes()
+                          ).hexdigest()
+
+
+def teacher_record(spec: Spec, by_size: dict[int, Splits]) -> dict[str, Any] | None:
+    """What `teacher.json` holds for a search with `model.teacher` (None without one): the
+    path as the spec gives it and resolved, the promoted model's name and version, its weights'
+    sha256 (hashed now, and equal to its metrics.json's, which loading it checked), its
+    held-out test accuracy, the device and torch thread count its logits were computed with in
+    this process, and the sha256 of those logits per input size."""
+    path = spec.model.teacher
+    if path is None:
+        return None
+    folder = Path(path).expanduser().resolve()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    sha = _file_sha256(folder / "model.safetensors")
+    if sha != metrics.get("sha256"):
+        raise UserError(f"{path!r} changed while the search started: model.safetensors' sha256 "
+                        f"{sha[:16]}… is not its metrics.json's; allowed: a promoted teacher "
+                        f"left as it is", field="model.teacher")
+    return {"path": str(path), "resolved": str(folder), "name": folder.parent.name,
+            "version": folder.name, "sha256": sha, "arch": metrics.get("arch"),
+            "test_acc": (metrics.get("test") or {}).get("acc"),
+            "created": metrics.get("created"),
+            "device": str(pick_device(spec.train.device)), "threads": torch.get_num_threads(),
+            "logits_sha256": {str(k): logits_sha256(s.teacher_logits)
+                              for k, s in by_size.items() if s.teacher_logits is not None}}
+
+
+def read_teacher_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's `teacher.json`, or None when it has none (no teacher, or a run of an rtft
+    before the teacher was recorded)."""
+    path = Path(run_dir) / TEACHER_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+            raise ValueError("no sha256")
+    except ValueError as e:
+        raise UserError(f"{path} is not the teacher record rtft wrote ({e})",
+                        file=str(path)) from e
+    return record
+
+
+def record_teacher(run_dir: Path, spec: Spec, by_size: dict[int, Splits]) -> None:
+    """Write `teacher.json` into the run folder (nothing without a teacher). A resumed run
+    must distil from the teacher it started with: one whose weights changed is refused."""
+    record = teacher_record(spec, by_size)
+    if record is None:
+        return
+    before = read_teacher_record(run_dir)
+    if before is not None and before["sha256"] != record["sha256"]:
+        raise UserError(f"the teacher {spec.model.teacher!r} is not the one this run started "
+                        f"with: weights sha256 {record['sha256'][:16]}…, recorded "
+                        f"{before['sha256'][:16]}… ({Path(run_dir) / TEACHER_FILE}); allowed: "
+                        f"resume with that teacher", field="model.teacher")
+    tmp = Path(run_dir) / f".{TEACHER_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(Path(run_dir) / TEACHER_FILE)
+
+
+def _where(record: dict[str, Any], spec: Spec) -> Path | None:
+    """The teacher's folder here: the spec's path (a relative one from the folder rtft runs
+    in, as the search read it), else the absolute path recorded at search time."""
+    for value in (spec.model.teacher, record.get("resolved")):
+        if value and (Path(value).expanduser() / "model.safetensors").is_file():
+            return Path(value).expanduser()
+    return None
+
+
+def reproduction_teacher(run_dir: Path, spec: Spec, splits: Splits,
+                         echo: Callable[[str], None] = print) -> Splits:
+    """For `rtft reproduce` of a trial of `spec` (its run in `run_dir`): `splits` with the
+    teacher's logits, recomputed as the search computed them (its device and thread count),
+    from the teacher `teacher.json` names, its weights' sha256 checked against the one
+    recorded. Raises :class:`UserError` (nothing trained) when that teacher is gone or its
+    weights changed. A run without `teacher.json` (an rtft before it was recorded) uses the
+    teacher its spec names, unchecked beyond its own metrics.json, and says so."""
+    if spec.model.teacher is None:
+        return splits
+    record = read_teacher_record(run_dir)
+    record_file = Path(run_dir) / TEACHER_FILE
+    if record is None:
+        echo(f"teacher: {spec.model.teacher} (no {TEACHER_FILE} in the run: its weights are "
+             f"checked against its own metrics.json only)")
+        return with_teacher_logits(spec, splits)
+    sha, named = record["sha256"], f"{record.get('name')}/{record.get('version')}"
+    folder = _where(record, spec)
+    allowed = (f"allowed: the teacher the search used ({named}, weights sha256 {sha[:16]}…) "
+               f"at {record.get('path')!r} or {record.get('resolved')!r}")
+    if folder is None:
+        raise UserError(f"the teacher {record.get('path')!r} this trial was distilled from is "
+                        f"not here (recorded in {record_file}); {allowed}",
+                        field="model.teacher")
+    now = _file_sha256(folder / "model.safetensors")
+    if now != sha:
+        raise UserError(f"the teacher {str(folder)!r} changed since the search: weights sha256 "
+                        f"{now[:16]}…, recorded {sha[:16]}… ({record_file}); {allowed}",
+                        field="model.teacher")
+    teacher_spec = spec.model_copy(update={"model": spec.model.model_copy(
+        update={"teacher": str(folder)})})
+    device = record.get("device") or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"  # the trial's own device check has said what it must already
+    out = with_teacher_logits(
+        teacher_spec.model_copy(update={"train": spec.train.model_copy(
+            update={"device": "cuda" if device.startswith("cuda") else "cpu"})}),
+        splits, threads=record.get("threads"))
+    size = str(int(splits.train_x[0].shape[-1]))
+    want = (record.get("logits_sha256") or {}).get(size)
+    got = logits_sha256(out.teacher_logits)
+    same = "identical to the search's" if got == want else (
+        f"NOT identical to the search's (sha256 {got[:12]}…, recorded {str(want)[:12]}…)")
+    echo(f"teacher: {folder} ({named}, weights sha256 {sha[:16]}… as recorded); its logits "
+         f"on {len(out.teacher_logits)} training images, {device}, "
+         f"{record.get('threads')} thread(s): {same}")
+    return out

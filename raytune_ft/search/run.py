@@ -26,7 +26,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from raytune_ft import environment, portfolio, preflight, warm_start
 from raytune_ft.data import Splits, data_record, prepare_each
-from raytune_ft.distill import with_teacher_logits
+from raytune_ft.distill import record_teacher, with_teacher_logits
 from raytune_ft.errors import UserError
 from raytune_ft.model.pretrain import ensure_backbone
 from raytune_ft.promote import promote
@@ -184,6 +184,7 @@ def _write_run_files(spec: Spec, loc: RunLocation, by_size: dict[int, Splits],
     (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
     (run_dir / "data.json").write_text(json.dumps(data_record(by_size), indent=1))
     environment.write_run(run_dir, spec)  # what `rtft reproduce` compares against
+    record_teacher(run_dir, spec, by_size)  # teacher.json: what `rtft reproduce` checks
     echo(f"results: {loc.root}" + (f"  (rtft's files staged in {run_dir})"
                                    if loc.remote else ""))
     echo(f"watch:   tensorboard --logdir {loc.root} --host 127.0.0.1")
