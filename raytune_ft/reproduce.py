@@ -1,24 +1,22 @@
 """`rtft reproduce RUN_DIR TRIAL_ID`: one trial of a finished search trained again by the plain
 trainer, outside Ray, and compared epoch by epoch with what the trial reported.
 
-The trial is rebuilt the way the search ran it (search/trainable.py): the run's recorded
-`spec.yaml`, the trial's parameters through :func:`raytune_ft.space.hparams_for`, weights made
-absolute (an `rtft:` recipe resolves to its cached backbone in the trainer), one CPU thread
-per `run.resources.cpu`, the data the trial saw (without the held-out test split), and the
-device it ran on. Before any training, the data is prepared again and its fingerprint compared
-with the run's `data.json`: data that changed is refused (a :class:`UserError`, exit code 2),
-naming the fields that differ.
+The trial is rebuilt the way the search ran it (search/trainable.py): the run's `spec.yaml`,
+the trial's parameters (:func:`raytune_ft.space.hparams_for`), weights made absolute (an
+`rtft:` recipe resolves to its cached backbone), one CPU thread per `run.resources.cpu`, the
+data without its test split, the device it ran on, and for a distilled trial its teacher's
+logits, from `teacher` (`rtft reproduce`: :func:`raytune_ft.distill.reproduction_teacher`).
+Data whose fingerprint is not the run's `data.json`'s is refused first (:class:`UserError`).
 
-Tolerance: CPU float results are bit-equal only in the same environment (the same torch
-build, CPU model and ISA, thread count, ...: :mod:`raytune_ft.environment`). So the trial's
-recorded environment (its checkpoint's config.json, else the run's environment.json) is
-compared with this one first. The same on a CPU: the figures (`train_loss`, `val_loss`,
-`val_acc` of every epoch the trial ran) must be equal to the last bit. Another environment, or
-none recorded (runs of rtft before it was): each figure must be within :data:`ENV_RTOL` (1e-4)
-relative of the recorded one, and the differences are named. On GPU, cuDNN's autotuner picks
+Tolerance: CPU float results are bit-equal only in the same environment (torch build, CPU
+model and ISA, thread count, ...: :mod:`raytune_ft.environment`), so the trial's recorded
+environment (its checkpoint's config.json, else the run's environment.json) is compared with
+this one first. The same, on a CPU: `train_loss`, `val_loss`, `val_acc` of every epoch the
+trial ran must be equal to the last bit. Another environment, or none recorded: within
+:data:`ENV_RTOL` (1e-4) relative, the differences named. On GPU, cuDNN's autotuner picks
 kernels by timing and some backward kernels accumulate with atomics, so runs differ in the
-last digits even in the same environment: :data:`GPU_RTOL` (1e-4). That GPU figure is stated,
-not measured (the machine this was built on has no GPU); `rtol` overrides either.
+last digits even in the same environment: :data:`GPU_RTOL` (1e-4), stated, not measured (the
+machine this was built on has no GPU). `rtol` overrides either.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +85,7 @@ def _folder_record(folder: Path) -> TrialRecord | None:
 
 
 def _records(run_dir: Path) -> dict[str, TrialRecord]:
-    """Every trial the run folder knows: trials.json first (what the search wrote at its end),
-    then any trial folder of Ray's that it lacks."""
+    """Every trial the run knows: trials.json's, then any of Ray's trial folders it lacks."""
     out: dict[str, TrialRecord] = {}
     path = run_dir / "trials.json"
     if path.is_file():
@@ -103,8 +101,7 @@ def _records(run_dir: Path) -> dict[str, TrialRecord]:
 
 
 def trial_record(run_dir: Path, trial_id: str) -> TrialRecord:
-    """The trial `trial_id` of the run in `run_dir`; a :class:`UserError` listing a few known
-    ids when there is no such trial."""
+    """The trial `trial_id` of the run; none: a :class:`UserError` listing a few known ids."""
     records = _records(run_dir)
     if trial_id in records:
         return records[trial_id]
@@ -197,8 +194,7 @@ def fingerprint_changes(recorded: dict[str, Any], current: dict[str, Any]) -> li
 
 
 def _check_data(run_dir: Path, spec: Spec) -> Any:
-    """The trial's data (raytune_ft.data.Splits) prepared again; refused when its fingerprint
-    is not the one the search recorded."""
+    """The trial's data prepared again; refused when its fingerprint is not data.json's."""
     from raytune_ft.data import prepare, recorded_fingerprint
 
     path = run_dir / "data.json"
@@ -345,8 +341,7 @@ class _Enough(Exception):
 
 def _train_epochs(spec: Spec, params: dict[str, Any], splits: Any, epochs: int,
                   echo: Echo) -> list[dict[str, Any]]:
-    """Train the trial's configuration with the plain trainer for its first `epochs` epochs;
-    the metrics of each, as the trainer reported them."""
+    """The trial's configuration trained for its first `epochs` epochs: each one's metrics."""
     from raytune_ft.space import hparams_for
     from raytune_ft.train import train
 
@@ -396,16 +391,16 @@ def _tolerance(device: str, recorded: dict[str, Any] | None, source: str,
     return rtol, state, changes
 
 
-def reproduce(run_dir: Path, trial_id: str, *, rtol: float | None = None,
-              echo: Echo = print) -> Outcome:
+def reproduce(run_dir: Path, trial_id: str, *, rtol: float | None = None, echo: Echo = print,
+              teacher: Callable[[Path, Spec, Any, Echo], Any] | None = None) -> Outcome:
     """Train trial `trial_id` of the run in `run_dir` again, outside Ray, for the epochs it
     ran, and compare its figures with the recorded ones: exactly on a CPU in the environment
     the trial recorded; within :data:`ENV_RTOL` in another environment or an unknown one,
     within :data:`GPU_RTOL` on GPU; within `rtol` when given.
 
     Raises :class:`UserError` (nothing trained) for an unknown trial, a trial that reported
-    no epoch, data whose fingerprint changed, weights that are not here, or a GPU trial on a
-    machine without one.
+    no epoch, data whose fingerprint changed, weights that are not here, a GPU trial on a
+    machine without one, or a distilled trial without `teacher` or whose teacher changed.
     """
     record = trial_record(run_dir, trial_id)
     # The plain single-architecture spec the trial trained with (a `model.arch` choice).
@@ -423,6 +418,12 @@ def reproduce(run_dir: Path, trial_id: str, *, rtol: float | None = None,
                         f"{spec.run.resources.gpu:g}) and this machine has none")
     weights = _weights(spec)
     splits = _check_data(run_dir, spec)
+    if spec.model.teacher is not None:  # (run, spec, data, echo) -> data with its logits
+        if teacher is None:
+            raise UserError(f"trial {trial_id} was distilled from {spec.model.teacher!r}: pass "
+                            f"teacher=raytune_ft.distill.reproduction_teacher",
+                            field="model.teacher")
+        splits = teacher(run_dir, spec, splits, echo)
     # The spec as the trial got it (search/trainable.py), pinned to the trial's device.
     spec_json = spec.model_dump(mode="json")
     spec_json["model"]["weights"] = weights

@@ -29,6 +29,9 @@ def reproduce(run_dir: Path, trial_id: str, rtol: float | None, debug: bool) -> 
     (exit code 2) naming what changed. Then the trial's recorded environment is compared with
     this one: the same (on CPU), the figures must be equal to the last bit; another one, or
     none recorded, they must agree within the tolerance, and the differences are listed.
+    A distilled trial (model.teacher) is trained against its teacher's logits, recomputed
+    as the search computed them from the teacher the run recorded (teacher.json): a teacher
+    that is gone, or whose weights' sha256 changed, is refused (exit code 2).
     Exit code 0: every figure matches (within the stated tolerance); 1: one differs (the
     first is named).
 
@@ -37,9 +40,10 @@ def reproduce(run_dir: Path, trial_id: str, rtol: float | None, debug: bool) -> 
       rtft results rtft_runs/resnet18-digits          # trial ids
       rtft reproduce rtft_runs/resnet18-digits 3f2a9c1e
     """
+    from raytune_ft.distill import reproduction_teacher
     from raytune_ft.reproduce import reproduce as run
 
-    outcome = run(run_dir, trial_id, rtol=rtol, echo=click.echo)
+    outcome = run(run_dir, trial_id, rtol=rtol, echo=click.echo, teacher=reproduction_teacher)
     click.echo("")
     click.echo("\n".join(outcome.table()))
     click.echo(outcome.verdict())
