@@ -73,7 +73,14 @@ class SearchOutcome:
     wall_s: float = 0.0
 
 
-def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print,
+def print_line(line: str) -> None:
+    """`run_search`'s default echo: print the line. Not `print` itself: the Tuner pickles the
+    echo its callbacks hold, and Ray replaces `builtins.print` in the driver (tqdm_ray), which
+    makes the original unpicklable by name."""
+    print(line, flush=True)
+
+
+def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print_line,
                quiet: bool = False, resume: bool = False) -> SearchOutcome:
     """Run the whole search for `spec` and promote the best trial(s).
 
