@@ -150,6 +150,26 @@ def check_writable(path: str, field: str) -> None:
                         f"{_MIN_FREE_BYTES // 2**20} MB free", field=field)
 
 
+def _check_tracking(spec: Spec) -> None:
+    """`track.mlflow`: a local store's folder can be written (its form was checked with the
+    spec), and the optional mlflow package is installed (found, not imported)."""
+    import importlib.util
+
+    from raytune_ft.spec.track import local_store_path
+
+    ml = spec.track.mlflow
+    if ml is None:
+        return
+    path = local_store_path(ml.uri)
+    if path is not None:
+        folder = Path(path) if ml.uri.startswith("file:") else Path(path).parent
+        check_writable(str(folder), "track.mlflow.uri")
+    if importlib.util.find_spec("mlflow") is None:
+        raise UserError("the mlflow package is not installed; allowed: pip install -e "
+                        "'.[mlflow]' (or pip install mlflow), or a spec without track.mlflow",
+                        field="track.mlflow")
+
+
 def first_missing(path: Path) -> Path | None:
     """The topmost missing folder on the way to `path` (None when `path` exists)."""
     missing = None
@@ -364,20 +384,21 @@ def dry_run(spec: Spec, on: Machines | None, *, warm: bool = True,
     """Every check `rtft search` makes before it starts Ray, writing, downloading and
     pretraining nothing; raises :class:`UserError` naming the field.
 
-    In order, cheapest first: the results folders can be written; one trial fits `on` (None:
-    a cluster the search joins, checked then); the weights name something that exists (an
+    In order, cheapest first: the results folders can be written; MLflow tracking
+    (`track.mlflow`) can write its local store and its package is installed; one trial fits `on`
+    (None: a cluster the search joins, checked then); the weights name something that exists (an
     `rtft:` recipe, torchvision weights of the architecture); the data is where the spec says
-    (no image is read); the warm start's earlier runs are rtft runs of the same metric over
-    some of the same parameters; the portfolio file (`searcher.portfolio`) holds valid knob
-    values (not on a resume, whose study has its trials already); the model builds, a
-    weights file loads as plain tensors and fits it, and `freeze_depth` / `reinit_blocks`
-    stay within its stages and blocks. With a choice of architectures, the weights and the
-    model are checked for each one, as the spec of that architecture alone
-    (:meth:`Spec.for_arch`).
+    (no image is read); the warm start's earlier runs are rtft runs of the same metric over some
+    of the same parameters; the portfolio file (`searcher.portfolio`) holds valid knob values
+    (not on a resume, whose study has its trials already); the model builds, a weights file
+    loads as plain tensors and fits it, and `freeze_depth` / `reinit_blocks` stay within its
+    stages and blocks. With a choice of architectures, the weights and the model are checked for
+    each one, as the spec of that architecture alone (:meth:`Spec.for_arch`).
     """
     from raytune_ft.sources import check_source
 
     _check_outputs(spec)
+    _check_tracking(spec)
     if not resume:
         _check_new_run(spec)
     fit = None

@@ -56,6 +56,7 @@ from raytune_ft.search.storage import (
     tune_exists,
     upload_run_files,
 )
+from raytune_ft.search.tracking import TrackingEvents, start_tracking
 from raytune_ft.search.trainable import trainable_for
 from raytune_ft.space import baseline_params, define_by_run, make_sampler
 from raytune_ft.spec.schema import Spec
@@ -120,6 +121,7 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print_lin
             if loc.remote is None:
                 check_shared_storage(loc.local.parent, echo, created)
             _write_run_files(spec, loc, by_size, echo)
+            tracker = start_tracking(spec, loc.local, echo)  # MLflow (track.mlflow), or None
             records = _fit(spec, loc, by_size, echo, quiet, restore, warm)
         finally:
             if started:
@@ -139,6 +141,8 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print_lin
         # the answer, not a failure. `rtft promote RUN` (--pareto) can promote later.
         echo(f"no model promoted: {e}")
         promoted = []
+    if tracker is not None:  # what the events missed, the run's files, the registry
+        tracker.finish(records, promoted)
     return SearchOutcome(loc.local, records, promoted, time.monotonic() - t0)
 
 
@@ -149,7 +153,11 @@ def promote_again(run_dir: Path, *, echo: Echo = print, pareto: bool = False) ->
     spec = open_run(run_dir)
     records = localize_checkpoints(load_records(run_dir, spec), spec, pareto=pareto)
     # No splits given: promote reads the data at the input size of each trial it promotes.
-    return promote(spec, records, echo=echo, pareto=pareto)
+    promoted = promote(spec, records, echo=echo, pareto=pareto)
+    tracker = start_tracking(spec, Path(run_dir), echo)  # a new registry version each
+    if tracker is not None:
+        tracker.finish(None, promoted)
+    return promoted
 
 
 def _check_run_folder(spec: Spec, loc: RunLocation, resume: bool, echo: Echo) -> bool:
@@ -182,6 +190,7 @@ def _comparable(spec: Spec) -> dict:
     d = spec.model_dump(mode="json")
     d["run"].pop("storage_path")
     d["promote"].pop("dir")  # re-rooted with the run folder when it moved (run_folder)
+    d.pop("track", None)  # where the search is also recorded changes none of its results
     return d
 
 
@@ -326,7 +335,8 @@ def _tuner(spec: Spec, loc: RunLocation, splits: dict[int, Splits], echo: Echo, 
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
             verbose=0, stop=budget,
             callbacks=[Progress(spec, echo, quiet), TensorBoard(spec), budget,
-                       SearchMetrics(spec), *uploads]),
+                       SearchMetrics(spec), *uploads,
+                       *([TrackingEvents(spec.name)] if spec.track.mlflow else [])]),
     )
 
 

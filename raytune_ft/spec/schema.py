@@ -34,6 +34,7 @@ from raytune_ft.knobs import (
 from raytune_ft.model import registry as tv_registry
 from raytune_ft.model.weights import weights_meta
 from raytune_ft.spec.searcher import SchedulerSpec, SearcherSpec, check_scheduler
+from raytune_ft.spec.track import TrackSpec
 
 __all__ = [
     "BUILTIN_SOURCES", "METRICS", "SOURCES", "DataSpec", "ModelSpec", "PromoteSpec",
@@ -282,6 +283,8 @@ class Spec(Strict):
     scheduler: SchedulerSpec = SchedulerSpec()
     run: RunSpec = RunSpec()
     promote: PromoteSpec = PromoteSpec()
+    # Where the search is also recorded (MLflow; off by default): raytune_ft/spec/track.py.
+    track: TrackSpec = TrackSpec()
 
     @field_validator("name")
     @classmethod
