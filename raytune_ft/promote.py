@@ -95,21 +95,43 @@ def _cpu_latency_ms(model: nn.Module, image_size: int) -> float:
 
 
 def _teacher_section(spec: Spec, metrics: dict, n_params: int, model: nn.Module) -> str:
-    """The student beside its teacher (`model.teacher`): held-out accuracy, size, and CPU
-    latency at batch 1, both measured here on this machine, one after the other."""
+    """The student beside its teacher (`model.teacher`): which teacher (path, version, weights
+    sha256), the distillation knobs of the promoted trial, and held-out accuracy, size and CPU
+    latency at batch 1 of both, measured here on this machine, one after the other."""
     if spec.model.teacher is None:
         return ""
     t = Path(spec.model.teacher).expanduser()
     size = spec.data.image_size
     s_ms = f"{_cpu_latency_ms(model, size):.2f}"
     try:
-        t_acc = f"{json.loads((t / 'metrics.json').read_text())['test']['acc']:.4f}"
+        teacher = load_promoted(t)  # checks its weights against its metrics.json's sha256
+        t_acc = f"{teacher.metrics['test']['acc']:.4f}"
         t_params = f"{_n_params(t / 'model.safetensors'):,}"
-        t_ms = f"{_cpu_latency_ms(load_promoted(t).model, size):.2f}"
+        t_ms = f"{_cpu_latency_ms(teacher.model, size):.2f}"
+        t_sha = f"`{teacher.metrics['sha256']}`"
+        t_arch = teacher.metrics.get("arch") or teacher.config["spec"]["model"]["arch"]
     except (OSError, ValueError, KeyError, PromotedModelError):  # moved since the search
-        t_acc = t_params = t_ms = "(teacher folder unreadable)"
+        t_acc = t_params = t_ms = t_sha = t_arch = "(teacher folder unreadable)"
+    hp = Hyperparams(**{k: v for k, v in metrics.get("params", {}).items()
+                        if k in Hyperparams.model_fields})
+    how = "searched" if "distill_alpha" in spec.search and \
+        spec.search["distill_alpha"].space != "fixed" else "fixed"
     return f"""
 ## Distilled from `{spec.model.teacher}`
+
+| teacher | |
+|---|---|
+| path | `{spec.model.teacher}` (resolved: `{t.resolve()}`) |
+| model, version | {t.parent.name}, {t.name} ({t_arch}) |
+| weights sha256 | {t_sha} |
+| held-out test accuracy | {t_acc} |
+| distill_alpha (this trial; {how}) | {hp.distill_alpha:g} |
+| distill_temperature (this trial) | {hp.distill_temperature:g} |
+
+Loss: (1 - distill_alpha) × the task loss + distill_alpha × T² × KL(teacher ‖ student) at
+temperature T, against the teacher's logits on the unaugmented training images, computed once
+before the trials. `rtft reproduce` of this trial checks the teacher's sha256 against the one
+its run recorded (`teacher.json`).
 
 | model | test accuracy | parameters (values in model.safetensors) | CPU latency, batch 1 |
 |---|---|---|---|

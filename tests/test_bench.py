@@ -182,6 +182,26 @@ def test_which_model_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_distill_smoke(tmp_path: Path) -> None:
+    """A tiny teacher, then the student search with it and without: each promoted, measured,
+    and set against the student alone."""
+    data = _run("distill.py", tmp_path)
+    assert data["sizes"] == [80] and data["seeds"] == [0]
+    assert set(data["searches"]) == {"80/0/student+teacher", "80/0/student alone"}
+    assert data["teacher"]["wall_s"] > 0 and 0 <= data["teacher"]["test_acc"] <= 1
+    arms = data["summary"]["80"]
+    for arm in ("teacher", "student+teacher", "student alone"):
+        a = arms[arm]
+        assert 0 <= a["test_acc"] <= 1 and a["params"] > 0 and a["latency_b1_ms"] > 0, arm
+        assert a["latency_b32_ms"] > 0 and a["wall_s"] > 0, arm
+        assert set(a["ratios_vs_alone"]) == {"params", "latency_b1_ms", "latency_b32_ms",
+                                             "wall_s"}
+    assert arms["student alone"]["ratios_vs_alone"]["params"] == 1.0
+    assert arms["teacher"]["params"] > arms["student+teacher"]["params"]
+    assert "student alone" in data["_stdout"] and "student+teacher vs teacher" in data["_stdout"]
+
+
+@pytest.mark.slow
 def test_quickstart_smoke(tmp_path: Path) -> None:
     """Two real searches, the first in a fresh HOME: both finish and are timed."""
     data = _run("quickstart.py", tmp_path)

@@ -177,10 +177,91 @@ def test_a_promoted_teacher_is_run_once_and_named_on_the_students_card(tmp_path:
         with_teacher_logits(bigger, prepare(bigger.data))
 
 
-@pytest.mark.slow
-def test_a_tiny_distillation_search_end_to_end(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
-    """`rtft search` with `model.teacher`: Ray trials learn from the teacher's logits (computed
-    once in the driver), and the promoted student's card stands beside its teacher."""
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _teacher_files(root: Path, logits: torch.Tensor) -> Path:
+    """A stand-in promoted folder: weights bytes and the metrics.json that names their sha256
+    (what teacher.json records; nothing is loaded)."""
+    folder = root / "models" / "teacher" / "v3"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights" + logits.numpy().tobytes())
+    sha = _sha((folder / "model.safetensors").read_bytes())
+    (folder / "metrics.json").write_text(json.dumps({"sha256": sha, "arch": "resnet18",
+                                                     "test": {"acc": 0.875}}))
+    return folder
+
+
+def test_the_teacher_record_names_it_and_a_resume_with_another_teacher_is_refused(
+        tmp_path: Path) -> None:
+    """teacher.json: path, version, weights sha256, test accuracy, device, threads and the
+    logits' sha256; a resumed run must keep its teacher (another sha256 is refused)."""
+    from raytune_ft.distill import logits_sha256, read_teacher_record, record_teacher
+
+    spec = tiny_spec(tmp_path)
+    data = prepare(spec.data)
+    logits = torch.randn(len(data.train_y), data.num_classes)
+    folder = _teacher_files(tmp_path, logits)
+    spec = spec.model_copy(update={"model": spec.model.model_copy(
+        update={"teacher": str(folder)})})
+    by_size = {16: replace(data, teacher_logits=logits)}
+    run = tmp_path / "run"
+    run.mkdir()
+    record_teacher(run, spec, by_size)
+    rec = read_teacher_record(run)
+    sha = json.loads((folder / "metrics.json").read_text())["sha256"]
+    assert rec == {"path": str(folder), "resolved": str(folder.resolve()), "name": "teacher",
+                   "version": "v3", "sha256": sha, "arch": "resnet18", "test_acc": 0.875,
+                   "created": None, "device": "cpu", "threads": torch.get_num_threads(),
+                   "logits_sha256": {"16": logits_sha256(logits)}}
+    record_teacher(run, spec, by_size)  # the same teacher again (a resume): fine
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(UserError, match="changed while the search started"):
+        record_teacher(run, spec, by_size)  # weights no longer those metrics.json names
+    (folder / "metrics.json").write_text(json.dumps({"sha256": _sha(b"other weights")}))
+    with pytest.raises(UserError, match=r"not the one this run started with: .*allowed: "
+                                        r"resume with that teacher"):
+        record_teacher(run, spec, by_size)
+    assert read_teacher_record(run)["sha256"] == sha  # left as it was
+    (run / "teacher.json").write_text("[1]")
+    with pytest.raises(UserError, match="not the teacher record rtft wrote"):
+        read_teacher_record(run)
+    assert read_teacher_record(tmp_path) is None  # a run without a teacher
+
+
+def test_reproduce_refuses_a_distilled_trial_without_its_teacher_step(tmp_path: Path) -> None:
+    """The Python API: reproducing a distilled trial without `teacher=` would train without
+    the teacher's logits (every figure off); refused before any data is read."""
+    from raytune_ft.reproduce import reproduce
+
+    run = tmp_path / "run"
+    run.mkdir()
+    text = TINY_SPEC_TEACHER.format(root=tmp_path)
+    (run / "spec.yaml").write_text(text)
+    (run / "trials.json").write_text(json.dumps([
+        {"trial_id": "t1", "params": {}, "history": [{"epoch": 1, "val_acc": 0.5}]}]))
+    with pytest.raises(UserError, match="was distilled from .*pass teacher=raytune_ft.distill"):
+        reproduce(run, "t1", echo=lambda s: None)
+
+
+TINY_SPEC_TEACHER = """\
+name: student
+model: {{arch: resnet18, weights: none, teacher: {root}/models/t/v1}}
+data: {{source: digits, image_size: 16, train_limit: 160}}
+search: {{distill_alpha: 0.5}}
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# A real tiny distillation search, its trials reproduced with their teacher
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def distilled(ray_session, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:  # noqa: ANN001
+    """(run folder, teacher folder, search output) of `rtft search` with `model.teacher`."""
+    tmp_path = tmp_path_factory.mktemp("distilled")
     spec = tiny_spec(tmp_path)
     data = prepare(spec.data)
     teacher_dir = _train_and_promote(spec, data, Hyperparams(**HP), tmp_path / "ckpt_t")
@@ -188,13 +269,89 @@ def test_a_tiny_distillation_search_end_to_end(ray_session, tmp_path: Path) -> N
     text = spec_file.read_text().replace(
         "weights: none}", f"weights: none, teacher: {teacher_dir}}}").replace(
         "  batch_size: 32\n", "  batch_size: 32\n  distill_alpha: {space: uniform, low: 0.3, "
-        "high: 0.9}\n  distill_temperature: 4.0\n")
+        "high: 0.9}\n  distill_temperature: {space: choice, values: [2.0, 4.0]}\n")
     spec_file.write_text(text.replace("name: tiny", "name: student"))
     res = CliRunner().invoke(main, ["search", str(spec_file)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    trials = json.loads((tmp_path / "runs" / "student" / "trials.json").read_text())
+    return tmp_path / "runs" / "student", teacher_dir, res.output
+
+
+@pytest.mark.slow
+def test_a_tiny_distillation_search_end_to_end(distilled: tuple[Path, Path, str]) -> None:
+    """`rtft search` with `model.teacher`: Ray trials learn from the teacher's logits (computed
+    once in the driver), the run records its teacher, and the promoted student's card names
+    the teacher and the trial's distillation knobs."""
+    run, teacher_dir, _ = distilled
+    trials = json.loads((run / "trials.json").read_text())
     assert len(trials) == 2 and all(0.3 <= t["params"]["distill_alpha"] <= 0.9 for t in trials)
     assert all(t["error"] is None and t["history"] for t in trials)
-    [student] = sorted((tmp_path / "models" / "student").glob("v*"))
+    rec = json.loads((run / "teacher.json").read_text())
+    t_metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    assert rec["path"] == str(teacher_dir) and rec["version"] == "v1" and rec["name"] == "tiny"
+    assert rec["sha256"] == t_metrics["sha256"] and rec["test_acc"] == t_metrics["test"]["acc"]
+    assert set(rec["logits_sha256"]) == {"16"}
+    [student] = sorted((run.parents[1] / "models" / "student").glob("v*"))
     card = (student / "MODEL_CARD.md").read_text()
+    params = json.loads((student / "metrics.json").read_text())["params"]
     assert f"Distilled from `{teacher_dir}`" in card
+    assert "| model, version | tiny, v1 (resnet18) |" in card
+    assert f"| weights sha256 | `{t_metrics['sha256']}` |" in card
+    assert f"| held-out test accuracy | {t_metrics['test']['acc']:.4f} |" in card
+    assert f"| distill_alpha (this trial; searched) | {params['distill_alpha']:g} |" in card
+    assert f"| distill_temperature (this trial) | {params['distill_temperature']:g} |" in card
+
+
+@pytest.mark.slow
+def test_a_distilled_trial_reproduces_exactly_with_its_teacher(
+        distilled: tuple[Path, Path, str]) -> None:
+    """`rtft reproduce` loads the recorded teacher (sha256 checked), recomputes its logits as
+    the search did (the same bits), and every figure of every trial matches exactly."""
+    run, teacher_dir, _ = distilled
+    for t in json.loads((run / "trials.json").read_text()):
+        res = CliRunner().invoke(main, ["reproduce", str(run), t["trial_id"]],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert f"teacher: {teacher_dir} (tiny/v1, weights sha256 " in res.output
+        assert "as recorded); its logits on 160 training images, cpu, 1 thread(s): identical " \
+            "to the search's" in res.output, res.output
+        n = 3 * len(t["history"])
+        assert f"trial {t['trial_id']} reproduces on cpu, same environment: all {n} figures " \
+            "match exactly" in res.output, res.output
+
+
+def _files(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+@pytest.mark.slow
+def test_a_changed_or_vanished_teacher_is_refused_by_reproduce(
+        distilled: tuple[Path, Path, str]) -> None:
+    """A teacher whose weights changed since the search, or that is gone: one line naming it
+    and what is allowed, exit code 2, nothing trained or written."""
+    run, teacher_dir, _ = distilled
+    trial_id = json.loads((run / "trials.json").read_text())[0]["trial_id"]
+    weights = teacher_dir / "model.safetensors"
+    original = weights.read_bytes()
+    before = _files(run)
+    sha = json.loads((run / "teacher.json").read_text())["sha256"]
+    try:
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit
+        res = CliRunner().invoke(main, ["reproduce", str(run), trial_id])
+    finally:
+        weights.write_bytes(original)
+    assert res.exit_code == 2, res.output
+    [line] = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert f"the teacher '{teacher_dir}' changed since the search: weights sha256 " in line
+    assert f"recorded {sha[:16]}…" in line and "allowed: the teacher the search used (tiny/v1" \
+        in line and "Traceback" not in res.output
+    moved = teacher_dir.with_name("v1-moved")
+    teacher_dir.rename(moved)
+    try:
+        res = CliRunner().invoke(main, ["reproduce", str(run), trial_id])
+    finally:
+        moved.rename(teacher_dir)
+    assert res.exit_code == 2, res.output
+    [line] = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert f"the teacher '{teacher_dir}' this trial was distilled from is not here" in line
+    assert "model.teacher" in line and "allowed: the teacher the search used" in line
+    assert _files(run) == before
