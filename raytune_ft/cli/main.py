@@ -13,8 +13,9 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -39,11 +40,11 @@ def main() -> None:
     """
 
 
-def _finish(outcome: Any) -> None:
-    click.echo(f"done in {outcome.wall_s:.0f}s; results in {outcome.run_dir}")
-    for p in outcome.promoted:
+def _finish(wall_s: float, run_dir: Path, promoted: Sequence[Path]) -> None:
+    click.echo(f"done in {wall_s:.0f}s; results in {run_dir}")
+    for p in promoted:
         click.echo(f"promoted model: {p}")
-    if not outcome.promoted:
+    if not promoted:
         sys.exit(1)  # the search ran, but produced no model: say so to scripts and CI
 
 
@@ -76,10 +77,11 @@ def search(spec_file: Path, overrides: tuple[str, ...], debug: bool, address: st
         extra = [*(["--quiet"] if quiet else []), *(["--resume"] if resume else [])]
         submit_and_exit(spec_file, address, overrides, wait=True, headers=(), env=(),
                          pip=(), ship_code=True, extra_args=extra)
-    from raytune_ft.search.run import run_search
+    from raytune_ft.api import search as run
 
-    spec = load_spec(spec_file, overrides)
-    _finish(run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=resume))
+    done = run(spec_file, overrides=overrides, address=address, resume=resume,
+               echo=click.echo, quiet=quiet)
+    _finish(done.wall_s, done.run_dir, done.model_dirs)
 
 
 @main.command()
@@ -99,7 +101,8 @@ def resume(run_dir: Path, address: str | None, quiet: bool, debug: bool) -> None
     from raytune_ft.search.run import run_search
 
     spec = open_run(run_dir, resume=True)
-    _finish(run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=True))
+    done = run_search(spec, address=address, echo=click.echo, quiet=quiet, resume=True)
+    _finish(done.wall_s, done.run_dir, done.promoted)
 
 
 @main.command()
@@ -130,14 +133,12 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
       rtft validate search_spaces/resnet.yaml --set run.resources.gpu=0.5 --cluster-gpus 8
       rtft validate search_spaces/resnet.yaml --address http://127.0.0.1:8265
     """
-    from raytune_ft import preflight
-    from raytune_ft.space import rung_plan
+    from raytune_ft.api import validate as dry_run
     from raytune_ft.spec.yaml_io import spec_to_yaml
 
-    spec = load_spec(spec_file, overrides)
-    on = preflight.machines(spec, gpus=cluster_gpus, cpus=cluster_cpus, address=address,
-                            headers=headers)
-    plan = preflight.dry_run(spec, on)
+    found = dry_run(spec_file, overrides, address, cluster_gpus=cluster_gpus,
+                    cluster_cpus=cluster_cpus, headers=headers)
+    spec = found.spec
     click.echo(f"# {spec_file}: valid\n")
     click.echo(spec_to_yaml(spec))
     click.echo(_space_table(spec))
@@ -149,23 +150,19 @@ def validate(spec_file: Path, overrides: tuple[str, ...], debug: bool,
     else:
         click.echo(f"\nASHA rung plan, {brackets} brackets (trials take turns; epoch: trials "
                    f"expected to reach it):")
-    for b in range(brackets):
-        plan_b = rung_plan(spec, b)
+    for b, plan_b in enumerate(found.rungs):
         pad = "  " if brackets > 1 else ""
         if brackets > 1:
             click.echo(f"  bracket {b}" + (":" if len(plan_b) > 1 else
                                            " (stops nothing before max_t):"))
         for epoch, n in plan_b:
             click.echo(f"{pad}  epoch {epoch:>4}: {n:>4} trial(s)")
-    if plan.portfolio is not None:
-        from raytune_ft.portfolio import describe
-
-        click.echo("\n" + "\n".join(describe(plan.portfolio, spec,
-                                               first=plan.before_portfolio)))
-    click.echo(f"\ndata:    {plan.data}\nweights: {plan.weights}")
-    click.echo("\n" + plan.tables())
-    if plan.fit is not None:
-        click.echo("\n" + plan.fit.line(spec))
+    if found.portfolio is not None:
+        click.echo("\n" + "\n".join(found.portfolio))
+    click.echo(f"\ndata:    {found.data}\nweights: {found.weights}")
+    click.echo("\n" + "\n\n".join(m.table() for m in found.models))
+    if found.fit is not None:
+        click.echo("\n" + found.fit.line(spec))
 
 
 def _space_table(spec: Spec) -> str:
@@ -198,15 +195,9 @@ def promote(run_dir: Path, pareto: bool, debug: bool) -> None:
       rtft promote rtft_runs/resnet18-digits
       rtft promote rtft_runs/which-model --pareto   # one version per point of the front
     """
-    from raytune_ft.errors import UserError
-    from raytune_ft.search.run import promote_again
-    from raytune_ft.spec.yaml_io import locate
+    from raytune_ft.api import promote as promote_run
 
-    try:
-        promoted = promote_again(run_dir, echo=click.echo, pareto=pareto)
-    except UserError as e:  # a bound no trial fits: the line of the run's spec that sets it
-        locate(e, run_dir / "spec.yaml")
-        raise
+    promoted = promote_run(run_dir, pareto=pareto, echo=click.echo)
     if not promoted:
         sys.exit(1)
 
@@ -265,12 +256,10 @@ def results(run_dir: Path, limit: int, fmt: str | None, debug: bool) -> None:
       rtft results rtft_runs/resnet18-digits
       rtft results rtft_runs/resnet18-digits --csv > trials.csv
     """
-    from raytune_ft.run_folder import open_run
-    from raytune_ft.search.records import load_records
+    from raytune_ft.api import read_run
     from raytune_ft.tables import rung_summary, summary_rows, summary_table
 
-    spec = open_run(run_dir)
-    records = load_records(run_dir, spec)
+    spec, records = read_run(run_dir)
     if fmt == "json":
         click.echo(json.dumps(summary_rows(records, spec), indent=1))
     elif fmt == "csv":
