@@ -133,6 +133,8 @@ class Tracker:
             store.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.cfg.uri, registry_uri=self.cfg.uri)
         saved = _read_state(self.run_dir)
+        if saved.get("uri") == self.cfg.uri:
+            self.versions = list(saved.get("registered", []))
         if saved.get("uri") == self.cfg.uri and saved.get("experiment") == self.experiment \
                 and self._reopen(saved.get("parent")):
             return
@@ -225,7 +227,7 @@ class Tracker:
             self._parent_summary(records)
         for folder in promoted:
             self.versions.append(_register(self.client, self.parent, folder, self.model_name,
-                                           self.cfg.register))
+                                           self.cfg.registry))
         self._save()
         self.client.set_terminated(self.parent, "FINISHED")
 
@@ -264,7 +266,7 @@ class Tracker:
         state = {"uri": self.cfg.uri, "experiment": self.experiment,
                  "experiment_id": self.exp_id, "parent": self.parent,
                  "children": dict(sorted(self.children.items())),
-                 "registered": self.versions or _read_state(self.run_dir).get("registered", [])}
+                 "registered": self.versions}
         tmp = self.run_dir / f".{STATE_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.run_dir / STATE_FILE)

@@ -5,7 +5,7 @@
         uri: http://127.0.0.1:5000      # the tracking server (or file:, sqlite:, databricks, …)
         experiment: my-experiment       # default: the run's name
         registered_model: my-model      # default: the run's name
-        register: true                  # each promoted model → a new Model Registry version
+        registry: true                  # each promoted model → a new Model Registry version
 
 Only the form of the URI is checked here (no import of mlflow, no network): whether the
 package is installed and a local store's folder can be written are checks of the dry run
@@ -78,7 +78,7 @@ class MlflowSpec(Strict):
     uri: str
     experiment: str | None = None  # default: the run's name
     registered_model: str | None = None  # default: the run's name
-    register: bool = True  # promoted models → Model Registry versions
+    registry: bool = True  # promoted models → Model Registry versions
 
     @model_validator(mode="before")
     @classmethod
