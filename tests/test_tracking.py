@@ -255,7 +255,8 @@ def test_a_search_is_a_parent_run_with_a_child_run_per_trial(tracked_run, mlflow
 
 @pytest.mark.slow
 def test_the_promoted_model_is_a_registry_version_that_predicts_the_same(
-        tracked_run, mlflow_server: str, tmp_path: Path) -> None:  # noqa: ANN001
+        tracked_run, mlflow_server: str, tmp_path: Path,  # noqa: ANN001
+        monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
     import torch
 
@@ -273,8 +274,11 @@ def test_the_promoted_model_is_a_registry_version_that_predicts_the_same(
     assert json.loads(mv.tags["input_size"]) == [3, 16, 16]
     assert mv.tags["weights_sha256"] == metrics["sha256"] and mv.tags["onnx"] == "false"
     assert mv.description.startswith("# tiny")  # the model card
+    # models:/ is resolved by the registry of the tracking URI MLflow is set to
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.chdir(tmp_path)
     got = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny/1",
-                                                   dst_path=str(tmp_path), tracking_uri=mlflow_server))
+                                                   dst_path=str(tmp_path / "got")))
     assert {"model.safetensors", "config.json", "metrics.json", "MODEL_CARD.md"} <= \
         {p.name for p in got.iterdir()}
     data = prepare(tiny_spec(root).data)
