@@ -333,7 +333,9 @@ def _tuner(spec: Spec, loc: RunLocation, splits: dict[int, Splits], echo: Echo, 
                 checkpoint_score_attribute=f"best_{spec.metric}",
                 checkpoint_score_order=spec.mode),
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
-            verbose=0, stop=budget,
+            # A reporter of our own (which reports nothing at verbose 0): in a notebook, Tune's
+            # default one clears the cell's output when it starts, the start lines with it.
+            verbose=0, stop=budget, progress_reporter=tune.CLIReporter(),
             callbacks=[Progress(spec, echo, quiet), TensorBoard(spec), budget,
                        SearchMetrics(spec), *uploads,
                        *([TrackingEvents(spec.name)] if spec.track.mlflow else [])]),
