@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -317,7 +318,9 @@ def test_optuna_dashboard_reads_the_runs_journal(three_searches) -> None:  # noq
     study = optuna.load_study(study_name="by-path", storage=storage)
     states = []
     for ft in study.trials:
-        (t,) = [t for t in trials.values() if t["params"] == ft.params]
+        (t,) = [t for t in trials.values()
+                if all(t["params"].get(k) == v for k, v in ft.params.items())]
+        assert set(ft.params) >= {"lr", "optimizer", "freeze_depth"}
         by_epoch = {h["epoch"]: h["val_acc"] for h in t["history"]}
         assert ft.intermediate_values == by_epoch
         if len(by_epoch) == 3:
@@ -328,11 +331,37 @@ def test_optuna_dashboard_reads_the_runs_journal(three_searches) -> None:  # noq
         states.append(ft.state.name)
     assert "COMPLETE" in states and "PRUNED" in states, states
 
+    # optuna-dashboard itself (the test extra): the storage it makes of the file's path, and
+    # its JSON API over that storage, called in-process (no server, no port).
+    dashboard = pytest.importorskip("optuna_dashboard")
+    from optuna_dashboard._storage_url import get_storage  # what its CLI calls on the path
+
+    app = dashboard.wsgi(get_storage(str(run_dir / "optuna.journal")))
+
+    def get(url: str) -> dict:
+        from wsgiref.util import setup_testing_defaults
+
+        env: dict = {"PATH_INFO": url, "REQUEST_METHOD": "GET"}
+        setup_testing_defaults(env)
+        status: list[str] = []
+        body = b"".join(app(env, lambda s, h, *a: status.append(s)))
+        assert status[0].startswith("200"), (url, status, body[:300])
+        return json.loads(body)
+
+    (listed,) = get("/api/studies")["study_summaries"]
+    assert listed["study_name"] == "by-path"
+    shown = get(f"/api/studies/{listed['study_id']}")["trials"]
+    assert sorted(t["state"] for t in shown) == sorted(st.capitalize() for st in states)
+    for t in shown:
+        assert {p["name"] for p in t["params"]} >= {"lr", "optimizer", "freeze_depth"}
+        assert [v["step"] for v in t["intermediate_values"]] == list(
+            range(1, len(t["intermediate_values"]) + 1))
+
 
 # --------------------------------------------------------------------------------------------
 # A real search that trains and promotes, in this process (the session's Ray, reused)
 # --------------------------------------------------------------------------------------------
-@pytest.mark.slow  # trains 3 tiny trials: ~30 s
+@pytest.mark.slow  # trains 3 tiny trials: ~10 s
 def test_search_trains_and_promotes_on_the_sessions_ray(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
     from raytune_ft.data import prepare
     from raytune_ft.promote import PromotedModel
@@ -370,7 +399,6 @@ def test_the_quickstart_notebook_runs_in_a_real_kernel(tmp_path: Path,
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(ROOT / "docs")}})
     try:
@@ -385,7 +413,10 @@ def test_the_quickstart_notebook_runs_in_a_real_kernel(tmp_path: Path,
     assert not [o for o in outputs if o.output_type == "error"], text[-3000:]
     assert "promoted trial " in text and "held-out test acc" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot, the digits
-    assert "(RtftTrial pid=" not in text  # no flood of Ray's worker logs
+    # The start lines survive in the cell (Tune's notebook reporter cleared them), and no
+    # flood of Ray's worker logs (`(rtft <run> trial <id> pid=…)`) reaches it.
+    assert "results: " in text and "Ray dashboard: http://127.0.0.1:" in text, text[:2000]
+    assert not re.search(r"pid=\d+", text), text[-3000:]
     (run_dir,) = tmp_path.glob("rtft-quickstart-*/rtft_runs/*")
     assert (run_dir / "trials.json").is_file()
     assert list(tmp_path.glob("rtft-quickstart-*/models/*/v1/model.safetensors"))
