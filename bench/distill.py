@@ -31,8 +31,10 @@ the table).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -223,6 +225,9 @@ def main() -> None:
     state = json.loads(state_file.read_text()) \
         if state_file.is_file() and not args.smoke else {}
     state.setdefault("searches", {})
+    spec_sha = hashlib.sha256(SPEC.read_bytes()).hexdigest()
+    if state.get("spec_sha256") != spec_sha:  # searches of another distill.yaml do not count
+        state["searches"], state["spec_sha256"] = {}, spec_sha
     budget = args.max_searches if args.max_searches is not None else 10**9
     res = Results("distill", smoke=args.smoke, out_dir=out)
 
@@ -268,6 +273,8 @@ def main() -> None:
                 if key in state["searches"]:
                     continue
                 name = f"{'distilled' if arm == 'student+teacher' else 'alone'}-{size}-s{seed}"
+                for folder in (work / "runs" / name, work / "models" / name):
+                    shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier try
                 spec_file = _student_spec(work, name, arm, size, seed, teacher)
                 print(f"{key}: rtft search (load {load_average()[0]})", flush=True)
                 wall, before, after = _search(spec_file, work, smoke_sets)

@@ -416,13 +416,12 @@ def reproduce(run_dir: Path, trial_id: str, *, rtol: float | None = None, echo: 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trial {trial_id} ran on a GPU (run.resources.gpu: "
                         f"{spec.run.resources.gpu:g}) and this machine has none")
+    if spec.model.teacher is not None and teacher is None:  # it would train without it
+        raise UserError(f"trial {trial_id} was distilled from {spec.model.teacher!r}: pass "
+                        f"teacher=raytune_ft.distill.reproduction_teacher", field="model.teacher")
     weights = _weights(spec)
     splits = _check_data(run_dir, spec)
-    if spec.model.teacher is not None:  # (run, spec, data, echo) -> data with its logits
-        if teacher is None:
-            raise UserError(f"trial {trial_id} was distilled from {spec.model.teacher!r}: pass "
-                            f"teacher=raytune_ft.distill.reproduction_teacher",
-                            field="model.teacher")
+    if teacher is not None and spec.model.teacher is not None:  # the data with its logits
         splits = teacher(run_dir, spec, splits, echo)
     # The spec as the trial got it (search/trainable.py), pinned to the trial's device.
     spec_json = spec.model_dump(mode="json")
