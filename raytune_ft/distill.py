@@ -206,17 +206,19 @@ def reproduction_teacher(run_dir: Path, spec: Spec, splits: Splits,
         return with_teacher_logits(spec, splits)
     sha, named = record["sha256"], f"{record.get('name')}/{record.get('version')}"
     folder = _where(record, spec)
+    paths = dict.fromkeys(str(v) for v in (record.get("path"), record.get("resolved")) if v)
     allowed = (f"allowed: the teacher the search used ({named}, weights sha256 {sha[:16]}…) "
-               f"at {record.get('path')!r} or {record.get('resolved')!r}")
+               f"at {' or '.join(repr(v) for v in paths)}")
+    spec_file = str(Path(run_dir) / "spec.yaml")
     if folder is None:
         raise UserError(f"the teacher {record.get('path')!r} this trial was distilled from is "
                         f"not here (recorded in {record_file}); {allowed}",
-                        field="model.teacher")
+                        file=spec_file, field="model.teacher")
     now = _file_sha256(folder / "model.safetensors")
     if now != sha:
         raise UserError(f"the teacher {str(folder)!r} changed since the search: weights sha256 "
                         f"{now[:16]}…, recorded {sha[:16]}… ({record_file}); {allowed}",
-                        field="model.teacher")
+                        file=spec_file, field="model.teacher")
     teacher_spec = spec.model_copy(update={"model": spec.model.model_copy(
         update={"teacher": str(folder)})})
     device = record.get("device") or "cpu"
