@@ -94,6 +94,19 @@ def _cpu_latency_ms(model: nn.Module, image_size: int) -> float:
     return measure(model.cpu(), image_size, cache=False).latency_b1_ms
 
 
+def _side_by_side_ms(models: list[nn.Module], image_size: int, threads: int) -> list[float]:
+    """Each model's CPU latency at batch 1 with `threads` torch threads (a trial's), measured
+    in turn twice and the lower kept: the first model measured is not the one that pays for a
+    machine still busy with the search's end."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = [[_cpu_latency_ms(m, image_size) for m in models] for _ in range(2)]
+    finally:
+        torch.set_num_threads(before)
+    return [min(r[i] for r in runs) for i in range(len(models))]
+
+
 def _teacher_section(spec: Spec, metrics: dict, n_params: int, model: nn.Module) -> str:
     """The student beside its teacher (`model.teacher`): which teacher (path, version, weights
     sha256), the distillation knobs of the promoted trial, and held-out accuracy, size and CPU
@@ -102,16 +115,18 @@ def _teacher_section(spec: Spec, metrics: dict, n_params: int, model: nn.Module)
         return ""
     t = Path(spec.model.teacher).expanduser()
     size = spec.data.image_size
-    s_ms = f"{_cpu_latency_ms(model, size):.2f}"
+    threads = max(1, int(spec.run.resources.cpu))  # as a trial measures (search/trainable.py)
     try:
         teacher = load_promoted(t)  # checks its weights against its metrics.json's sha256
         t_acc = f"{teacher.metrics['test']['acc']:.4f}"
         t_params = f"{_n_params(t / 'model.safetensors'):,}"
-        t_ms = f"{_cpu_latency_ms(teacher.model, size):.2f}"
+        s_ms, t_ms = (f"{v:.2f}" for v in _side_by_side_ms([model, teacher.model], size,
+                                                           threads))
         t_sha = f"`{teacher.metrics['sha256']}`"
         t_arch = teacher.metrics.get("arch") or teacher.config["spec"]["model"]["arch"]
     except (OSError, ValueError, KeyError, PromotedModelError):  # moved since the search
         t_acc = t_params = t_ms = t_sha = t_arch = "(teacher folder unreadable)"
+        s_ms = f"{_side_by_side_ms([model], size, threads)[0]:.2f}"
     hp = Hyperparams(**{k: v for k, v in metrics.get("params", {}).items()
                         if k in Hyperparams.model_fields})
     how = "searched" if "distill_alpha" in spec.search and \
@@ -140,7 +155,8 @@ its run recorded (`teacher.json`).
 
 The teacher's accuracy is on its own held-out test split (the same one when both used the
 same data and split settings). Latency: median forward time at batch 1 on a {size} px input
-(as every trial measures it), PyTorch on this machine's CPU, both at promotion.
+(as every trial measures it), PyTorch on this machine's CPU with {threads} thread(s), both at
+promotion, each measured twice in turn and the lower kept.
 """
 
 
