@@ -15,8 +15,8 @@ Reported per search: held-out test accuracy of the promoted model, its best val_
 trained, the search's wall seconds, the load before and after; at the end, every promoted model
 (teacher and students) is loaded and measured side by side in this process (parameters,
 latency at batch 1 and 32 on this CPU, 1 thread as a trial measures, median of repeated
-forwards: :func:`raytune_ft.model.cost.measure`), and the table gives each arm's means with
-ratios against the student alone.
+forwards: :func:`raytune_ft.model.cost.measure`; every model in turn, twice, the lower
+kept), and the table gives each arm's means with ratios against the student alone.
 
 Resumable: each finished search is kept in `<out>/distill_searches.json` (the run and model
 folders in `--work`); `--max-searches N` stops after N new searches, so a shared machine can
@@ -107,23 +107,32 @@ def _student_spec(work: Path, name: str, arm: str, size: int, seed: int,
     return path
 
 
-def _measure(model_dir: str) -> dict[str, Any]:
-    """Parameters and latency at batch 1 and 32 of a promoted model, here, 1 thread."""
+def _measure(model_dirs: list[str], rounds: int = 2) -> dict[str, dict[str, Any]]:
+    """Parameters and latency at batch 1 and 32 of each promoted model, here, 1 thread (as a
+    trial measures): every model in turn, `rounds` times, the lowest median kept (a shared
+    machine's load comes and goes; no model measured in only its quiet or busy moments)."""
     import torch
 
     from raytune_ft.model.cost import measure
     from raytune_ft.promote import load_promoted
 
-    m = load_promoted(model_dir)
-    size = int(m.config["spec"]["data"]["image_size"])
+    models = {d: load_promoted(d) for d in dict.fromkeys(model_dirs)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    out: dict[str, dict[str, Any]] = {}
     try:
-        c = measure(m.model, size, cache=False)
+        for _ in range(rounds):
+            for d, m in models.items():
+                c = measure(m.model, int(m.config["spec"]["data"]["image_size"]), cache=False)
+                was = out.get(d, {})
+                out[d] = {"params": c.params, "flops": c.flops,
+                          "latency_b1_ms": round(min(c.latency_b1_ms, was.get(
+                              "latency_b1_ms", float("inf"))), 3),
+                          "latency_b32_ms": round(min(c.latency_b32_ms, was.get(
+                              "latency_b32_ms", float("inf"))), 3)}
     finally:
         torch.set_num_threads(threads)
-    return {"params": c.params, "flops": c.flops, "latency_b1_ms": round(c.latency_b1_ms, 3),
-            "latency_b32_ms": round(c.latency_b32_ms, 3)}
+    return out
 
 
 def _spec_value(path: Path, key: str, sets: list[str]) -> Any:
@@ -291,7 +300,7 @@ def main() -> None:
           flush=True)
     models = [state["teacher"]["model"], *(state["searches"][f"{size}/{seed}/{arm}"]["model"]
                                           for size in sizes for seed in seeds for arm in ARMS)]
-    costs = {m: _measure(m) for m in models}
+    costs = _measure(models)
     text, summary = _summary(state, sizes, seeds, costs)
     print(text)
     for size in sizes:
