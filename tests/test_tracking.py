@@ -345,6 +345,8 @@ def test_a_resumed_search_continues_the_same_runs(ray_session, mlflow_server: st
             "track.mlflow.experiment=resumed", "--set", "track.mlflow.registered_model=resumed"]
     _search_killed_after_one_trial(spec_file, sets)
     parent_before = json.loads((run_dir / "mlflow.json").read_text())["parent"]
+    _, killed = _runs(mlflow_server, "resumed")  # what the killed search had logged
+    assert killed
 
     res = CliRunner().invoke(main, ["resume", str(run_dir)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -355,5 +357,6 @@ def test_a_resumed_search_continues_the_same_runs(ray_session, mlflow_server: st
     parent, children = _runs(mlflow_server, "resumed")  # one parent: the same one
     assert parent.info.run_id == parent_before and parent.info.status == "FINISHED"
     _check_children(mlflow_server, children, trials, max_t=2)
+    assert {c.info.run_id for c in killed} <= {c.info.run_id for c in children}  # continued
     [mv] = _client(mlflow_server).search_model_versions("name = 'resumed'")
     assert mv.run_id == parent_before

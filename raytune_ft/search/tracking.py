@@ -45,11 +45,13 @@ from raytune_ft.tables import summary_table
 __all__ = ["STATE_FILE", "Tracker", "TrackingEvents", "register_promoted", "start_tracking"]
 
 STATE_FILE = "mlflow.json"
-# Sent to MLflow's HTTP client unless the environment says otherwise: an unreachable server is
-# given up in seconds, not after MLflow's default 7 retries with exponential backoff.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# MLflow's settings unless the environment says otherwise: an unreachable server is given up
+# in seconds, not after MLflow's default 7 retries with exponential backoff; ending a run does
+# not print two "View run" lines per trial into the search's output.
+_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 # The run folder's files the parent run keeps as artifacts (when present).
 _RUN_ARTIFACTS = ("spec.yaml", "data.json", "trials.json", "environment.json")
 _METRIC_KEYS = tuple(k for k in HISTORY_KEYS if k not in ("diverged", "timestamp"))
@@ -124,14 +126,10 @@ class Tracker:
                           f"{self.run_dir} (`rtft resume` logs what MLflow missed)")
 
     def _open(self) -> None:
-        from mlflow.tracking import MlflowClient
-
-        for key, value in _HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         store = _local_store(self.cfg.uri)
         if store is not None:
             store.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.cfg.uri, registry_uri=self.cfg.uri)
+        self.client = _client(self.cfg.uri)
         saved = _read_state(self.run_dir)
         if saved.get("uri") == self.cfg.uri:
             self.versions = list(saved.get("registered", []))
@@ -139,8 +137,9 @@ class Tracker:
                 and self._reopen(saved.get("parent")):
             return
         exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            self.exp_id = self.client.create_experiment(self.experiment)
+        if exp is None:  # MLflow 3's UI then opens it on its training runs, not GenAI's view
+            self.exp_id = self.client.create_experiment(
+                self.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             self.exp_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
@@ -320,9 +319,7 @@ def register_promoted(model_dir: str | Path, *, uri: str, name: str,
     metrics, `model.onnx` when exported) as a new version of registered model `name` at
     tracking URI `uri`; its artifacts are logged to run `run_id`, else to a new run of
     `experiment` (default: `name`). Returns the version's name, version and source."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = _client(uri)
     if run_id is None:
         exp = client.get_experiment_by_name(experiment or name)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment or name)
@@ -360,13 +357,24 @@ def _register(client: Any, run_id: str, folder: Path, name: str, register: bool
     card = folder / "MODEL_CARD.md"
     mv = client.create_model_version(
         name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items() if v is not None},
-        description=card.read_text()[:5000] if card.is_file() else None)
+        description=card.read_text()[:5000] if card.is_file() else None,
+        await_creation_for=0)  # ready at once: the files are logged already
     return {**out, "name": name, "version": str(mv.version)}
 
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
+def _client(uri: str) -> Any:
+    """An MlflowClient of `uri` (tracking and registry), with rtft's defaults of MLflow's
+    settings (`_ENV_DEFAULTS`) where the environment gives none."""
+    from mlflow.tracking import MlflowClient
+
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def _search_params(spec: Spec) -> dict[str, Any]:
     """What the parent run shows of the spec as parameters (the whole spec is an artifact)."""
     return {"name": spec.name, "metric": spec.metric, "mode": spec.mode,
