@@ -111,6 +111,7 @@ def _track_against(uri: str, tmp_path: Path) -> tuple[list[str], float]:
     return lines, time.monotonic() - t0
 
 
+@pytest.mark.slow  # ~4 s: MLflow's client retries twice (rtft's default) before giving up
 def test_an_unreachable_server_is_one_warning_line(tmp_path: Path) -> None:
     lines, took = _track_against(f"http://127.0.0.1:{free_port()}", tmp_path)
     assert len(lines) == 1 and lines[0].startswith("warning: MLflow tracking stopped"), lines

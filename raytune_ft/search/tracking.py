@@ -14,8 +14,9 @@ a resumed search continues the same parent run and finds its child runs by their
 logs only epochs after the last one each child holds: nothing twice.
 
 A tracking server that cannot be reached or refuses a request ends the tracking, with one
-warning line, never the search: the run folder keeps every record, and a later `rtft
-resume` logs what MLflow is missing. mlflow is imported only in the background thread.
+warning line, never the search: the run folder keeps every record, and the resume of an
+interrupted search logs what MLflow is missing. mlflow is imported only in the background
+thread (and by :func:`register_promoted`).
 
 Ray's own `MLflowLoggerCallback` was not used: it makes no parent run, calls the server
 synchronously from Tune's loop at every result, logs Ray's bookkeeping columns, and makes new
@@ -123,7 +124,7 @@ class Tracker:
                 self.off = True
                 self.echo(f"warning: MLflow tracking stopped: {self.cfg.uri}: "
                           f"{_short(e)}; the search goes on and keeps every record in "
-                          f"{self.run_dir} (`rtft resume` logs what MLflow missed)")
+                          f"{self.run_dir}")
 
     def _open(self) -> None:
         store = _local_store(self.cfg.uri)
