@@ -29,6 +29,7 @@ import json
 import math
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -409,5 +410,8 @@ def _number(v: Any) -> bool:
 def _short(e: BaseException) -> str:
     """One line of an MLflow error (its messages can quote a whole HTTP response)."""
     text = first_line(e)
+    if "Max retries exceeded" in str(e):  # urllib3's account of a connection that failed
+        why = re.search(r"\[Errno -?\d+\] ([^'\")]+)|(Read timed out|timed out)", str(e))
+        return f"no answer ({(why.group(1) or why.group(2)) if why else 'connection failed'})"
     return text if len(text) <= 200 else text[:197] + "..."
 
