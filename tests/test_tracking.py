@@ -13,6 +13,7 @@ import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -144,6 +145,35 @@ def test_a_refusing_server_is_one_warning_line(tmp_path: Path) -> None:
         thread.join()
     assert len(lines) == 1 and "403" in lines[0] and "the search goes on" in lines[0], lines
     assert took < 30
+
+
+def test_a_server_that_hangs_never_holds_up_tune(tmp_path: Path) -> None:
+    """Tune's loop only queues: a thousand epochs' results cost it well under a millisecond
+    each while the server has not answered the first request, and the end of the search waits
+    for the server at most the time it is given."""
+    pytest.importorskip("mlflow")
+    from raytune_ft.search.tracking import start_tracking
+
+    hang = socket.socket()  # accepts connections (the kernel's backlog), never answers
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(16)
+    uri = f"http://127.0.0.1:{hang.getsockname()[1]}"
+    lines: list[str] = []
+    try:
+        (tmp_path / "run").mkdir()
+        spec = tiny_spec(tmp_path, extra=f"track: {{mlflow: {{uri: '{uri}'}}}}\n")
+        tracker = start_tracking(spec, tmp_path / "run", lines.append)
+        assert tracker is not None
+        t0 = time.perf_counter()
+        for epoch in range(1, 1001):
+            tracker.trial_result("t1", {"lr": 0.01}, {"epoch": epoch, "val_acc": 0.5})
+        assert (time.perf_counter() - t0) / 1000 < 1e-3
+        t1 = time.monotonic()
+        tracker.finish(_records(), [], timeout=1.0)
+        assert time.monotonic() - t1 < 5
+        assert lines and lines[0].startswith(f"warning: MLflow at {uri} took over 1 s"), lines
+    finally:
+        hang.close()  # the waiting request fails now, in the tracker's own thread
 
 
 # --------------------------------------------------------------------------------------------
