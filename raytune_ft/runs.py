@@ -37,8 +37,9 @@ TUNE_DIR = "tune"
 # folder on the driver's machine (the Optuna journal is appended on every ask and tell, ASHA's
 # decision log on every result: too chatty for object storage) and uploaded to the run's URI
 # after every finished trial and at the end (search.storage).
+# teacher.json: distill.TEACHER_FILE; mlflow.json: search.tracking.STATE_FILE (both above).
 RUN_FILES = ("spec.yaml", "data.json", "trials.json", "optuna.journal", "asha_rungs.json",
-             "asha_decisions.jsonl", "environment.json")
+             "asha_decisions.jsonl", "environment.json", "teacher.json", "mlflow.json")
 # Per-epoch metrics kept in TrialRecord.history (Ray adds many bookkeeping columns).
 # The cost of a trial's model, reported by the trainer with every epoch (raytune_ft.model.cost):
 # parameters, forward FLOPs per image, median latency at batch 1 and 32 on the trial's device

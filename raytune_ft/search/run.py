@@ -122,28 +122,45 @@ def run_search(spec: Spec, *, address: str | None = None, echo: Echo = print_lin
                 check_shared_storage(loc.local.parent, echo, created)
             _write_run_files(spec, loc, by_size, echo)
             tracker = start_tracking(spec, loc.local, echo)  # MLflow (track.mlflow), or None
-            records = _fit(spec, loc, by_size, echo, quiet, restore, warm)
+            try:
+                records = _fit(spec, loc, by_size, echo, quiet, restore, warm)
+            except BaseException:
+                if tracker is not None:  # its runs end KILLED; a resume reopens them
+                    tracker.abort()
+                raise
         finally:
             if started:
                 ray.shutdown()
-    write_records(loc.local, records)
-    upload_run_files(loc)
-    echo("")
-    echo(f"{len(records)} trials: {rung_summary(records, spec)}")
-    echo(summary_table(records, spec))
+    try:
+        write_records(loc.local, records)
+        upload_run_files(loc)
+        echo("")
+        echo(f"{len(records)} trials: {rung_summary(records, spec)}")
+        echo(summary_table(records, spec))
+        promoted = _promote_found(spec, records, by_size, echo)
+    except BaseException:
+        if tracker is not None:
+            tracker.abort()
+        raise
+    if tracker is not None:  # what the events missed, the run's files, the registry
+        tracker.finish(records, promoted)
+        upload_run_files(loc)  # mlflow.json as finish left it
+    return SearchOutcome(loc.local, records, promoted, time.monotonic() - t0)
+
+
+def _promote_found(spec: Spec, records: list[TrialRecord], by_size: dict[int, Splits],
+                   echo: Echo) -> list[Path]:
+    """Promote what the search found; a bound that no trial fits promotes nothing."""
     try:
         localize_checkpoints(records, spec)
-        promoted = promote(spec, records, by_size, echo=echo)
+        return promote(spec, records, by_size, echo=echo)
     except UserError as e:
         if not (e.field or "").startswith("promote.max_"):
             raise
         # The search went well and its trials are kept: a bound that none of them fits is
         # the answer, not a failure. `rtft promote RUN` (--pareto) can promote later.
         echo(f"no model promoted: {e}")
-        promoted = []
-    if tracker is not None:  # what the events missed, the run's files, the registry
-        tracker.finish(records, promoted)
-    return SearchOutcome(loc.local, records, promoted, time.monotonic() - t0)
+        return []
 
 
 def promote_again(run_dir: Path, *, echo: Echo = print, pareto: bool = False) -> list[Path]:

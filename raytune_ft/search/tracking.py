@@ -114,6 +114,14 @@ class Tracker:
             self.echo(f"warning: MLflow at {self.cfg.uri} took over {timeout:.0f} s; not "
                       f"waiting for it longer (the run folder keeps every record)")
 
+    def abort(self, *, timeout: float = 30.0) -> None:
+        """The search failed or was interrupted: end the runs as KILLED (a resume reopens
+        them) and stop the thread; wait at most `timeout` seconds."""
+        _LIVE.pop(self.spec.name, None)
+        self._q.put(("abort",))
+        self._q.put(None)
+        self._thread.join(timeout)
+
     # -- the background thread ------------------------------------------------------------------
     def _work(self) -> None:
         while (item := self._q.get()) is not None:
@@ -162,7 +170,9 @@ class Tracker:
             return False
         try:
             run = self.client.get_run(parent)
-        except MlflowException:
+        except MlflowException as e:  # gone: a new parent; any other failure is a failure
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             return False
         if run.info.lifecycle_stage != "active":
             return False
@@ -213,6 +223,14 @@ class Tracker:
     def _end(self, trial_id: str, status: str) -> None:
         if trial_id in self.children:
             self.client.set_terminated(self.children[trial_id], status)
+
+    def _abort(self) -> None:
+        if self.parent is None:
+            return
+        for run_id in self.children.values():
+            self.client.set_terminated(run_id, "KILLED")
+        self._save()
+        self.client.set_terminated(self.parent, "KILLED")
 
     def _finish(self, records: list[TrialRecord] | None, promoted: list[Path]) -> None:
         if records is not None:
