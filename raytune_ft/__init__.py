@@ -100,15 +100,38 @@ class _FunctionAndModule:
         return (f"<function raytune_ft.{self._name} (raytune_ft.api.{self._name}); its "
                 f"attributes are the module raytune_ft.{self._name}'s>")
 
+    def __dir__(self) -> list[str]:  # tab completion: the module's names
+        return sorted({*dir(self._module()), "__call__"})
 
-_search = _FunctionAndModule("search")
-_promote = _FunctionAndModule("promote")
+    def __reduce__(self) -> tuple[Any, tuple[str]]:  # pickle, copy: the same object back
+        return _lookup, (self._name,)
+
+
+_PROXIES = {"search": _FunctionAndModule("search"), "promote": _FunctionAndModule("promote")}
+_OVERRIDES: dict[str, Any] = {}  # raytune_ft.search = fake (a test's monkeypatch, mock.patch)
+
+
+def _lookup(name: str) -> Any:
+    return _PROXIES[name]
+
+
+def _name_property(name: str) -> property:
+    """The package's attribute `name`: the proxy, unless something else was assigned to it.
+    The import system assigning the submodule itself is ignored (that is what would hide the
+    function); any other value is kept until deleted, as for a plain attribute."""
+
+    def setter(self: types.ModuleType, value: Any) -> None:
+        if not (isinstance(value, types.ModuleType) and value.__name__ == f"raytune_ft.{name}"):
+            _OVERRIDES[name] = value
+
+    return property(lambda self: _OVERRIDES.get(name, _PROXIES[name]), setter,
+                    lambda self: _OVERRIDES.pop(name, None))
 
 
 class _Package(types.ModuleType):
     # Data descriptors: they win over the submodule the import system sets on the package.
-    search = property(lambda self: _search, lambda self, value: None)
-    promote = property(lambda self: _promote, lambda self, value: None)
+    search = _name_property("search")
+    promote = _name_property("promote")
 
 
 sys.modules[__name__].__class__ = _Package

@@ -421,3 +421,28 @@ def test_the_quickstart_notebook_runs_in_a_real_kernel(tmp_path: Path,
     assert (run_dir / "trials.json").is_file()
     assert list(tmp_path.glob("rtft-quickstart-*/models/*/v1/model.safetensors"))
     print(f"notebook: {took:.0f} s")
+
+
+def test_search_and_promote_behave_as_attributes_of_the_package() -> None:
+    """They pickle and copy as themselves (a process pool, Ray remote), complete the module's
+    names, and a test double assigned or patched over them is used, then gone."""
+    import copy
+    import pickle
+    from unittest import mock
+
+    import raytune_ft
+
+    s = raytune_ft.search
+    assert pickle.loads(pickle.dumps(s)) is s and copy.deepcopy(s) is s
+    import raytune_ft.search.run  # noqa: F401  (the submodule set on the package: ignored)
+
+    assert raytune_ft.search is s and "run" in dir(s)
+    with mock.patch("raytune_ft.search") as fake:
+        assert raytune_ft.search is fake
+    assert raytune_ft.search is s
+    raytune_ft.promote = len
+    try:
+        assert raytune_ft.promote is len
+    finally:
+        del raytune_ft.promote
+    assert callable(raytune_ft.promote) and raytune_ft.promote is not len

@@ -52,6 +52,7 @@ def test_tracking_uris_mlflow_opens_are_accepted(uri: str) -> None:
     ("./mlruns", "A local folder is written 'file:./mlruns'"),
     ("http://", "names no host"),
     ("http://me:secret@host:5000", "MLFLOW_TRACKING_PASSWORD"),
+    ("postgresql://me:secret@db/mlflow", "written to the run folder's spec.yaml in clear"),
     ("sqlite://", "in-memory"),
 ])
 def test_bad_tracking_uris_are_refused_naming_the_field(uri: str, fragment: str) -> None:

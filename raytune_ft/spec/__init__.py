@@ -49,10 +49,12 @@ class _MovedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(name, self) if name in _MODULES_OF_0_1 else None
 
     def create_module(self, spec: Any) -> Any:
-        return importlib.import_module(_MODULES_OF_0_1[spec.name])
+        module = importlib.import_module(_MODULES_OF_0_1[spec.name])
+        self._own_spec = module.__spec__  # the import system is about to overwrite it
+        return module
 
     def exec_module(self, module: Any) -> None:
-        pass
+        module.__spec__ = self._own_spec  # reload() and tools still find the real module
 
 
 if not any(isinstance(f, _MovedModule) for f in sys.meta_path):

@@ -49,14 +49,14 @@ def check_mlflow_uri(uri: str) -> str:
             hint = f" A local folder is written 'file:{uri}'."
         raise ValueError(f"{uri!r} is not a tracking URI MLflow opens; {_ALLOWED}.{hint}")
     parts = urlsplit(uri)
-    if base in ("http", "https"):
-        if not parts.hostname:
-            raise ValueError(f"{uri!r} names no host; allowed: http(s)://HOST:PORT")
-        if parts.password is not None:
-            raise ValueError("a password in the tracking URI would be written to the run "
-                             "folder's spec.yaml in clear; allowed: the URI without it, and "
-                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
-                             "MLFLOW_TRACKING_TOKEN) in the environment")
+    if base in ("http", "https") and not parts.hostname:
+        raise ValueError(f"{uri!r} names no host; allowed: http(s)://HOST:PORT")
+    if parts.password is not None:  # any scheme: postgresql://user:pw@host/db too
+        raise ValueError("a password in the tracking URI would be written to the run "
+                         "folder's spec.yaml in clear; allowed: the URI without it, and "
+                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
+                         "MLFLOW_TRACKING_TOKEN, or the database's own client settings) in "
+                         "the environment")
     if base == "sqlite" and (not uri.startswith("sqlite:///") or uri == "sqlite:///"):
         raise ValueError(f"{uri!r}: an in-memory or malformed SQLite store keeps nothing; "
                          f"allowed: sqlite:///relative/path.db or sqlite:////absolute/path.db")
