@@ -234,7 +234,9 @@ def main() -> None:
     state = json.loads(state_file.read_text()) \
         if state_file.is_file() and not args.smoke else {}
     state.setdefault("searches", {})
-    spec_sha = hashlib.sha256(SPEC.read_bytes()).hexdigest()
+    # The spec's content, not its comments: a reworded comment keeps the searches made.
+    spec_sha = hashlib.sha256(json.dumps(yaml.safe_load(SPEC.read_text()),
+                                         sort_keys=True).encode()).hexdigest()
     if state.get("spec_sha256") != spec_sha:  # searches of another distill.yaml do not count
         state["searches"], state["spec_sha256"] = {}, spec_sha
     budget = args.max_searches if args.max_searches is not None else 10**9
