@@ -23,7 +23,7 @@ from raytune_ft.knobs import Hyperparams
 from raytune_ft.promote import promote
 from raytune_ft.runs import TrialRecord
 from raytune_ft.spec.yaml_io import parse_spec
-from raytune_ft.train import distill_loss, train
+from raytune_ft.train import distill_loss, pick_device, train
 
 STUDENT = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
 TEACHER = torch.tensor([[1.0, 1.5, 0.0], [-0.5, 0.0, 2.0]])
@@ -215,7 +215,8 @@ def test_the_teacher_record_names_it_and_a_resume_with_another_teacher_is_refuse
     sha = json.loads((folder / "metrics.json").read_text())["sha256"]
     assert rec == {"path": str(folder), "resolved": str(folder.resolve()), "name": "teacher",
                    "version": "v3", "sha256": sha, "arch": "resnet18", "test_acc": 0.875,
-                   "created": None, "device": "cpu", "threads": torch.get_num_threads(),
+                   "created": None, "device": str(pick_device(spec.train.device)),
+                   "threads": torch.get_num_threads(),
                    "logits_sha256": {"16": logits_sha256(logits)}}
     record_teacher(run, spec, by_size)  # the same teacher again (a resume): fine
     (folder / "model.safetensors").write_bytes(b"other weights")
