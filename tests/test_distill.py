@@ -313,8 +313,9 @@ def test_a_distilled_trial_reproduces_exactly_with_its_teacher(
                                  catch_exceptions=False)
         assert res.exit_code == 0, res.output
         assert f"teacher: {teacher_dir} (tiny/v1, weights sha256 " in res.output
-        assert "as recorded); its logits on 160 training images, cpu, 1 thread(s): identical " \
-            "to the search's" in res.output, res.output
+        device = str(pick_device("auto"))  # the driver's, where the search ran the teacher
+        assert f"as recorded); its logits on 160 training images, {device}, 1 thread(s): " \
+            "identical to the search's" in res.output, res.output
         n = 3 * len(t["history"])
         assert f"trial {t['trial_id']} reproduces on cpu, same environment: all {n} figures " \
             "match exactly" in res.output, res.output
