@@ -11,6 +11,7 @@ a model whose other files they can read. torch is imported only by the functions
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -20,8 +21,8 @@ from typing import Any
 
 from raytune_ft.errors import first_line
 
-__all__ = ["CheckpointError", "file_mode", "honour_umask", "load_checkpoint", "save_checkpoint",
-           "umask", "write_atomic"]
+__all__ = ["CheckpointError", "file_mode", "file_sha256", "honour_umask", "load_checkpoint",
+           "save_checkpoint", "umask", "write_atomic"]
 
 STATE = "state.pt"
 CONFIG = "config.json"
@@ -131,3 +132,13 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
     if not {"model", "epoch"} <= set(state):
         raise CheckpointError(f"checkpoint {folder} is not an rtft checkpoint")
     return state, config
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB chunks: what promotion records of a
+    model's weights, and what loading it, distillation and the dry run check."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

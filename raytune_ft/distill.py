@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from raytune_ft.checkpoint import file_sha256
 from raytune_ft.data import Splits, iter_batches, normalize
 from raytune_ft.errors import UserError
 from raytune_ft.promote import PromotedModelError, load_promoted
@@ -107,14 +108,6 @@ def _with_logits(spec: Spec, splits: Splits, batch_size: int) -> Splits:
 # --------------------------------------------------------------------------------------------
 # What the search distilled from, recorded; found again by `rtft reproduce`
 # --------------------------------------------------------------------------------------------
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def logits_sha256(logits: torch.Tensor) -> str:
     """sha256 of a float32 logits tensor's bytes (row-major): equal only when every bit is."""
     return hashlib.sha256(logits.detach().float().contiguous().cpu().numpy().tobytes()
@@ -132,7 +125,7 @@ def teacher_record(spec: Spec, by_size: dict[int, Splits]) -> dict[str, Any] | N
         return None
     folder = Path(path).expanduser().resolve()
     metrics = json.loads((folder / "metrics.json").read_text())
-    sha = _file_sha256(folder / "model.safetensors")
+    sha = file_sha256(folder / "model.safetensors")
     if sha != metrics.get("sha256"):
         raise UserError(f"{path!r} changed while the search started: model.safetensors' sha256 "
                         f"{sha[:16]}… is not its metrics.json's; allowed: a promoted teacher "
@@ -214,7 +207,7 @@ def reproduction_teacher(run_dir: Path, spec: Spec, splits: Splits,
         raise UserError(f"the teacher {record.get('path')!r} this trial was distilled from is "
                         f"not here (recorded in {record_file}); {allowed}",
                         file=spec_file, field="model.teacher")
-    now = _file_sha256(folder / "model.safetensors")
+    now = file_sha256(folder / "model.safetensors")
     if now != sha:
         raise UserError(f"the teacher {str(folder)!r} changed since the search: weights sha256 "
                         f"{now[:16]}…, recorded {sha[:16]}… ({record_file}); {allowed}",

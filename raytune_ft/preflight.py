@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from raytune_ft import warm_start
-from raytune_ft.errors import UserError
+from raytune_ft.checkpoint import file_sha256
+from raytune_ft.errors import UserError, first_line
 from raytune_ft.knobs import Hyperparams
 from raytune_ft.model.weights import classify, torchvision_name
 from raytune_ft.paths import is_uri
@@ -337,25 +338,35 @@ class Plan:
         return "\n\n".join(m.table() for m in self.models)
 
 
-# Builds the model for a source whose class count is known only once its files are read (a
-# torchvision dataset): the head's size changes no check.
-_SOME_CLASSES = 10
+_SOME_CLASSES = 10  # a source's class count unknown until read: the head's size checks nothing
 
 
 def _check_teacher(spec: Spec, num_classes: int | None) -> None:
-    """`model.teacher` is a promoted model folder (its config.json read, nothing loaded) with
-    as many classes as the data (names are compared once the data is read, by the search),
-    and no mixup/cutmix is searched beside it (a mixed batch has no teacher logits)."""
+    """`model.teacher`: a promoted folder (nothing loaded), its weights intact, its classes
+    counted (names: by the search) and size the data's; no mixup/cutmix searched beside it."""
     path = spec.model.teacher
     if path is None:
         return
-    cfg = Path(path).expanduser() / "config.json"
+    folder = Path(path).expanduser()
     try:
-        classes = list(json.loads(cfg.read_text())["classes"])
+        config = json.loads((folder / "config.json").read_text())
+        classes = list(config["classes"])
+        recorded = json.loads((folder / "metrics.json").read_text()).get("sha256")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path!r} is not a promoted rtft model ({cfg} unreadable: {e}); "
+        raise UserError(f"{path!r} is not a promoted rtft model ({first_line(e)}); "
                         f"allowed: a folder models/<name>/vN written by promotion",
                         field="model.teacher") from e
+    weights = folder / "model.safetensors"  # what the search's load_promoted checks
+    if not weights.is_file() or file_sha256(weights) != recorded:
+        raise UserError(f"{weights}: sha256 does not match metrics.json (corrupted or "
+                        f"replaced); allowed: a folder as promotion wrote it",
+                        field="model.teacher")
+    t_size = (config.get("spec") or {}).get("data", {}).get("image_size")
+    size = spec.data.image_size
+    if None not in (t_size, size) and int(t_size) != size:  # distill.py refuses it too
+        raise UserError(f"{path!r} takes {t_size}-px images, the data here is {size} px; set "
+                        f"data.image_size: {t_size} (resizing for a teacher is not supported)",
+                        field="model.teacher")
     if num_classes is not None and len(classes) != num_classes:
         shown = ", ".join(classes[:6]) + (", …" if len(classes) > 6 else "")
         raise UserError(f"{path!r} predicts {len(classes)} classes [{shown}], the data has "

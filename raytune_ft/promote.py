@@ -14,7 +14,6 @@ single-architecture spec (`Spec.for_trial`): its model folder reads like any oth
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import torch
 import yaml
 from torch import nn
 
-from raytune_ft.checkpoint import honour_umask, load_checkpoint
+from raytune_ft.checkpoint import file_sha256, honour_umask, load_checkpoint
 from raytune_ft.data import Splits, prepare
 from raytune_ft.environment import summary as environment_summary
 from raytune_ft.knobs import Hyperparams
@@ -49,14 +48,6 @@ def _rebuild(config: dict[str, Any]) -> nn.Module:
     hp = Hyperparams(**config["hparams"])
     model = ModelSpec.model_validate(config["spec"]["model"])
     return build_model(model, len(config["classes"]), hp, "none").model
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _clean_stale_tmp(root: Path) -> None:
@@ -333,7 +324,7 @@ def promote(spec: Spec, records: list[TrialRecord],
                         f"best_{spec.metric}": rec.best(spec.metric)},
                 "test": {"acc": test_acc, "loss": test_loss, "n": len(data.test_y)},
                 "data": data.fingerprint,
-                "sha256": _sha256(tmp / "model.safetensors"),
+                "sha256": file_sha256(tmp / "model.safetensors"),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
             while True:  # another promotion may have taken the number: take the next one
@@ -392,7 +383,7 @@ def load_promoted(path: str | Path, *, verify: bool = True) -> PromotedModel:
     except (OSError, ValueError) as e:
         raise PromotedModelError(f"{p} is not a promoted rtft model: {e}") from e
     weights = p / "model.safetensors"
-    if verify and _sha256(weights) != metrics.get("sha256"):
+    if verify and file_sha256(weights) != metrics.get("sha256"):
         raise PromotedModelError(f"{weights}: sha256 does not match metrics.json; the file is "
                                  f"corrupted or was replaced")
     model = _rebuild(config)

@@ -95,11 +95,35 @@ def test_knobs_are_searchable_and_validated() -> None:
         parse_spec("name: t\nsearch:\n  distill_temperature: 0\n", file="t.yaml")
 
 
-def _fake_teacher(root: Path, classes: list[str]) -> Path:
+def _fake_teacher(root: Path, classes: list[str], image_size: int | None = None) -> Path:
+    """A folder shaped as promotion writes one (config, metrics with the weights' sha256, the
+    weights' bytes), enough for the dry run, which loads no model."""
+    import hashlib
+
     folder = root / "teacher"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"classes": classes}))
+    (folder / "config.json").write_text(json.dumps(
+        {"classes": classes, "spec": {"data": {"image_size": image_size}}}))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "metrics.json").write_text(json.dumps(
+        {"sha256": hashlib.sha256(b"weights").hexdigest()}))
     return folder
+
+
+def test_validate_refuses_what_loading_the_teacher_would(tmp_path: Path) -> None:
+    """`rtft validate` refuses, before any work, the teachers the search would refuse once it
+    loads them: replaced weights, another input size."""
+    spec_file = write_tiny_spec(tmp_path)  # 16 px
+    teacher = _fake_teacher(tmp_path, [str(i) for i in range(10)], image_size=32)
+    res = CliRunner().invoke(main, ["validate", str(spec_file), "--set",
+                                    f"model.teacher={teacher}"])
+    assert res.exit_code == 2 and "takes 32-px images, the data here is 16 px" in res.output, \
+        res.output
+    (teacher / "model.safetensors").write_bytes(b"other weights")
+    res = CliRunner().invoke(main, ["validate", str(spec_file), "--set",
+                                    f"model.teacher={teacher}"])
+    assert res.exit_code == 2 and "sha256 does not match metrics.json" in res.output, res.output
+    assert "model.teacher" in res.output and "Traceback" not in res.output
 
 
 @pytest.mark.parametrize("command", ["validate", "search"])
