@@ -33,8 +33,9 @@ from raytune_ft.promote import PromotedModelError, load_promoted
 from raytune_ft.spec.schema import Spec
 from raytune_ft.train import pick_device
 
-__all__ = ["TEACHER_FILE", "check_teacher_classes", "logits_sha256", "read_teacher_record",
-           "record_teacher", "reproduction_teacher", "teacher_record", "with_teacher_logits"]
+__all__ = ["TEACHER_FILE", "check_same_teacher", "check_teacher_classes", "logits_sha256",
+           "read_teacher_record", "record_teacher", "reproduction_teacher", "teacher_record",
+           "with_teacher_logits"]
 
 # The run folder's record of the teacher a search distilled from (beside data.json).
 TEACHER_FILE = "teacher.json"
@@ -153,6 +154,21 @@ def read_teacher_record(run_dir: Path) -> dict[str, Any] | None:
         raise UserError(f"{path} is not the teacher record rtft wrote ({e})",
                         file=str(path)) from e
     return record
+
+
+def check_same_teacher(run_dir: Path, spec: Spec) -> None:
+    """A resume, before any work or write: the teacher the spec names has the weights the run
+    recorded in `teacher.json` (nothing to check without a teacher or a record)."""
+    before = read_teacher_record(run_dir) if spec.model.teacher is not None else None
+    if before is None:
+        return
+    weights = Path(spec.model.teacher).expanduser() / "model.safetensors"
+    now = file_sha256(weights) if weights.is_file() else "missing"
+    if now != before["sha256"]:
+        raise UserError(f"the teacher {spec.model.teacher!r} is not the one this run started "
+                        f"with: weights sha256 {now[:16]}…, recorded {before['sha256'][:16]}… "
+                        f"({Path(run_dir) / TEACHER_FILE}); allowed: resume with that teacher",
+                        field="model.teacher")
 
 
 def record_teacher(run_dir: Path, spec: Spec, by_size: dict[int, Splits]) -> None:

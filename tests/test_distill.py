@@ -223,7 +223,12 @@ def test_the_teacher_record_names_it_and_a_resume_with_another_teacher_is_refuse
         tmp_path: Path) -> None:
     """teacher.json: path, version, weights sha256, test accuracy, device, threads and the
     logits' sha256; a resumed run must keep its teacher (another sha256 is refused)."""
-    from raytune_ft.distill import logits_sha256, read_teacher_record, record_teacher
+    from raytune_ft.distill import (
+        check_same_teacher,
+        logits_sha256,
+        read_teacher_record,
+        record_teacher,
+    )
 
     spec = tiny_spec(tmp_path)
     data = prepare(spec.data)
@@ -250,6 +255,9 @@ def test_the_teacher_record_names_it_and_a_resume_with_another_teacher_is_refuse
     with pytest.raises(UserError, match=r"not the one this run started with: .*allowed: "
                                         r"resume with that teacher"):
         record_teacher(run, spec, by_size)
+    # The resume asks first, before the teacher runs or any file is rewritten:
+    with pytest.raises(UserError, match=r"not the one this run started with"):
+        check_same_teacher(run, spec)
     assert read_teacher_record(run)["sha256"] == sha  # left as it was
     (run / "teacher.json").write_text("[1]")
     with pytest.raises(UserError, match="not the teacher record rtft wrote"):

@@ -26,7 +26,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from raytune_ft import environment, portfolio, preflight, warm_start
 from raytune_ft.data import Splits, data_record, prepare_each
-from raytune_ft.distill import record_teacher, with_teacher_logits
+from raytune_ft.distill import check_same_teacher, record_teacher, with_teacher_logits
 from raytune_ft.errors import UserError
 from raytune_ft.model.pretrain import ensure_backbone
 from raytune_ft.promote import promote
@@ -199,6 +199,7 @@ def _check_run_folder(spec: Spec, loc: RunLocation, resume: bool, echo: Echo) ->
     if saved.exists() and _comparable(load_spec(saved)) != _comparable(spec):
         raise UserError(f"--resume with a spec that differs from the run's own {saved}; "
                         f"resume with that file", field="name")
+    check_same_teacher(loc.local, spec)  # before the teacher runs and files are rewritten
     return True
 
 
