@@ -83,3 +83,19 @@ def train_tiny(spec: Spec, hp: object, dest: Path, data: object = None) -> list[
 
     train(hp, spec=spec, data=data if data is not None else prepare(spec.data), report=report)
     return history
+
+
+def fake_teacher(root: Path, classes: list[str], image_size: int | None = None) -> Path:
+    """`root/teacher`, shaped as promotion writes a model folder (config, metrics with the
+    weights' sha256, the weights' bytes): enough for the dry run, which loads no model."""
+    import hashlib
+    import json
+
+    folder = root / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"classes": classes, "spec": {"data": {"image_size": image_size}}}))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "metrics.json").write_text(json.dumps(
+        {"sha256": hashlib.sha256(b"weights").hexdigest()}))
+    return folder

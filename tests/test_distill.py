@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import tiny_spec, write_tiny_spec
+from helpers import fake_teacher, tiny_spec, write_tiny_spec
 
 from raytune_ft.cli.main import main
 from raytune_ft.data import prepare
@@ -95,26 +95,11 @@ def test_knobs_are_searchable_and_validated() -> None:
         parse_spec("name: t\nsearch:\n  distill_temperature: 0\n", file="t.yaml")
 
 
-def _fake_teacher(root: Path, classes: list[str], image_size: int | None = None) -> Path:
-    """A folder shaped as promotion writes one (config, metrics with the weights' sha256, the
-    weights' bytes), enough for the dry run, which loads no model."""
-    import hashlib
-
-    folder = root / "teacher"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(
-        {"classes": classes, "spec": {"data": {"image_size": image_size}}}))
-    (folder / "model.safetensors").write_bytes(b"weights")
-    (folder / "metrics.json").write_text(json.dumps(
-        {"sha256": hashlib.sha256(b"weights").hexdigest()}))
-    return folder
-
-
 def test_validate_refuses_what_loading_the_teacher_would(tmp_path: Path) -> None:
     """`rtft validate` refuses, before any work, the teachers the search would refuse once it
     loads them: replaced weights, another input size."""
     spec_file = write_tiny_spec(tmp_path)  # 16 px
-    teacher = _fake_teacher(tmp_path, [str(i) for i in range(10)], image_size=32)
+    teacher = fake_teacher(tmp_path, [str(i) for i in range(10)], image_size=32)
     res = CliRunner().invoke(main, ["validate", str(spec_file), "--set",
                                     f"model.teacher={teacher}"])
     assert res.exit_code == 2 and "takes 32-px images, the data here is 16 px" in res.output, \
@@ -128,7 +113,7 @@ def test_validate_refuses_what_loading_the_teacher_would(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("command", ["validate", "search"])
 def test_a_teacher_with_other_classes_is_refused(tmp_path: Path, command: str) -> None:
-    teacher = _fake_teacher(tmp_path, ["cat", "dog"])
+    teacher = fake_teacher(tmp_path, ["cat", "dog"])
     spec_file = write_tiny_spec(tmp_path)
     res = CliRunner().invoke(main, [command, str(spec_file), "--set",
                                     f"model.teacher={teacher}"])
@@ -143,7 +128,7 @@ def test_a_missing_teacher_and_mixup_beside_a_teacher_are_refused(tmp_path: Path
     res = CliRunner().invoke(main, ["validate", str(spec_file), "--set",
                                     f"model.teacher={tmp_path / 'nowhere'}"])
     assert res.exit_code == 2 and "not a promoted rtft model" in res.output, res.output
-    teacher = _fake_teacher(tmp_path, [str(i) for i in range(10)])
+    teacher = fake_teacher(tmp_path, [str(i) for i in range(10)])
     res = CliRunner().invoke(main, ["validate", str(spec_file), "--set",
                                     f"model.teacher={teacher}", "--set",
                                     "search.mixup_alpha=0.2"])

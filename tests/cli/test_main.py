@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import ROOT, write_tiny_spec
+from helpers import ROOT, fake_teacher, write_tiny_spec
 
 from raytune_ft.cli.main import main
 
@@ -134,9 +134,7 @@ def test_every_shipped_search_space_validates(name: str, tmp_path: Path,
     sets = ["--set", f"data.root={_images(tmp_path / 'data')}"] \
         if "\n  root: " in spec.read_text() else []
     if "\n  teacher: " in spec.read_text():  # distill.yaml: a teacher promoted on its classes
-        teacher = tmp_path / "teacher"
-        teacher.mkdir()
-        (teacher / "config.json").write_text(json.dumps({"classes": [str(i) for i in range(10)]}))
+        teacher = fake_teacher(tmp_path, [str(i) for i in range(10)])
         sets += ["--set", f"model.teacher={teacher}"]
     before = sorted(tmp_path.rglob("*"))
     res = CliRunner().invoke(main, ["validate", str(spec), "--cluster-gpus", "1",
