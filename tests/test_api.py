@@ -386,16 +386,17 @@ def test_search_trains_and_promotes_on_the_sessions_ray(ray_session, tmp_path: P
 # The quick-start notebook, in a real Jupyter kernel
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow  # a real search from a kernel: ~60 s
-def test_the_quickstart_notebook_runs_in_a_real_kernel(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_quickstart_notebook_runs_in_a_real_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     nb = nbformat.read(ROOT / "docs" / "quickstart.ipynb", as_version=4)
-    # The kernel inherits this environment: its temporary folder (where the notebook writes
-    # its run) is this test's, Ray's a short private one, the rtft cache the session's.
+    # The kernel inherits this environment: short private temporary folders for the notebook
+    # (where it writes its run) and for Ray (whose dashboard binds AF_UNIX sockets under
+    # TMPDIR: under pytest's long tmp_path they exceed the 107-byte limit), the session's cache.
     ray_tmp = Path(tempfile.mkdtemp(prefix="rtft-nb-", dir="/tmp"))
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    (ray_tmp / "t").mkdir()
+    monkeypatch.setenv("TMPDIR", str(ray_tmp / "t"))
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
@@ -405,6 +406,11 @@ def test_the_quickstart_notebook_runs_in_a_real_kernel(tmp_path: Path,
         t0 = time.monotonic()
         client.execute()
         took = time.monotonic() - t0
+        made = {p.relative_to(ray_tmp / "t") for p in (ray_tmp / "t").glob(
+            "rtft-quickstart-*/*/*")} | {Path(m.relative_to(ray_tmp / "t")) for m in (
+            ray_tmp / "t").glob("rtft-quickstart-*/models/*/v1/model.safetensors")}
+        runs = [ray_tmp / "t" / p for p in made if p.parts[1] == "rtft_runs"]
+        trials_ok = all((r / "trials.json").is_file() for r in runs)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -417,9 +423,8 @@ def test_the_quickstart_notebook_runs_in_a_real_kernel(tmp_path: Path,
     # flood of Ray's worker logs (`(rtft <run> trial <id> pid=…)`) reaches it.
     assert "results: " in text and "Ray dashboard: http://127.0.0.1:" in text, text[:2000]
     assert not re.search(r"pid=\d+", text), text[-3000:]
-    (run_dir,) = tmp_path.glob("rtft-quickstart-*/rtft_runs/*")
-    assert (run_dir / "trials.json").is_file()
-    assert list(tmp_path.glob("rtft-quickstart-*/models/*/v1/model.safetensors"))
+    assert len(runs) == 1 and trials_ok, sorted(made)
+    assert any(p.name == "model.safetensors" for p in made), sorted(made)
     print(f"notebook: {took:.0f} s")
 
 

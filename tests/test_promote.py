@@ -173,23 +173,24 @@ CHILD = r"""
 import json, os, signal, sys
 from raytune_ft import promote as P
 from raytune_ft.data import prepare
+from raytune_ft.runs import TrialRecord
 from raytune_ft.spec.yaml_io import load_spec
 
 spec_file, record_file, point = sys.argv[1:4]
 spec = load_spec(spec_file)
-record = P.TrialRecord(**json.loads(open(record_file).read()))
+record = TrialRecord(**json.loads(open(record_file).read()))
 
 def die():
     print("dying", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 if point == "half":
-    sha = P._sha256
-    def _sha256(path):
+    sha = P.file_sha256
+    def file_sha256(path):
         if path.parent.name.startswith(".tmp-"):
             die()
         return sha(path)
-    P._sha256 = _sha256
+    P.file_sha256 = file_sha256
 else:
     replace = os.replace
     def _replace(src, dst):
