@@ -15,12 +15,11 @@ package is installed and a local store's folder can be written are checks of the
 from __future__ import annotations
 
 import re
-from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import field_validator, model_validator
+from pydantic import field_validator
 
-from raytune_ft.knobs import FieldError, Strict
+from raytune_ft.knobs import Strict
 
 __all__ = ["SCHEMES", "MlflowSpec", "TrackSpec", "check_mlflow_uri", "local_store_path"]
 
@@ -80,17 +79,6 @@ class MlflowSpec(Strict):
     registered_model: str | None = None  # default: the run's name
     registry: bool = True  # promoted models → Model Registry versions
 
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        # Named here: the generic error would not list this section's keys.
-        if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    raise FieldError(("track", "mlflow", str(key)),
-                                     f"unknown key; allowed: {', '.join(cls.model_fields)}")
-        return data
-
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
@@ -107,13 +95,3 @@ class MlflowSpec(Strict):
 
 class TrackSpec(Strict):
     mlflow: MlflowSpec | None = None  # off unless given
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    raise FieldError(("track", str(key)),
-                                     f"unknown key; allowed: {', '.join(cls.model_fields)}")
-        return data

@@ -28,6 +28,7 @@ from raytune_ft.spec.schema import (
     TrainSpec,
 )
 from raytune_ft.spec.searcher import SchedulerSpec, SearcherSpec
+from raytune_ft.spec.track import MlflowSpec, TrackSpec
 
 __all__ = ["StrictLoader", "apply_overrides", "check_yaml_size", "field_line", "load_spec",
            "locate", "parse_spec", "spec_to_yaml"]
@@ -305,6 +306,7 @@ _SECTION_MODELS: dict[tuple, type[BaseModel]] = {
     (): Spec, ("model",): ModelSpec, ("data",): DataSpec, ("train",): TrainSpec,
     ("searcher",): SearcherSpec, ("scheduler",): SchedulerSpec, ("run",): RunSpec,
     ("run", "resources"): Resources, ("promote",): PromoteSpec,
+    ("track",): TrackSpec, ("track", "mlflow"): MlflowSpec,
 }
 
 
