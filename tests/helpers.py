@@ -99,3 +99,64 @@ def fake_teacher(root: Path, classes: list[str], image_size: int | None = None) 
     (folder / "metrics.json").write_text(json.dumps(
         {"sha256": hashlib.sha256(b"weights").hexdigest()}))
     return folder
+
+
+def run_instant_driver(code: str, args: list[str], *, cwd: Path,
+                       timeout: float) -> tuple[int, str, dict]:
+    """Run `python -c code args…` in its own session with rtft's trainer replaced by the
+    instant one (bench/plugins/instant_trainer), its own short Ray temp folder and token; wait
+    until no process that inherited its marked environment is left (ray.shutdown() returned:
+    what Ray started goes with it), assert none is, and kill what is on failure.
+    (returncode, output, the JSON of its `OUTCOME ` line or {})."""
+    import json
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import uuid
+
+    marker = uuid.uuid4().hex
+    # Ray's sockets live under its temp folder: a short private one (a Unix socket path has at
+    # most 107 bytes), so that this Ray never meets another on the machine.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rtft-drv-", dir="/tmp"))
+    env = {**{k: v for k, v in ENV.items() if not k.startswith("RAY_AUTH")},
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "plugins" / "instant_trainer"),
+                                          ENV["PYTHONPATH"]]),
+           "RTFT_BENCH_INSTANT": "0", "RTFT_TEST_DRIVER": marker,
+           "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_TOKEN": uuid.uuid4().hex,  # not ~/.ray's
+           "RTFT_CACHE": os.environ.get("RTFT_CACHE", str(cwd / "cache"))}
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        deadline = time.monotonic() + 15
+        while (left := _marked(marker)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for p in _marked(marker):
+            p.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    line = next((x for x in out.splitlines() if x.startswith("OUTCOME ")), None)
+    return proc.returncode, out, json.loads(line[len("OUTCOME "):]) if line else {}
+
+
+def _marked(marker: str) -> list:
+    """The live processes whose environment carries `marker` (every process the driver
+    started, however: the environment is inherited)."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RTFT_TEST_DRIVER") == marker:
+                out.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out

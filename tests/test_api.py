@@ -10,20 +10,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import optuna
-import psutil
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import ENV, ROOT, TINY_SPEC, write_tiny_spec
+from helpers import ENV, ROOT, TINY_SPEC, run_instant_driver, write_tiny_spec
 
 import raytune_ft
 from raytune_ft.cli.main import main
@@ -221,48 +218,12 @@ print("OUTCOME " + json.dumps(out, default=str))
 """
 
 
-def _marked(marker: str) -> list[psutil.Process]:
-    out = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("RTFT_TEST_API") == marker:
-                out.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
-
-
 @pytest.fixture(scope="module")
 def three_searches(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict]:
     root = tmp_path_factory.mktemp("api-searches")
     spec_file = write_tiny_spec(root, n=4)
-    marker = uuid.uuid4().hex
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rtft-api-", dir="/tmp"))  # short socket paths
-    env = {**{k: v for k, v in ENV.items() if not k.startswith("RAY_AUTH")},
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "plugins" / "instant_trainer"),
-                                          ENV["PYTHONPATH"]]),
-           "RTFT_BENCH_INSTANT": "0", "RTFT_TEST_API": marker,
-           "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_TOKEN": uuid.uuid4().hex,
-           "RTFT_CACHE": os.environ.get("RTFT_CACHE", str(root / "cache"))}
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=root, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=400)
-        deadline = time.monotonic() + 15  # ray.shutdown() has returned: its processes go
-        while (left := _marked(marker)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for p in _marked(marker):
-            p.kill()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, out[-6000:]
-    outcome = json.loads(next(line for line in out.splitlines()
-                              if line.startswith("OUTCOME "))[len("OUTCOME "):])
+    code, out, outcome = run_instant_driver(DRIVER, [str(spec_file)], cwd=root, timeout=400)
+    assert code == 0, out[-6000:]
     return root, out, outcome
 
 

@@ -5,19 +5,10 @@ many of those ASHA protects (the baseline, the warm start's, the portfolio's).""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
 from pathlib import Path
 
 import optuna
-import psutil
-from helpers import ENV, ROOT, tiny_spec, write_tiny_spec
+from helpers import run_instant_driver, tiny_spec, write_tiny_spec
 
 from raytune_ft import warm_start
 from raytune_ft.search.run import _searcher
@@ -69,53 +60,12 @@ print("OUTCOME " + json.dumps({"run_dir": str(out.run_dir), "records": len(out.r
 """
 
 
-def _marked(marker: str) -> list[psutil.Process]:
-    """The live processes whose environment carries `marker` (every process of the search,
-    however it was started: the environment is inherited)."""
-    out = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("RTFT_TEST_RUN_SEARCH") == marker:
-                out.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
-
-
 def test_run_search_on_a_real_ray_with_the_instant_trainer(tmp_path: Path) -> None:
     epochs = 3
     spec_file = write_tiny_spec(tmp_path, n=4)
-    marker = uuid.uuid4().hex
-    # Ray's sockets live under its temp folder: a short private one (a Unix socket path has at
-    # most 107 bytes), so that this Ray never meets another on the machine.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rtft-run-", dir="/tmp"))
-    env = {**{k: v for k, v in ENV.items() if not k.startswith("RAY_AUTH")},
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "plugins" / "instant_trainer"),
-                                          ENV["PYTHONPATH"]]),
-           "RTFT_BENCH_INSTANT": "0", "RTFT_TEST_RUN_SEARCH": marker,
-           "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_TOKEN": uuid.uuid4().hex,  # not ~/.ray's
-           "RTFT_CACHE": os.environ.get("RTFT_CACHE", str(tmp_path / "cache"))}
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file),
-                             f"train.max_epochs={epochs}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-        # ray.shutdown() has returned in the driver: what Ray started goes with it.
-        deadline = time.monotonic() + 15
-        while (left := _marked(marker)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for p in _marked(marker):
-            p.kill()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, out[-4000:]
-    outcome = json.loads(next(line for line in out.splitlines()
-                              if line.startswith("OUTCOME "))[len("OUTCOME "):])
+    code, out, outcome = run_instant_driver(DRIVER, [str(spec_file), f"train.max_epochs={epochs}"],
+                                            cwd=tmp_path, timeout=240)
+    assert code == 0, out[-4000:]
     run_dir = tmp_path / "runs" / "tiny"
     assert Path(outcome["run_dir"]) == run_dir and outcome["records"] == 4
 
